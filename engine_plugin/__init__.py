@@ -1,0 +1,1 @@
+"""Engine side of vdsm-ft: the poller, placement policy and the ovirt-ft CLI."""

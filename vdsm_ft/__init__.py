@@ -1,0 +1,1 @@
+"""Host side of vdsm-ft: domain XML roles, QMP and COLO sequences, the agent."""

@@ -1,0 +1,164 @@
+"""The names both COLO roles share: block nodes, chardevs, filters and sockets.
+
+`domxml` writes these names into the domain XML and `colo` drives them over QMP, so
+they live in one place. The two sides of a pair must agree on every name that QEMU
+sends across (the quorum node is the replication `top-id`, devices must match for the
+migration stream).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# The agent's private QMP monitor chardev (D5).
+QMP_CHARDEV = "ftqmp"
+# Every guest disk device sits on a quorum node; the secondary's replication node
+# names it as its top-id.
+QUORUM_FMT = "ft-quorum{}"
+# Primary: the format node of the real image, quorum child 0.
+PRIMARY_CHILD_FMT = "ft-disk{}"
+# Primary: the NBD client to the secondary's export, added at runtime as quorum child 1.
+NBD_NODE_FMT = "ft-nbd{}"
+# Secondary: the replica's format node; exported over NBD under the same name.
+SECONDARY_PARENT_FMT = "ft-parent{}"
+SECONDARY_HIDDEN_FMT = "ft-hidden{}"
+SECONDARY_ACTIVE_FMT = "ft-active{}"
+SECONDARY_REPLICATION_FMT = "ft-repl{}"
+# Guest-visible disk device ids (identical on both sides).
+DISK_DEVICE_FMT = "ft-vd{}"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One guest disk as COLO sees it."""
+
+    index: int
+    image: str             # primary: the engine's image; secondary: the local replica
+    size: int              # virtual size in bytes (active/hidden/NBD must match it)
+    fmt: str = "qcow2"     # format of `image` (raw for block devices, usually)
+    active: str = ""       # secondary only: active overlay (tmpfs)
+    hidden: str = ""       # secondary only: hidden overlay (tmpfs)
+
+    @property
+    def quorum(self) -> str:
+        return QUORUM_FMT.format(self.index)
+
+    @property
+    def primary_child(self) -> str:
+        return PRIMARY_CHILD_FMT.format(self.index)
+
+    @property
+    def nbd_node(self) -> str:
+        return NBD_NODE_FMT.format(self.index)
+
+    @property
+    def parent(self) -> str:
+        return SECONDARY_PARENT_FMT.format(self.index)
+
+    @property
+    def export(self) -> str:
+        return SECONDARY_PARENT_FMT.format(self.index)
+
+    @property
+    def device(self) -> str:
+        return DISK_DEVICE_FMT.format(self.index)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One guest NIC; `netdev` is the id libvirt gives the tap netdev."""
+
+    index: int
+    netdev: str
+    mac: str = ""
+
+    # Primary side, created at runtime (D1).
+    @property
+    def mirror_chardev(self) -> str:       # tcp server: client packets copied to the SVM
+        return f"ft-mirror{self.index}"
+
+    @property
+    def compare_sec_chardev(self) -> str:  # tcp server: SVM output into colo-compare
+        return f"ft-cmpsec{self.index}"
+
+    @property
+    def compare_pri_chardevs(self) -> tuple[str, str]:  # unix server/client pair
+        return (f"ft-cmppri{self.index}", f"ft-cmppri{self.index}-c")
+
+    @property
+    def compare_out_chardevs(self) -> tuple[str, str]:  # unix server/client pair
+        return (f"ft-cmpout{self.index}", f"ft-cmpout{self.index}-c")
+
+    @property
+    def filter_mirror(self) -> str:
+        return f"ft-m{self.index}"
+
+    @property
+    def filter_redirect_in(self) -> str:   # compare output back into the NIC's rx
+        return f"ft-redire{self.index}-0"
+
+    @property
+    def filter_redirect_out(self) -> str:  # PVM rx into colo-compare
+        return f"ft-redire{self.index}-1"
+
+    @property
+    def iothread(self) -> str:
+        return f"ft-iothread{self.index}"
+
+    @property
+    def compare(self) -> str:
+        return f"ft-comp{self.index}"
+
+    # Secondary side, present from boot in the secondary XML.
+    @property
+    def red_in_chardev(self) -> str:       # connects to the primary's mirror chardev
+        return f"ft-red{self.index}-0"
+
+    @property
+    def red_out_chardev(self) -> str:      # connects to the primary's compare_sec chardev
+        return f"ft-red{self.index}-1"
+
+    @property
+    def filter_sec_in(self) -> str:
+        return f"ft-f{self.index}-1"
+
+    @property
+    def filter_sec_out(self) -> str:
+        return f"ft-f{self.index}-2"
+
+    @property
+    def rewriter(self) -> str:
+        return f"ft-rew{self.index}"
+
+
+@dataclass(frozen=True)
+class VmLayout:
+    """Everything COLO needs to know about one VM on one host."""
+
+    vm_id: str
+    name: str
+    run_dir: str                  # holds the QMP socket and the local compare sockets
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = field(default_factory=tuple)
+
+    @property
+    def qmp_socket(self) -> str:
+        return os.path.join(self.run_dir, "qmp.sock")
+
+    def unix_socket(self, chardev: str) -> str:
+        return os.path.join(self.run_dir, f"{chardev}.sock")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the secondary listens and where the primary listens, for one pair.
+
+    Ports come from the agent's port plan; each protected VM has its own set.
+    """
+
+    primary_host: str         # replication-network address of the primary
+    secondary_host: str       # replication-network address of the secondary
+    migration_port: int       # secondary: -incoming / migrate-incoming
+    nbd_port: int             # secondary: nbd-server-start
+    mirror_ports: tuple[int, ...] = ()   # primary: one per NIC (filter-mirror out)
+    compare_ports: tuple[int, ...] = ()  # primary: one per NIC (colo-compare secondary_in)
