@@ -1,0 +1,402 @@
+"""COLO sequences for QEMU 7.2, as functions over two QMP sessions.
+
+Every step checks its result. `protect` either ends with both sides in COLO and the
+block graph verified, or undoes what it did and leaves the primary running alone:
+a VM is never left half-protected (colo.md §7.2: QEMU happily starts COLO without
+disk replication, so nothing here trusts a step it has not verified).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vdsm_ft.layout import Disk, Endpoints, VmLayout
+from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError
+
+log = logging.getLogger(__name__)
+
+# colo-compare holds a primary packet at most this long waiting for its secondary
+# twin. Set explicitly: the arbiter bound (vdsm_ft.arbiter) must stay below it so a
+# partitioned old primary never releases output (docs/arbiter.md).
+COMPARE_TIMEOUT_MS = 3000
+EXPIRED_SCAN_CYCLE_MS = 1000
+DEFAULT_CHECKPOINT_DELAY_MS = 2000
+# A secondary that stops answering is cut off after this; its output is never released.
+FAILOVER_STEP_TIMEOUT = 2.0
+
+
+class ColoError(Exception):
+    """A COLO sequence failed; the message names the step and QEMU's answer."""
+
+
+class VerificationFailed(ColoError):
+    """A step returned but QEMU's state is not what the step promised."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    resync: float = 600.0        # full copy of every disk to the secondary
+    migrate: float = 120.0       # first RAM copy until COLO runs
+    step: float = 10.0           # any single QMP command
+
+
+def _inet(host: str, port: int) -> dict[str, Any]:
+    """SocketAddressLegacy, as nbd-server-start and chardev-add take it."""
+    return {"type": "inet", "data": {"host": host, "port": str(port)}}
+
+
+def _inet_flat(host: str, port: int) -> dict[str, Any]:
+    """SocketAddress, as blockdev-add takes it."""
+    return {"type": "inet", "host": host, "port": str(port)}
+
+
+def _uri(host: str, port: int) -> str:
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def _resync_job(disk: Disk) -> str:
+    return f"ft-resync{disk.index}"
+
+
+def colo_status(q: Qmp) -> dict[str, str]:
+    """`query-colo-status`: mode, last-mode and reason (the ground truth, colo.md §10)."""
+    return q.execute("query-colo-status")
+
+
+def run_state(q: Qmp) -> str:
+    return q.execute("query-status")["status"]
+
+
+def quorum_children(q: Qmp, quorum: str) -> dict[str, str]:
+    """Edge name (children.N) -> child node name, read from the live block graph."""
+    graph = q.execute("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    parents = [n["id"] for n in graph["nodes"] if n["name"] == quorum]
+    if not parents:
+        raise VerificationFailed(f"quorum node {quorum} is not in the block graph")
+    return {e["name"]: names[e["child"]] for e in graph["edges"]
+            if e["parent"] == parents[0]}
+
+
+def _wait(what: str, probe: Callable[[], bool], timeout: float,
+          interval: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise VerificationFailed(f"{what} not reached within {timeout:.1f}s")
+        time.sleep(interval)
+
+
+def _quietly(q: Qmp, command: str, arguments: dict[str, Any] | None = None,
+             timeout: float = FAILOVER_STEP_TIMEOUT) -> None:
+    """Run a cleanup command whose object may already be gone."""
+    try:
+        q.execute(command, arguments, timeout)
+    except QmpCommandError as exc:
+        log.debug("%s: %s", command, exc)
+
+
+# -- protection ------------------------------------------------------------------------
+
+def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
+                      checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS) -> None:
+    """Export the replica disks and wait for the incoming COLO migration."""
+    state = run_state(sec)
+    if state != "inmigrate":
+        raise ColoError(f"secondary {layout.name} is {state!r}, not waiting in inmigrate; "
+                        "was it started from the secondary XML (-incoming defer)?")
+    sec.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-colo", "state": True}]})
+    sec.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms})
+    sec.execute("nbd-server-start", {"addr": _inet(ep.secondary_host, ep.nbd_port)})
+    for disk in layout.disks:
+        sec.execute("block-export-add", {"type": "nbd", "id": disk.export,
+                                         "node-name": disk.parent, "name": disk.export,
+                                         "writable": True})
+    sec.execute("migrate-incoming", {"uri": _uri(ep.secondary_host, ep.migration_port)})
+
+
+def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float) -> None:
+    """Copy every disk to the secondary's export; returns when all mirrors are READY."""
+    cursor = pri.cursor()
+    for disk in layout.disks:
+        pri.execute("blockdev-add", {"driver": "nbd", "node-name": disk.nbd_node,
+                                     "server": _inet_flat(ep.secondary_host, ep.nbd_port),
+                                     "export": disk.export, "detect-zeroes": "on"})
+    for disk in layout.disks:
+        pri.execute("blockdev-mirror", {"job-id": _resync_job(disk), "device": disk.quorum,
+                                        "target": disk.nbd_node, "sync": "full",
+                                        "auto-dismiss": False,
+                                        "on-target-error": "report"})
+    deadline = time.monotonic() + timeout
+    for disk in layout.disks:
+        job = _resync_job(disk)
+        event = pri.wait_event("JOB_STATUS_CHANGE", max(0.0, deadline - time.monotonic()),
+                               since=cursor,
+                               match=lambda d, j=job: d["id"] == j and
+                               d["status"] in ("ready", "concluded"))
+        if event.data["status"] != "ready":
+            raise ColoError(f"resync of {disk.quorum} ended before it was in sync: "
+                            f"{_job_error(pri, job)}")
+
+
+def _job_error(q: Qmp, job: str) -> str:
+    for info in q.execute("query-jobs"):
+        if info["id"] == job:
+            return info.get("error", info["status"])
+    return "job vanished"
+
+
+def attach_replication(pri: Qmp, layout: VmLayout, timeout: float) -> None:
+    """Cut over from the resync mirrors to quorum children, then verify the graph.
+
+    The guest is paused only between `stop` and `cont`, so that no write lands after a
+    mirror stops and before its NBD node joins the quorum.
+    """
+    was_running = run_state(pri) == "running"
+    cursor = pri.cursor()
+    pri.execute("stop")
+    for disk in layout.disks:
+        pri.execute("block-job-cancel", {"device": _resync_job(disk)})
+    for disk in layout.disks:
+        job = _resync_job(disk)
+        pri.wait_event("JOB_STATUS_CHANGE", timeout, since=cursor,
+                       match=lambda d, j=job: d["id"] == j and d["status"] == "concluded")
+        error = _job_error(pri, job)
+        pri.execute("block-job-dismiss", {"id": job})
+        if error != "concluded":
+            raise ColoError(f"resync of {disk.quorum} failed at cut-over: {error}")
+        pri.execute("x-blockdev-change", {"parent": disk.quorum, "node": disk.nbd_node})
+    verify_replication_graph(pri, layout)
+    if was_running:
+        pri.execute("cont")
+
+
+def verify_replication_graph(pri: Qmp, layout: VmLayout) -> None:
+    for disk in layout.disks:
+        children = quorum_children(pri, disk.quorum)
+        if disk.nbd_node not in children.values():
+            raise VerificationFailed(f"quorum {disk.quorum} has no NBD child "
+                                     f"{disk.nbd_node} (children: {children})")
+
+
+def add_network_filters(pri: Qmp, layout: VmLayout, ep: Endpoints,
+                        before_rewriter: bool) -> None:
+    """Mirror client traffic to the secondary and compare both sides' output.
+
+    An ex-secondary keeps its filter-rewriter; the new filters must sit before it
+    (colo.md §9.2).
+    """
+    for nic, mirror_port, compare_port in zip(layout.nics, ep.mirror_ports,
+                                              ep.compare_ports):
+        position = ({"position": f"id={nic.rewriter}", "insert": "before"}
+                    if before_rewriter else {})
+        _add_socket(pri, nic.mirror_chardev, _inet(ep.primary_host, mirror_port), True)
+        _add_socket(pri, nic.compare_sec_chardev, _inet(ep.primary_host, compare_port),
+                    True)
+        for server, client in (nic.compare_pri_chardevs, nic.compare_out_chardevs):
+            addr = {"type": "unix", "data": {"path": layout.unix_socket(server)}}
+            _add_socket(pri, server, addr, True)
+            _add_socket(pri, client, addr, False)
+        pri.execute("object-add", {"qom-type": "filter-mirror", "id": nic.filter_mirror,
+                                   "netdev": nic.netdev, "queue": "tx",
+                                   "outdev": nic.mirror_chardev, **position})
+        pri.execute("object-add", {"qom-type": "filter-redirector",
+                                   "id": nic.filter_redirect_in, "netdev": nic.netdev,
+                                   "queue": "rx", "indev": nic.compare_out_chardevs[0],
+                                   **position})
+        pri.execute("object-add", {"qom-type": "filter-redirector",
+                                   "id": nic.filter_redirect_out, "netdev": nic.netdev,
+                                   "queue": "rx", "outdev": nic.compare_pri_chardevs[0],
+                                   **position})
+        pri.execute("object-add", {"qom-type": "iothread", "id": nic.iothread})
+        pri.execute("object-add", {"qom-type": "colo-compare", "id": nic.compare,
+                                   "primary_in": nic.compare_pri_chardevs[1],
+                                   "secondary_in": nic.compare_sec_chardev,
+                                   "outdev": nic.compare_out_chardevs[1],
+                                   "iothread": nic.iothread,
+                                   "compare_timeout": COMPARE_TIMEOUT_MS,
+                                   "expired_scan_cycle": EXPIRED_SCAN_CYCLE_MS})
+
+
+def _add_socket(q: Qmp, chardev: str, addr: dict[str, Any], server: bool) -> None:
+    data: dict[str, Any] = {"addr": addr, "server": server}
+    if server:
+        data["wait"] = False
+    if addr["type"] == "inet":
+        data["nodelay"] = True
+    q.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": data}})
+
+
+def start_colo(pri: Qmp, sec: Qmp, ep: Endpoints, checkpoint_delay_ms: int,
+               timeout: float) -> None:
+    """Run the COLO migration and verify both roles."""
+    pri.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-colo", "state": True},
+        {"capability": "events", "state": True}]})
+    pri.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms})
+    cursor = pri.cursor()
+    pri.execute("migrate", {"uri": _uri(ep.secondary_host, ep.migration_port)})
+    event = pri.wait_event("MIGRATION", timeout, since=cursor,
+                           match=lambda d: d["status"] in ("colo", "failed", "cancelled",
+                                                           "completed"))
+    if event.data["status"] != "colo":
+        info = pri.execute("query-migrate")
+        raise ColoError(f"COLO migration ended {event.data['status']}: "
+                        f"{info.get('error-desc', 'no error given')}")
+    # The primary enters COLO first; the secondary follows once it has loaded the
+    # first checkpoint.
+    _wait("secondary in COLO", lambda: colo_status(sec)["mode"] == "secondary", timeout,
+          interval=0.02)
+    verify_protected(pri, sec)
+
+
+def verify_protected(pri: Qmp, sec: Qmp) -> None:
+    modes = (colo_status(pri)["mode"], colo_status(sec)["mode"])
+    if modes != ("primary", "secondary"):
+        raise VerificationFailed(f"COLO modes are {modes}, expected (primary, secondary)")
+
+
+def set_checkpoint_delay(pri: Qmp, delay_ms: int) -> None:
+    pri.execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
+
+
+def protect(pri: Qmp, sec: Qmp, pri_layout: VmLayout, sec_layout: VmLayout,
+            ep: Endpoints, *, before_rewriter: bool = False,
+            checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
+            timeouts: Timeouts = Timeouts(),
+            on_step: Callable[[str], None] = lambda step: None) -> None:
+    """Bring a running primary and a waiting secondary to Protected.
+
+    On any failure the primary is returned to running alone (see `abandon`) and the
+    error is raised; the caller destroys the secondary.
+    """
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("prepare-secondary", lambda: prepare_secondary(sec, sec_layout, ep,
+                                                        checkpoint_delay_ms)),
+        ("resync", lambda: resync(pri, pri_layout, ep, timeouts.resync)),
+        ("attach", lambda: attach_replication(pri, pri_layout, timeouts.step)),
+        ("filters", lambda: add_network_filters(pri, pri_layout, ep, before_rewriter)),
+        ("migrate", lambda: start_colo(pri, sec, ep, checkpoint_delay_ms,
+                                       timeouts.migrate)),
+    ]
+    for name, step in steps:
+        on_step(name)
+        try:
+            step()
+        except (QmpError, ColoError) as exc:
+            log.warning("protect %s failed at %s: %s", pri_layout.name, name, exc)
+            abandon(pri, pri_layout)
+            raise ColoError(f"protection of {pri_layout.name} failed at {name}: {exc}") \
+                from exc
+
+
+def abandon(pri: Qmp, layout: VmLayout) -> None:
+    """Undo any part of `protect` on the primary and leave it running alone."""
+    if colo_status(pri)["mode"] == "primary":
+        failover_primary(pri, layout)
+        return
+    _quietly(pri, "migrate_cancel")
+    _teardown_primary_objects(pri, layout)
+    for disk in layout.disks:
+        _quietly(pri, "block-job-cancel", {"device": _resync_job(disk), "force": True})
+    for disk in layout.disks:
+        _quietly(pri, "block-job-dismiss", {"id": _resync_job(disk)})
+        _quietly(pri, "blockdev-del", {"node-name": disk.nbd_node})
+    if run_state(pri) == "paused":
+        pri.execute("cont")
+
+
+# -- failover ----------------------------------------------------------------------------
+
+def _primary_yank_instances(layout: VmLayout) -> list[dict[str, Any]]:
+    instances: list[dict[str, Any]] = [{"type": "migration"}]
+    instances += [{"type": "block-node", "node-name": d.nbd_node} for d in layout.disks]
+    for nic in layout.nics:
+        instances += [{"type": "chardev", "id": nic.mirror_chardev},
+                      {"type": "chardev", "id": nic.compare_sec_chardev}]
+    return instances
+
+
+def _teardown_primary_objects(pri: Qmp, layout: VmLayout) -> None:
+    for disk in layout.disks:
+        children = quorum_children(pri, disk.quorum)
+        for edge, node in children.items():
+            if node == disk.nbd_node:
+                pri.execute("x-blockdev-change", {"parent": disk.quorum, "child": edge},
+                            FAILOVER_STEP_TIMEOUT)
+        if disk.nbd_node in _node_names(pri):
+            pri.execute("blockdev-del", {"node-name": disk.nbd_node},
+                        FAILOVER_STEP_TIMEOUT)
+    for nic in layout.nics:
+        for obj in (nic.filter_mirror, nic.filter_redirect_in, nic.filter_redirect_out,
+                    nic.compare, nic.iothread):
+            _quietly(pri, "object-del", {"id": obj})
+
+
+def _remove_primary_chardevs(pri: Qmp, layout: VmLayout) -> None:
+    for nic in layout.nics:
+        for chardev in (nic.mirror_chardev, nic.compare_sec_chardev,
+                        *nic.compare_pri_chardevs, *nic.compare_out_chardevs):
+            _quietly(pri, "chardev-remove", {"id": chardev})
+
+
+def _node_names(q: Qmp) -> set[str]:
+    return {n["node-name"] for n in q.execute("query-named-block-nodes", {"flat": True})}
+
+
+def failover_primary(pri: Qmp, layout: VmLayout) -> None:
+    """The secondary is gone: leave COLO and run alone (also used to unprotect).
+
+    Yank first, so nothing below can block on a hung peer (colo.md §8.3).
+    """
+    pri.yank(_primary_yank_instances(layout))
+    _teardown_primary_objects(pri, layout)
+    if colo_status(pri)["mode"] == "primary":
+        pri.execute("x-colo-lost-heartbeat", timeout=FAILOVER_STEP_TIMEOUT)
+    _remove_primary_chardevs(pri, layout)
+    _wait("primary out of COLO", lambda: colo_status(pri)["mode"] == "none",
+          FAILOVER_STEP_TIMEOUT)
+    _ensure_running(pri)
+
+
+def failover_secondary(sec: Qmp, layout: VmLayout) -> None:
+    """The primary is gone: take over as the live VM, then announce the MACs."""
+    instances: list[dict[str, Any]] = [{"type": "migration"}]
+    for nic in layout.nics:
+        instances += [{"type": "chardev", "id": nic.red_in_chardev},
+                      {"type": "chardev", "id": nic.red_out_chardev}]
+    sec.yank(instances)
+    _quietly(sec, "nbd-server-stop")
+    sec.execute("x-colo-lost-heartbeat", timeout=FAILOVER_STEP_TIMEOUT)
+    _wait("secondary out of COLO", lambda: colo_status(sec)["mode"] == "none",
+          FAILOVER_STEP_TIMEOUT)
+    for nic in layout.nics:
+        for obj in (nic.filter_sec_in, nic.filter_sec_out):
+            _quietly(sec, "object-del", {"id": obj})
+        for chardev in (nic.red_in_chardev, nic.red_out_chardev):
+            _quietly(sec, "chardev-remove", {"id": chardev})
+    _ensure_running(sec)
+    if layout.nics:
+        # The guest's MACs now live behind this host's taps: tell the switches.
+        sec.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5,
+                                      "step": 100})
+
+
+def _ensure_running(q: Qmp) -> None:
+    """After COLO, a VM caught mid-checkpoint may still read `colo` briefly."""
+    try:
+        _wait("VM running", lambda: run_state(q) == "running", FAILOVER_STEP_TIMEOUT)
+    except VerificationFailed:
+        state = run_state(q)
+        if state != "paused":
+            raise
+        q.execute("cont")
+
+
+def unprotect(pri: Qmp, layout: VmLayout) -> None:
+    """Intentional end of protection; the caller then destroys the secondary."""
+    failover_primary(pri, layout)
