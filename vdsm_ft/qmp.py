@@ -71,6 +71,10 @@ class Qmp:
         self.socket_path = socket_path
         self.name = name
         self._loop = asyncio.new_event_loop()
+        # qemu.qmp's reader tasks end with EOFError when QEMU dies; that is reported to
+        # callers as QmpDisconnected, not as asyncio noise on stderr.
+        self._loop.set_exception_handler(
+            lambda _loop, ctx: log.debug("%s: %s", name, ctx.get("exception", ctx)))
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name=f"qmp-{name}", daemon=True)
         self._client: QMPClient | None = None
