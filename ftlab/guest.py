@@ -25,7 +25,9 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 
 DEFAULT_CACHE_DIR = "/var/cache/vdsm-ft-lab"
 QEMU_USER = "libvirt-qemu"
@@ -406,3 +408,128 @@ def read_counter(image: str, fmt: str = "qcow2") -> int:
             text = f.read().rstrip(b"\0").decode(errors="replace")
     match = re.match(rf"{COUNTER_MAGIC} (\d+)\n", text)
     return int(match.group(1)) if match else 0
+
+
+# --- The domain XML oVirt's engine would send for these guests ---------------------
+
+OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
+OVIRT_TUNE_NS = "http://ovirt.org/vm/tune/1.0"
+ET.register_namespace("ovirt-vm", OVIRT_VM_NS)
+ET.register_namespace("ovirt-tune", OVIRT_TUNE_NS)
+ENGINE_MACHINE = "pc-i440fx-7.2"
+ENGINE_BRIDGE = "ovirtmgmt"
+
+
+@dataclass(frozen=True)
+class EngineVm:
+    """What the engine knows about a VM, enough to write its domain XML."""
+
+    name: str
+    disk: str                       # image path, as VDSM prepares it under /rhev/...
+    disk_format: str = "qcow2"
+    vm_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    image_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    volume_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    nic_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    mac: str = ""                   # empty: no NIC
+    bridge: str = ENGINE_BRIDGE
+    memory_mib: int = 128
+    domain_type: str = "kvm"        # "qemu" for TCG
+    serial_log: str = ""            # file that receives the serial console
+    custom: tuple[tuple[str, str], ...] = (("ft", "true"),)
+
+
+def engine_domain_xml(vm: EngineVm) -> str:
+    """The domain XML the engine's LibvirtVmXmlBuilder would send for `vm`: ovirt-vm
+    metadata with custom properties, `ua-<uuid>` aliases, a virtio disk of type file,
+    a virtio NIC on a bridge with vhost, a balloon and an RNG."""
+    dom = ET.Element("domain", {"type": vm.domain_type})
+    ET.SubElement(dom, "name").text = vm.name
+    ET.SubElement(dom, "uuid").text = vm.vm_id
+    ET.SubElement(dom, "memory").text = str(vm.memory_mib * 1024)
+    ET.SubElement(dom, "currentMemory").text = str(vm.memory_mib * 1024)
+    ET.SubElement(dom, "vcpu", {"current": "1"}).text = "1"
+    sysinfo = ET.SubElement(ET.SubElement(dom, "sysinfo", {"type": "smbios"}), "system")
+    for key, value in (("manufacturer", "oVirt"), ("product", "RHEL"),
+                       ("uuid", vm.vm_id), ("family", "oVirt")):
+        ET.SubElement(sysinfo, "entry", {"name": key}).text = value
+    clock = ET.SubElement(dom, "clock", {"offset": "variable", "adjustment": "0"})
+    ET.SubElement(clock, "timer", {"name": "rtc", "tickpolicy": "catchup"})
+    ET.SubElement(clock, "timer", {"name": "pit", "tickpolicy": "delay"})
+    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
+    # qemu64 asks for svm, which nested hosts here lack; fallback keeps it startable.
+    cpu = ET.SubElement(dom, "cpu", {"mode": "custom", "match": "exact", "check": "none"})
+    ET.SubElement(cpu, "model", {"fallback": "allow"}).text = "qemu64"
+    ET.SubElement(cpu, "topology", {"sockets": "1", "cores": "1", "threads": "1"})
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", {"arch": "x86_64", "machine": ENGINE_MACHINE}).text = "hvm"
+    ET.SubElement(os_, "smbios", {"mode": "sysinfo"})
+    # rebootTimeout -1: SeaBIOS with nothing bootable waits instead of reboot-looping.
+    ET.SubElement(os_, "bios", {"useserial": "yes", "rebootTimeout": "-1"})
+    devices = ET.SubElement(dom, "devices")
+    disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk", "snapshot": "no"})
+    ET.SubElement(disk, "target", {"dev": "vda", "bus": "virtio"})
+    source = ET.SubElement(disk, "source", {"file": vm.disk})
+    ET.SubElement(source, "seclabel", {"model": "dac", "type": "none", "relabel": "no"})
+    ET.SubElement(disk, "driver", {"name": "qemu", "io": "threads", "type": vm.disk_format,
+                                   "error_policy": "stop", "cache": "none"})
+    ET.SubElement(disk, "alias", {"name": f"ua-{vm.image_id}"})
+    ET.SubElement(disk, "boot", {"order": "1"})
+    ET.SubElement(disk, "serial").text = vm.image_id
+    if vm.mac:
+        nic = ET.SubElement(devices, "interface", {"type": "bridge"})
+        ET.SubElement(nic, "model", {"type": "virtio"})
+        ET.SubElement(nic, "link", {"state": "up"})
+        ET.SubElement(nic, "source", {"bridge": vm.bridge})
+        ET.SubElement(nic, "driver", {"name": "vhost", "queues": "1"})
+        ET.SubElement(nic, "alias", {"name": f"ua-{vm.nic_id}"})
+        ET.SubElement(nic, "mac", {"address": vm.mac})
+        ET.SubElement(nic, "mtu", {"size": "1500"})
+    if vm.serial_log:
+        serial = ET.SubElement(devices, "serial", {"type": "file"})
+        ET.SubElement(serial, "source", {"path": vm.serial_log})
+        ET.SubElement(serial, "target", {"port": "0"})
+    balloon = ET.SubElement(devices, "memballoon", {"model": "virtio"})
+    ET.SubElement(balloon, "stats", {"period": "5"})
+    ET.SubElement(balloon, "alias", {"name": f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, vm.vm_id + '/balloon')}"})
+    rng = ET.SubElement(devices, "rng", {"model": "virtio"})
+    ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
+    ET.SubElement(rng, "alias", {"name": f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, vm.vm_id + '/rng')}"})
+    meta = ET.SubElement(dom, "metadata")
+    ET.SubElement(meta, f"{{{OVIRT_TUNE_NS}}}qos")
+    ovm = ET.SubElement(meta, f"{{{OVIRT_VM_NS}}}vm")
+    ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}clusterVersion").text = "4.7"
+    custom = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}custom")
+    for key, value in vm.custom:
+        ET.SubElement(custom, f"{{{OVIRT_VM_NS}}}{key}").text = value
+    if vm.mac:
+        dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device", {"mac_address": vm.mac})
+        ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}custom")
+    dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device", {"devtype": "disk", "name": "vda"})
+    for key, value in (("imageID", vm.image_id), ("volumeID", vm.volume_id),
+                       ("domainID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/sd"))),
+                       ("poolID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/dc")))):
+        ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}{key}").text = value
+    ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}launchPaused").text = "false"
+    ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}resumeBehavior").text = "kill"
+    return ET.tostring(dom, encoding="unicode")
+
+
+def guest_mac(index: int) -> str:
+    """A stable MAC from oVirt's default pool (56:6f:...) for lab VM `index`."""
+    return "56:6f:%02x:%02x:00:%02x" % ((index >> 16) & 0xFF, (index >> 8) & 0xFF, index & 0xFF)
+
+
+def linux_guest_xml(name: str, disk: str, mac: str, serial_log: str,
+                    disk_format: str = "qcow2", memory_mib: int = 256, **ids: str) -> str:
+    """Engine XML for the Linux test guest under TCG (`ids`: vm_id, image_id, ...)."""
+    return engine_domain_xml(EngineVm(name=name, disk=disk, disk_format=disk_format,
+                                      mac=mac, memory_mib=memory_mib, domain_type="qemu",
+                                      serial_log=serial_log, **ids))
+
+
+def idle_guest_xml(name: str, disk: str, mac: str = "", memory_mib: int = 128,
+                   serial_log: str = "", **ids: str) -> str:
+    """Engine XML for the idle KVM guest (no NIC unless `mac` is given)."""
+    return engine_domain_xml(EngineVm(name=name, disk=disk, mac=mac, memory_mib=memory_mib,
+                                      domain_type="kvm", serial_log=serial_log, **ids))
