@@ -1,0 +1,409 @@
+"""domxml: the engine's domain XML in, the COLO primary and secondary XML out."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from lxml import etree
+
+from vdsm_ft import domxml, layout
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+QEMU_72 = (7, 2, 0)
+RUN = "/run/vdsm-ft/6a1f0c2e"
+VM_UUID = "6a1f0c2e-4b7d-4e51-9a3c-2f8d7e6b5a41"
+Q = "{%s}" % domxml.QEMU_NS
+
+
+def engine(name: str = "engine-i440fx.xml") -> str:
+    with open(os.path.join(DATA, name)) as f:
+        return f.read()
+
+
+def args(xml: str) -> list[str]:
+    root = etree.fromstring(xml.encode())
+    return [a.get("value") for a in root.iterfind(f"{Q}commandline/{Q}arg")]
+
+
+def options(xml: str, flag: str) -> list[str]:
+    a = args(xml)
+    return [a[i + 1] for i, v in enumerate(a) if v == flag]
+
+
+def replicas(n: int = 3) -> list[layout.Disk]:
+    return [layout.Disk(index=i, image=f"/var/lib/vdsm-ft/replicas/{VM_UUID}/disk{i}.qcow2",
+                        size=1 << 30, fmt="qcow2", active=f"/dev/shm/vdsm-ft/active{i}.qcow2",
+                        hidden=f"/dev/shm/vdsm-ft/hidden{i}.qcow2") for i in range(n)]
+
+
+ENDPOINTS = layout.Endpoints(primary_host="192.0.2.1", secondary_host="192.0.2.2",
+                             migration_port=49152, nbd_port=49153,
+                             mirror_ports=(49154, 49156), compare_ports=(49155, 49157))
+
+
+def secondary(xml: str | None = None, generation: int = 1, disks=None) -> str:
+    xml = xml if xml is not None else engine()
+    return domxml.secondary_xml(xml, RUN, disks if disks is not None else replicas(), ENDPOINTS,
+                                generation, QEMU_72)
+
+
+def tree(xml: str) -> etree._Element:
+    return etree.fromstring(xml.encode())
+
+
+def pci_addresses(xml: str) -> dict[str, tuple]:
+    """Every libvirt device with an address, keyed by tag + alias (or ordinal), plus the
+    pinned slots of the COLO disk devices from the command line."""
+    root = tree(xml)
+    out, seen = {}, {}
+    for el in root.find("devices"):
+        if not isinstance(el.tag, str):
+            continue
+        nth = seen[el.tag] = seen.get(el.tag, -1) + 1
+        addr = el.find("address")
+        if addr is None:
+            continue
+        alias = el.find("alias")
+        key = f"{el.tag}:{alias.get('name') if alias is not None else nth}"
+        out[key] = tuple(sorted(addr.attrib.items()))
+    for dev in options(xml, "-device"):
+        out["qemu:" + dev.split(",id=")[1].split(",")[0]] = dev
+    return out
+
+
+def with_devices(extra: str, xml: str | None = None) -> str:
+    xml = xml if xml is not None else engine()
+    return xml.replace("</devices>", extra + "\n  </devices>", 1)
+
+
+# ---------------------------------------------------------------------------- primary
+
+def test_primary_replaces_each_disk_with_a_quorum_and_keeps_the_cdrom():
+    out = domxml.primary_xml(engine(), RUN, QEMU_72)
+    root = tree(out)
+    disks = root.findall("devices/disk")
+    assert [d.get("device") for d in disks] == ["cdrom"]
+    blockdevs = options(out, "-blockdev")
+    assert blockdevs[0].startswith("driver=file,filename=/rhev/data-center/mnt/nfs.example.com")
+    assert blockdevs[0].endswith(",node-name=ft-disk0-file,cache.direct=on")
+    assert blockdevs[1] == "driver=raw,file=ft-disk0-file,node-name=ft-disk0"
+    assert blockdevs[2] == ("driver=quorum,node-name=ft-quorum0,read-pattern=fifo,"
+                            "vote-threshold=1,children.0=ft-disk0")
+    assert blockdevs[4] == "driver=qcow2,file=ft-disk1-file,node-name=ft-disk1,discard=unmap"
+    # The disk on the block domain is a host_device node with native AIO.
+    assert blockdevs[6].startswith("driver=host_device,filename=/rhev/data-center/mnt/blockSD/")
+    assert "aio=native" in blockdevs[6]
+    assert blockdevs[8].endswith("children.0=ft-disk2")
+
+
+def test_primary_guest_devices_keep_engine_slots_boot_order_and_serial():
+    devs = options(domxml.primary_xml(engine(), RUN, QEMU_72), "-device")
+    assert devs[0] == ("virtio-blk-pci,drive=ft-quorum0,id=ft-vd0,bus=pci.0,addr=0x7.0x0,"
+                       "share-rw=on,bootindex=1,serial=c3f2a1b0-9e8d-4c7b-a6f5-e4d3c2b1a0f9,"
+                       "werror=stop,rerror=stop")
+    assert "addr=0x6.0x0" in devs[1] and "bootindex" not in devs[1]
+    assert devs[2].startswith("scsi-hd,drive=ft-quorum2,id=ft-vd2,"
+                              "bus=ua-1c6e2f4a-7b83-4d9f-a1e5-6d2c8b3f0e21.0,channel=0,scsi-id=0,lun=1,")
+
+
+def test_primary_turns_vhost_off_on_every_nic_and_keeps_queues():
+    root = tree(domxml.primary_xml(engine(), RUN, QEMU_72))
+    drivers = [i.find("driver") for i in root.iterfind("devices/interface")]
+    assert [d.get("name") for d in drivers] == ["qemu", "qemu"]
+    assert drivers[0].get("queues") == "2"
+
+
+def test_primary_has_the_private_qmp_monitor_and_keeps_identity():
+    out = domxml.primary_xml(engine(), RUN, QEMU_72)
+    assert options(out, "-chardev") == [
+        f"socket,id={layout.QMP_CHARDEV},path={RUN}/qmp.sock,server=on,wait=off"]
+    assert options(out, "-mon") == [f"chardev={layout.QMP_CHARDEV},mode=control"]
+    root = tree(out)
+    assert root.findtext("uuid") == VM_UUID and root.findtext("name") == "web01"
+    assert root.find("os/type").get("machine") == "pc-i440fx-rhel7.6.0"
+    assert root.find("metadata") is not None and root.find("devices/lease") is not None
+    assert "-incoming" not in args(out)
+
+
+def test_primary_without_machine_type_gets_i440fx():
+    xml = engine().replace(' machine="pc-i440fx-rhel7.6.0"', "")
+    assert tree(domxml.primary_xml(xml, RUN, QEMU_72)).find("os/type").get("machine") == "pc"
+
+
+# --------------------------------------------------------------------------- escaping
+
+def test_qemu_escape_doubles_commas_only():
+    assert domxml.qemu_escape("/a,b'c=d") == "/a,,b'c=d"
+
+
+def test_paths_and_names_with_commas_and_quotes_are_escaped():
+    evil = "/rhev/data-center/mnt/srv:_ex,ports/it's,here/disk"
+    xml = engine().replace(
+        "/rhev/data-center/mnt/nfs.example.com:_exports_data/5e3c1a9f-2d4b-4c8e-9a7f-1b3d5e7f9a2c/"
+        "images/c3f2a1b0-9e8d-4c7b-a6f5-e4d3c2b1a0f9/7a6b5c4d-3e2f-4a1b-9c8d-7e6f5a4b3c2d",
+        evil.replace("'", "&apos;"))
+    xml = xml.replace("<serial>c3f2a1b0-9e8d-4c7b-a6f5-e4d3c2b1a0f9</serial>",
+                      "<serial>ser,ial</serial>")
+    run = "/run/ft,vm'1"
+    out = domxml.primary_xml(xml, run, QEMU_72)
+    assert options(out, "-blockdev")[0].startswith(
+        "driver=file,filename=/rhev/data-center/mnt/srv:_ex,,ports/it's,,here/disk,node-name=")
+    assert ",serial=ser,,ial," in options(out, "-device")[0]
+    assert options(out, "-chardev")[0] == f"socket,id=ftqmp,path=/run/ft,,vm'1/qmp.sock,server=on,wait=off"
+    disks = replicas()
+    disks[0] = layout.Disk(index=0, image="/srv/re,p'l/d0", size=1, fmt="raw",
+                           active="/dev/shm/a,0", hidden="/dev/shm/h,0")
+    sec = domxml.secondary_xml(xml, run, disks, ENDPOINTS, 1, QEMU_72)
+    blockdevs = options(sec, "-blockdev")
+    assert "filename=/srv/re,,p'l/d0," in blockdevs[0]
+    assert any("filename=/dev/shm/h,,0," in b for b in blockdevs)
+    assert any("filename=/dev/shm/a,,0," in b for b in blockdevs)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("device, reason", [
+    ("<interface type='vhostuser'><mac address='56:6f:5a:8e:00:09'/><model type='virtio'/>"
+     "<source type='unix' path='/run/vhu.sock' mode='client'/></interface>", "vhost-user"),
+    ("<interface type='hostdev' managed='yes'><mac address='56:6f:5a:8e:00:09'/><source>"
+     "<address type='pci' domain='0x0000' bus='0x3b' slot='0x02' function='0x1'/></source>"
+     "</interface>", "SR-IOV"),
+    ("<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' "
+     "bus='0x5e' slot='0x00' function='0x0'/></source></hostdev>", "host device"),
+    ("<interface type='vdpa'><source dev='/dev/vhost-vdpa-0'/></interface>", "vDPA"),
+    ("<disk type='block' device='lun' sgio='filtered' snapshot='no'><target dev='sdb' bus='scsi'/>"
+     "<source dev='/dev/mapper/36001405abcdef'/><driver name='qemu' type='raw'/></disk>",
+     "direct LUN"),
+    ("<disk type='block' device='disk' snapshot='no'><target dev='vdc' bus='virtio'/>"
+     "<source dev='/dev/mapper/36001405abcdef'/><driver name='qemu' type='raw'/></disk>",
+     "direct LUN"),
+    ("<disk type='network' device='disk' snapshot='no'><target dev='vdc' bus='virtio'/>"
+     "<source protocol='rbd' name='pool/vol'><host name='ceph1' port='6789'/></source>"
+     "<driver name='qemu' type='raw'/></disk>", "Ceph RBD"),
+    ("<disk type='file' device='disk' snapshot='no'><target dev='hda' bus='ide'/>"
+     "<source file='/rhev/data-center/x/y'/><driver name='qemu' type='raw'/></disk>",
+     "ide interface"),
+])
+def test_refusals_name_the_cause_and_the_fix(device, reason):
+    xml = with_devices(device)
+    for make in (lambda: domxml.primary_xml(xml, RUN, QEMU_72), lambda: secondary(xml),
+                 lambda: domxml.layout_from_domxml(xml, RUN)):
+        with pytest.raises(domxml.Unsupported) as e:
+            make()
+        assert reason in e.value.reason
+        assert e.value.fix and "Fix:" in str(e.value)
+        assert isinstance(e.value, domxml.DomXmlError)
+
+
+def test_q35_is_refused_on_qemu_7_2_with_the_chipset_fix():
+    with pytest.raises(domxml.Unsupported) as e:
+        domxml.primary_xml(engine("engine-q35.xml"), RUN, QEMU_72)
+    assert "q35" in e.value.reason and "7.2.0" in e.value.reason
+    assert "i440fx" in e.value.fix
+    with pytest.raises(domxml.Unsupported):
+        secondary(engine("engine-q35.xml"))
+
+
+def test_q35_is_kept_where_colo_handles_it():
+    out = domxml.primary_xml(engine("engine-q35.xml"), RUN, (11, 0, 0))
+    assert tree(out).find("os/type").get("machine") == "pc-q35-rhel8.6.0"
+    devs = options(out, "-device")
+    assert "bus=pcie.0,addr=0x1e.0x0" in devs[0] and "bus=pcie.0,addr=0x1d.0x0" in devs[1]
+
+
+def test_other_architectures_and_machines_are_refused():
+    with pytest.raises(domxml.Unsupported, match="ppc64le"):
+        domxml.primary_xml(engine().replace('arch="x86_64"', 'arch="ppc64le"'), RUN, QEMU_72)
+    with pytest.raises(domxml.Unsupported, match="microvm"):
+        domxml.primary_xml(engine().replace("pc-i440fx-rhel7.6.0", "microvm"), RUN, QEMU_72)
+
+
+@pytest.mark.parametrize("bad", ["<domain><name>x</name", "", "<vm/>",
+                                 "<domain type='kvm'><name>x</name></domain>"])
+def test_malformed_xml_raises_with_the_parser_message(bad):
+    with pytest.raises(domxml.MalformedXml) as e:
+        domxml.primary_xml(bad, RUN, QEMU_72)
+    assert str(e.value)
+
+
+def test_malformed_xml_carries_the_parser_message():
+    with pytest.raises(domxml.MalformedXml, match="line 1"):
+        domxml.ft_property("<domain><name>x</name")
+
+
+def test_a_second_qemu_commandline_is_refused():
+    xml = engine().replace(
+        "</domain>", "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        "<qemu:arg value='-S'/></qemu:commandline></domain>")
+    with pytest.raises(domxml.DomXmlError, match="qemu:commandline"):
+        domxml.primary_xml(xml, RUN, QEMU_72)
+
+
+def test_engine_disk_slot_used_by_another_device_is_an_error():
+    xml = engine().replace('function="0x0" slot="0x07" type="pci"', 'function="0x0" slot="0x09" type="pci"')
+    with pytest.raises(domxml.DomXmlError, match="0x09"):
+        domxml.primary_xml(xml, RUN, QEMU_72)
+
+
+# ---------------------------------------------------------------------- ft property
+
+def test_ft_property_reads_the_ovirt_custom_metadata():
+    assert domxml.ft_property(engine()) == "true"
+    assert domxml.ft_property(engine().replace("<ovirt-vm:ft>true</ovirt-vm:ft>", "")) is None
+    no_md = engine().split("<metadata>")[0] + "</domain>"
+    assert domxml.ft_property(no_md) is None
+    yes = engine().replace("<ovirt-vm:ft>true<", "<ovirt-vm:ft>yes<")
+    assert domxml.ft_property(yes) == "yes"
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), (None, False)])
+def test_parse_ft_value_accepts_exactly_true_false_or_unset(value, expected):
+    assert domxml.parse_ft_value(value) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "True", "1", "", " true", "on"])
+def test_parse_ft_value_refuses_anything_else(value):
+    with pytest.raises(domxml.InvalidProperty) as e:
+        domxml.parse_ft_value(value)
+    assert "ft=true or ft=false" in str(e.value) and repr(value) in str(e.value)
+
+
+# -------------------------------------------------------------------------- secondary
+
+def test_secondary_identity_is_derived_and_has_no_metadata_or_lease():
+    out = secondary(generation=4)
+    root = tree(out)
+    expected = str(uuid.uuid5(domxml.FT_NAMESPACE, f"{VM_UUID}/secondary/4"))
+    assert root.findtext("uuid") == expected == domxml.secondary_uuid(VM_UUID, 4)
+    assert tree(secondary(generation=5)).findtext("uuid") != expected
+    assert root.findtext("name") == "web01-ft-secondary"
+    assert root.find("metadata") is None and root.find("devices/lease") is None
+    assert b"ovirt.org/vm/1.0\">" not in etree.tostring(root.find("devices"))
+    # libvirt wants SMBIOS uuid == <uuid>; the guest keeps its own through -smbios.
+    assert root.findtext("sysinfo/system/entry[@name='uuid']") == expected
+    assert options(out, "-smbios") == [f"type=1,uuid={VM_UUID}"]
+    paths = [c.find("source").get("path") for c in root.iterfind("devices/channel[@type='unix']")]
+    assert paths and all(expected in p and VM_UUID not in p for p in paths)
+
+
+def test_secondary_waits_for_migration_with_a_replication_chain_per_disk():
+    out = secondary()
+    a = args(out)
+    assert a[-2:] == ["-incoming", "defer"]
+    b = options(out, "-blockdev")
+    assert len(b) == 3 * 8
+    assert b[0] == (f"driver=file,filename=/var/lib/vdsm-ft/replicas/{VM_UUID}/disk0.qcow2,"
+                    "node-name=ft-parent0-file,cache.direct=on")
+    assert b[1] == "driver=qcow2,file=ft-parent0-file,node-name=ft-parent0"
+    assert b[3] == "driver=qcow2,file=ft-hidden0-file,node-name=ft-hidden0,backing=ft-parent0"
+    assert b[5] == "driver=qcow2,file=ft-active0-file,node-name=ft-active0,backing=ft-hidden0"
+    assert b[6] == ("driver=replication,mode=secondary,top-id=ft-quorum0,file=ft-active0,"
+                    "node-name=ft-repl0")
+    assert b[7] == ("driver=quorum,node-name=ft-quorum0,read-pattern=fifo,vote-threshold=1,"
+                    "children.0=ft-repl0")
+    assert [x.split(",")[0] for x in options(out, "-device")] == [
+        "virtio-blk-pci", "virtio-blk-pci", "scsi-hd"]
+
+
+def test_secondary_has_redirectors_and_rewriter_per_nic_on_libvirts_netdev():
+    out = secondary()
+    net0 = "hostua-7d7b11a5-ccd5-4528-9273-4b9d328e61e8"
+    net1 = "hostua-8e8c22b6-dde6-4639-a384-5cae439f72f9"
+    assert options(out, "-chardev") == [
+        "socket,id=ft-red0-0,host=192.0.2.1,port=49154,reconnect=1",
+        "socket,id=ft-red0-1,host=192.0.2.1,port=49155,reconnect=1",
+        "socket,id=ft-red1-0,host=192.0.2.1,port=49156,reconnect=1",
+        "socket,id=ft-red1-1,host=192.0.2.1,port=49157,reconnect=1",
+        f"socket,id=ftqmp,path={RUN}/qmp.sock,server=on,wait=off"]
+    assert options(out, "-object") == [
+        f"filter-redirector,id=ft-f0-1,netdev={net0},queue=tx,indev=ft-red0-0",
+        f"filter-redirector,id=ft-f0-2,netdev={net0},queue=rx,outdev=ft-red0-1",
+        f"filter-rewriter,id=ft-rew0,netdev={net0},queue=all",
+        f"filter-redirector,id=ft-f1-1,netdev={net1},queue=tx,indev=ft-red1-0",
+        f"filter-redirector,id=ft-f1-2,netdev={net1},queue=rx,outdev=ft-red1-1",
+        f"filter-rewriter,id=ft-rew1,netdev={net1},queue=all"]
+    assert [i.find("driver").get("name") for i in tree(out).iterfind("devices/interface")] == [
+        "qemu", "qemu"]
+
+
+def test_secondary_input_mismatches_are_errors():
+    with pytest.raises(domxml.DomXmlError, match="3 disks but 2"):
+        secondary(disks=replicas(2))
+    with pytest.raises(domxml.DomXmlError, match="2 NICs"):
+        domxml.secondary_xml(engine(), RUN, replicas(), layout.Endpoints(
+            "192.0.2.1", "192.0.2.2", 1, 2, (3,), (4,)), 1, QEMU_72)
+    no_overlay = [layout.Disk(index=i, image=f"/r{i}", size=1) for i in range(3)]
+    with pytest.raises(domxml.DomXmlError, match="overlay"):
+        secondary(disks=no_overlay)
+
+
+def test_secondary_refuses_the_legacy_agent_channel():
+    xml = with_devices("<channel type='unix'><target type='virtio' name='com.redhat.rhevm.vdsm'/>"
+                       "<source mode='bind' path='/var/lib/libvirt/qemu/channels/x.vdsm'/></channel>")
+    domxml.primary_xml(xml, RUN, QEMU_72)
+    with pytest.raises(domxml.Unsupported, match="legacy"):
+        secondary(xml)
+
+
+# -------------------------------------------------------------- identical addresses
+
+@pytest.mark.parametrize("sample", ["engine-i440fx.xml", "engine-i440fx-first-run.xml"])
+def test_both_sides_have_identical_device_addresses(sample):
+    primary = pci_addresses(domxml.primary_xml(engine(sample), RUN, QEMU_72))
+    second = pci_addresses(secondary(engine(sample)))
+    assert primary == second
+    assert "qemu:ft-vd0" in primary and len(primary) > 8
+
+
+def test_first_run_gets_every_pci_slot_pinned_without_collisions():
+    out = domxml.primary_xml(engine("engine-i440fx-first-run.xml"), RUN, QEMU_72)
+    root = tree(out)
+    slots = {}
+    for el in root.find("devices"):
+        addr = el.find("address") if isinstance(el.tag, str) else None
+        if addr is not None and addr.get("type") == "pci":
+            slots.setdefault(int(addr.get("slot"), 16), []).append(el.tag)
+    devs = options(out, "-device")
+    assert "addr=0x1f.0x0" in devs[0] and "addr=0x1e.0x0" in devs[1]
+    assert 0x1f not in slots and 0x1e not in slots
+    assert all(len(v) == 1 for v in slots.values()), slots
+    assert slots[0x02] == ["video"]
+    # libvirt would add a balloon by itself; it is named here so its slot is pinned.
+    assert "memballoon" in sum(slots.values(), [])
+    for tag in ("interface", "rng"):
+        for el in root.iterfind(f"devices/{tag}"):
+            assert el.find("address").get("type") == "pci"
+    # libvirt's own fixed-address PIIX3 devices are left to libvirt.
+    assert root.find("devices/controller[@type='usb']").find("address") is None
+
+
+def test_nic_without_mac_gets_the_same_mac_on_both_sides():
+    xml = with_devices("<interface type='bridge'><source bridge='ovirtmgmt'/><model type='virtio'/>"
+                       "</interface>")
+    ep = layout.Endpoints("192.0.2.1", "192.0.2.2", 1, 2, (3, 5, 7), (4, 6, 8))
+    p = tree(domxml.primary_xml(xml, RUN, QEMU_72))
+    s = tree(domxml.secondary_xml(xml, RUN, replicas(), ep, 1, QEMU_72))
+    mac_p = p.findall("devices/interface")[2].find("mac").get("address")
+    assert mac_p == s.findall("devices/interface")[2].find("mac").get("address")
+    assert mac_p.startswith("52:54:00:")
+
+
+# ----------------------------------------------------------------------------- layout
+
+def test_layout_names_libvirts_netdevs_and_lists_the_disks():
+    xml = with_devices("<interface type='bridge'><source bridge='b2'/><model type='virtio'/>"
+                       "<mac address='56:6f:5a:8e:00:03'/></interface>")
+    xml = xml.replace("<interface type=\"bridge\">", "<interface type='network'><source network='n'/>"
+                      "<mac address='56:6f:5a:8e:00:00'/></interface><interface type=\"bridge\">", 1)
+    vm = domxml.layout_from_domxml(xml, RUN)
+    assert vm.vm_id == VM_UUID and vm.name == "web01" and vm.qmp_socket == f"{RUN}/qmp.sock"
+    assert [n.netdev for n in vm.nics] == [
+        "hostnet0", "hostua-7d7b11a5-ccd5-4528-9273-4b9d328e61e8",
+        "hostua-8e8c22b6-dde6-4639-a384-5cae439f72f9", "hostnet1"]
+    assert [n.mac for n in vm.nics] == ["56:6f:5a:8e:00:00", "56:6f:5a:8e:00:01",
+                                        "56:6f:5a:8e:00:02", "56:6f:5a:8e:00:03"]
+    assert [(d.index, d.fmt, d.size) for d in vm.disks] == [(0, "raw", 0), (1, "qcow2", 0),
+                                                             (2, "qcow2", 0)]
+    assert vm.disks[2].image.startswith("/rhev/data-center/mnt/blockSD/")
+    assert [d.quorum for d in vm.disks] == ["ft-quorum0", "ft-quorum1", "ft-quorum2"]
