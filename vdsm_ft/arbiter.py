@@ -1,0 +1,693 @@
+"""The arbiter client: pair records, generations and the per-generation live claim in etcd v3.
+
+Talks to etcd's v3 JSON gateway through ``etcd3gw`` (etcd 3.4 serves it at ``/v3/``; the
+older ``/v3beta/`` path is gone from 3.5). Every call has an explicit total bound and tries
+each endpoint of the cluster in turn; reads are linearizable, so a member cut off from the
+quorum never answers with stale data. Key layout, rules and the timing rule:
+docs/arbiter.md.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+from urllib.parse import urlsplit
+
+import requests
+from etcd3gw import exceptions as etcd_exc
+from etcd3gw.client import Etcd3Client
+
+log = logging.getLogger(__name__)
+
+# THE TIMING RULE (docs/arbiter.md). A side that has not won the claim within
+# ARBITER_BOUND_MS kills its own QEMU. Detection + this bound + the kill must end before
+# colo-compare's compare_timeout (vdsm_ft.colo.COMPARE_TIMEOUT_MS, 3000 ms), so that a
+# partitioned old primary is dead before any held packet could be released.
+ARBITER_BOUND_MS = 1500
+ARBITER_BOUND_S = ARBITER_BOUND_MS / 1000
+# Time allowed between "lost" (or no answer) and the QEMU process being gone.
+KILL_MARGIN_MS = 500
+
+API_PATH = "/v3/"
+PREFIX = "/vdsm-ft"
+PAIR_STATES = ("Starting", "Syncing", "Protected", "Not Protected", "Need Secondary",
+               "Failing Over", "Disabled", "Down")
+# A pair in this state has no live copy anywhere (stopped on purpose, or lost).
+DOWN = "Down"
+MAX_REASON = 1024
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_RETRY_PAUSE = 0.02
+T = TypeVar("T")
+
+
+class ArbiterError(Exception):
+    """Base of every arbiter failure."""
+
+
+class InvalidArgument(ArbiterError, ValueError):
+    """A caller passed a value the arbiter cannot store (the message says which)."""
+
+
+class ArbiterUnavailable(ArbiterError):
+    """No etcd endpoint answered within the bound. Fencing rule: kill your own QEMU."""
+
+
+class ArbiterRejected(ArbiterError):
+    """etcd answered but refused the request (a client bug or an unknown lease)."""
+
+
+class StaleGeneration(ArbiterError):
+    """The generation named is not the VM's current one: the caller lost that pairing."""
+
+    def __init__(self, vm_id: str, generation: int, current: int) -> None:
+        super().__init__(f"VM {vm_id}: generation {generation} is not current "
+                         f"(current is {current}); this side must not act as live")
+        self.vm_id, self.generation, self.current = vm_id, generation, current
+
+
+class NoSuchPair(ArbiterError):
+    """The VM has no pair record: it was never paired, or the pair was deleted."""
+
+
+class NotAPairMember(ArbiterError):
+    """The host is neither primary nor secondary of the VM's current generation."""
+
+
+class PairConflict(ArbiterError):
+    """The pair record changed since it was read (compare-and-swap on mod_revision failed)."""
+
+    def __init__(self, vm_id: str, current: "PairRecord | None") -> None:
+        super().__init__(f"VM {vm_id}: pair record changed concurrently "
+                         f"(now at mod_revision {current.mod_revision if current else 0})")
+        self.current = current
+
+
+class CorruptRecord(ArbiterError):
+    """A value read from etcd is not what this module writes."""
+
+
+def _check_name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise InvalidArgument(f"{what} must be 1-128 characters of letters, digits and "
+                              f"'._:@-', starting with a letter or digit; got {value!r}")
+    return value
+
+
+def _check_generation(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"generation must be an integer >= 1; got {value!r}")
+    return value
+
+
+def _check_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidArgument(f"timeout must be a positive number of seconds; got {value!r}")
+    return float(value)
+
+
+class TimingRuleViolation(ArbiterError, ValueError):
+    """The configured timeouts break the fencing rule of docs/arbiter.md."""
+
+
+def check_fencing_budget(detection_ms: int, compare_timeout_ms: int,
+                         bound_ms: int = ARBITER_BOUND_MS) -> None:
+    """Raise TimingRuleViolation unless detection + arbiter bound + kill < compare_timeout."""
+    total = detection_ms + bound_ms + KILL_MARGIN_MS
+    if total >= compare_timeout_ms:
+        raise TimingRuleViolation(
+            f"failure detection {detection_ms} ms + arbiter bound {bound_ms} ms + kill margin "
+            f"{KILL_MARGIN_MS} ms = {total} ms is not below colo-compare compare_timeout "
+            f"{compare_timeout_ms} ms: a partitioned primary could release output; shorten "
+            "detection or raise compare_timeout")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """What etcd holds for one FT VM. ``mod_revision`` is etcd's, never encoded."""
+
+    vm_id: str
+    generation: int
+    primary: str
+    secondary: str | None
+    state: str
+    reason: str = ""
+    updated_at: float = 0.0
+    mod_revision: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("vm id", self.vm_id)
+        _check_generation(self.generation)
+        _check_name("primary host", self.primary)
+        if self.secondary is not None:
+            _check_name("secondary host", self.secondary)
+            if self.secondary == self.primary:
+                raise InvalidArgument(f"VM {self.vm_id}: primary and secondary are both "
+                                      f"{self.primary!r}; a pair needs two hosts")
+        if self.state not in PAIR_STATES:
+            raise InvalidArgument(f"state must be one of {', '.join(PAIR_STATES)}; "
+                                  f"got {self.state!r}")
+        if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON:
+            raise InvalidArgument(f"reason must be a string of at most {MAX_REASON} characters")
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.primary,) if self.secondary is None else (self.primary, self.secondary)
+
+    def encode(self) -> bytes:
+        body = dataclasses.asdict(self)
+        del body["mod_revision"]
+        return json.dumps(body, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, mod_revision: int = 0) -> "PairRecord":
+        try:
+            body = json.loads(data)
+            if not isinstance(body, dict):
+                raise TypeError("not an object")
+            return cls(mod_revision=mod_revision, **body)
+        except (ValueError, TypeError) as e:
+            raise CorruptRecord(f"pair record is not valid: {e}: {data[:200]!r}") from e
+
+
+# --- keys -------------------------------------------------------------------------------
+
+def pair_key(vm_id: str) -> str:
+    return f"{PREFIX}/pairs/{_check_name('vm id', vm_id)}"
+
+
+def generation_key(vm_id: str) -> str:
+    return f"{PREFIX}/generations/{_check_name('vm id', vm_id)}"
+
+
+def claims_prefix(vm_id: str) -> str:
+    return f"{PREFIX}/claims/{_check_name('vm id', vm_id)}/"
+
+
+def claim_key(vm_id: str, generation: int) -> str:
+    # Zero-padded so that key order is generation order (used to prune old claims).
+    return f"{claims_prefix(vm_id)}{_check_generation(generation):012d}"
+
+
+def leader_key(name: str) -> str:
+    return f"{PREFIX}/leaders/{_check_name('leader name', name)}"
+
+
+# --- etcd v3 JSON helpers ---------------------------------------------------------------
+
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def _range_end(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return _b64(bytes(raw))
+
+
+def _cmp_create(key: str, revision: int) -> dict:
+    return {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": revision}
+
+
+def _cmp_mod(key: str, revision: int) -> dict:
+    return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+
+
+def _cmp_value(key: str, value: str | bytes) -> dict:
+    return {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
+
+
+def _cmp_unchanged(key: str, mod_revision: int) -> dict:
+    return _cmp_mod(key, mod_revision) if mod_revision else _cmp_create(key, 0)
+
+
+def _put(key: str, value: str | bytes, lease: int | None = None) -> dict:
+    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        req["lease"] = lease
+    return {"request_put": req}
+
+
+def _get(key: str, prefix: bool = False, last: bool = False) -> dict:
+    req: dict[str, Any] = {"key": _b64(key)}
+    if prefix:
+        req["range_end"] = _range_end(key)
+    if last:
+        req.update(limit=1, sort_order="DESCEND", sort_target="KEY")
+    return {"request_range": req}
+
+
+def _delete(key: str, range_end: str | None = None) -> dict:
+    req = {"key": _b64(key)}
+    if range_end:
+        req["range_end"] = range_end
+    return {"request_delete_range": req}
+
+
+@dataclass(frozen=True)
+class _Kv:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+def _ranges(result: dict) -> list[_Kv | None]:
+    """The first key-value of each range response of a txn result (None if absent)."""
+    out: list[_Kv | None] = []
+    for resp in result.get("responses", []):
+        if "response_range" not in resp:
+            continue
+        kvs = resp["response_range"].get("kvs") or []
+        if not kvs:
+            out.append(None)
+            continue
+        kv = kvs[0]
+        out.append(_Kv(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")),
+                       int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))))
+    return out
+
+
+def _int_value(kv: _Kv | None, what: str) -> int:
+    if kv is None:
+        return 0
+    try:
+        return int(kv.value)
+    except ValueError as e:
+        raise CorruptRecord(f"{what} holds {kv.value[:50]!r}, not a number") from e
+
+
+def _claim_holder(kv: _Kv | None) -> str | None:
+    if kv is None:
+        return None
+    try:
+        return _check_name("claim holder", json.loads(kv.value)["host"])
+    except (ValueError, TypeError, KeyError, InvalidArgument) as e:
+        raise CorruptRecord(f"live claim is not valid: {kv.value[:200]!r}") from e
+
+
+# --- transport --------------------------------------------------------------------------
+
+class _Client(Etcd3Client):
+    """Etcd3Client whose request timeout is set per call (and per thread) by _Transport."""
+
+    _local = threading.local()
+
+    @property  # type: ignore[override]
+    def timeout(self) -> float | None:
+        return getattr(self._local, "timeout", None)
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._local.timeout = value
+
+
+# Failures of one endpoint: try the next one. etcd3gw maps 503 (no leader, member
+# unavailable), 504/408 (request timed out in etcd) and 500 to these.
+_ENDPOINT_FAILURES = (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError,
+                      etcd_exc.InternalServerError, requests.RequestException, ValueError)
+
+
+class _Transport:
+    def __init__(self, endpoints: Sequence[str], ca_cert: str | None, cert: str | None,
+                 key: str | None) -> None:
+        if isinstance(endpoints, str) or not endpoints:
+            raise InvalidArgument("endpoints must be a non-empty list of URLs such as "
+                                  "http://127.0.0.1:2379")
+        self.clients: list[_Client] = []
+        for url in endpoints:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                    or parts.path not in ("", "/")):
+                raise InvalidArgument(f"bad etcd endpoint {url!r}: expected "
+                                      "http(s)://HOST:PORT")
+            try:
+                port = parts.port or 2379
+            except ValueError as e:
+                raise InvalidArgument(f"bad etcd endpoint {url!r}: {e}") from e
+            self.clients.append(_Client(host=parts.hostname, port=port,
+                                        protocol=parts.scheme, ca_cert=ca_cert,
+                                        cert_cert=cert, cert_key=key, api_path=API_PATH))
+        self.preferred = 0
+        self._lock = threading.Lock()
+
+    def call(self, what: str, op: Callable[[_Client], T], timeout: float) -> T:
+        """Run op on the first endpoint that answers; give up when ``timeout`` is spent."""
+        deadline = time.monotonic() + _check_timeout(timeout)
+        n = len(self.clients)
+        failures: dict[str, str] = {}
+        while True:
+            start = self.preferred
+            for k in range(n):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0.001:
+                    break
+                i = (start + k) % n
+                client = self.clients[i]
+                # Share what is left among the endpoints not yet tried this round, so a
+                # black-holed member cannot eat the whole bound.
+                client.timeout = remaining / (n - k)
+                try:
+                    result = op(client)
+                except _ENDPOINT_FAILURES as e:
+                    failures[client.base_url] = _describe(e)
+                    continue
+                except etcd_exc.Etcd3Exception as e:
+                    raise ArbiterRejected(f"etcd at {client.base_url} refused {what}: "
+                                          f"{_describe(e)}") from e
+                if i != self.preferred:
+                    with self._lock:
+                        self.preferred = i
+                return result
+            if deadline - time.monotonic() <= 0.001:
+                detail = "; ".join(f"{u}: {m}" for u, m in failures.items()) or "no attempt"
+                raise ArbiterUnavailable(f"no etcd endpoint answered {what} within "
+                                         f"{timeout * 1000:.0f} ms ({detail})")
+            time.sleep(min(_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
+    def txn(self, what: str, compare: list, success: list, failure: list,
+            timeout: float) -> tuple[bool, dict]:
+        payload = {"compare": compare, "success": success, "failure": failure}
+        result = self.call(what, lambda c: c.transaction(payload), timeout)
+        # proto3 JSON leaves out false booleans.
+        return bool(result.get("succeeded", False)), result
+
+    def lease_call(self, what: str, path: str, body: dict, timeout: float) -> dict:
+        return self.call(what, lambda c: c.post(c.get_url(path), json=body), timeout)
+
+
+def _describe(e: Exception) -> str:
+    detail = getattr(e, "detail_text", None)
+    text = str(detail or e).strip() or type(e).__name__
+    # requests' connection errors bury the cause in a long repr.
+    for cause in ("Connection refused", "timed out", "No route to host",
+                  "Network is unreachable", "Name or service not known"):
+        if cause in text:
+            return cause.lower()
+    return text[:300]
+
+
+# --- the arbiter ------------------------------------------------------------------------
+
+_KEEP: Any = object()
+
+
+class Arbiter:
+    """Pair records, generations and live claims for FT VMs, kept in an etcd cluster.
+
+    ``bound`` (seconds) is the default total time of every call, across all endpoints.
+    """
+
+    def __init__(self, endpoints: Sequence[str], bound: float = ARBITER_BOUND_S, *,
+                 ca_cert: str | None = None, cert: str | None = None,
+                 key: str | None = None) -> None:
+        self.bound = _check_timeout(bound)
+        self._t = _Transport(endpoints, ca_cert, cert, key)
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.bound if timeout is None else _check_timeout(timeout)
+
+    # pair records
+
+    def get_pair(self, vm_id: str, timeout: float | None = None) -> PairRecord | None:
+        key = pair_key(vm_id)
+        _, result = self._t.txn(f"read of {key}", [], [_get(key)], [], self._timeout(timeout))
+        kv = _ranges(result)[0]
+        return None if kv is None else PairRecord.decode(kv.value, kv.mod_revision)
+
+    def current_generation(self, vm_id: str, timeout: float | None = None) -> int:
+        """The VM's current generation; 0 if it was never paired."""
+        key = generation_key(vm_id)
+        _, result = self._t.txn(f"read of {key}", [], [_get(key)], [], self._timeout(timeout))
+        return _int_value(_ranges(result)[0], key)
+
+    def put_pair(self, record: PairRecord, timeout: float | None = None) -> PairRecord:
+        """Store ``record`` if the stored one still has ``record.mod_revision`` (0: absent).
+
+        The record's generation must be the current one. Returns the record as stored, with
+        its new mod_revision. Raises PairConflict or StaleGeneration.
+        """
+        key, gkey = pair_key(record.vm_id), generation_key(record.vm_id)
+        stored = dataclasses.replace(record, updated_at=time.time(), mod_revision=0)
+        data = stored.encode()
+        ok, result = self._t.txn(
+            f"write of {key}",
+            [_cmp_unchanged(key, record.mod_revision),
+             _cmp_value(gkey, str(record.generation))],
+            [_put(key, data)], [_get(key), _get(gkey)], self._timeout(timeout))
+        if ok:
+            return dataclasses.replace(stored, mod_revision=int(result["header"]["revision"]))
+        kv, gkv = _ranges(result)
+        # A retry on another endpoint after a lost answer finds its own write: success.
+        if kv is not None and kv.value == data:
+            return dataclasses.replace(stored, mod_revision=kv.mod_revision)
+        current = _int_value(gkv, gkey)
+        if current != record.generation:
+            raise StaleGeneration(record.vm_id, record.generation, current)
+        raise PairConflict(record.vm_id, None if kv is None
+                           else PairRecord.decode(kv.value, kv.mod_revision))
+
+    def update_pair(self, vm_id: str, generation: int, *, state: str = _KEEP,
+                    reason: str = _KEEP, primary: str = _KEEP, secondary: str | None = _KEEP,
+                    timeout: float | None = None) -> PairRecord:
+        """Change fields of the pair record of ``generation``, retrying on concurrent writes.
+
+        Raises StaleGeneration if the record belongs to another generation, NoSuchPair if
+        there is none.
+        """
+        _check_generation(generation)
+        changes = {k: v for k, v in (("state", state), ("reason", reason),
+                                     ("primary", primary), ("secondary", secondary))
+                   if v is not _KEEP}
+        deadline = time.monotonic() + self._timeout(timeout)
+        while True:
+            left = max(0.001, deadline - time.monotonic())
+            record = self.get_pair(vm_id, timeout=left)
+            if record is None:
+                raise NoSuchPair(f"VM {vm_id} has no pair record")
+            if record.generation != generation:
+                raise StaleGeneration(vm_id, generation, record.generation)
+            new = dataclasses.replace(record, **changes)
+            try:
+                return self.put_pair(new, timeout=max(0.001, deadline - time.monotonic()))
+            except PairConflict:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def delete_pair(self, vm_id: str, timeout: float | None = None) -> None:
+        """Forget the pair and its claims. The generation counter stays, so a later
+        pairing never reuses a generation."""
+        prefix = claims_prefix(vm_id)
+        self._t.txn(f"delete of pair {vm_id}", [],
+                    [_delete(pair_key(vm_id)), _delete(prefix, _range_end(prefix))], [],
+                    self._timeout(timeout))
+
+    # generations
+
+    def begin_generation(self, vm_id: str, primary: str, secondary: str | None,
+                         state: str | None = None, timeout: float | None = None) -> int:
+        """Start a new pairing: bump the VM's generation and write its pair record, atomically.
+
+        Returns the new generation (strictly greater than every earlier one of this VM).
+        """
+        gkey, key, prefix = generation_key(vm_id), pair_key(vm_id), claims_prefix(vm_id)
+        if state is None:
+            state = "Syncing" if secondary is not None else "Need Secondary"
+        PairRecord(vm_id, 1, primary, secondary, state)  # validate before any I/O
+        deadline = time.monotonic() + self._timeout(timeout)
+        while True:
+            left = max(0.001, deadline - time.monotonic())
+            _, result = self._t.txn(f"read of {gkey}", [], [_get(gkey)], [], left)
+            gkv = _ranges(result)[0]
+            generation = _int_value(gkv, gkey) + 1
+            record = PairRecord(vm_id, generation, primary, secondary, state,
+                                updated_at=time.time())
+            success = [_put(gkey, str(generation)), _put(key, record.encode())]
+            if generation > 2:
+                # Keep the previous generation's claim for the record; older ones go.
+                success.append(_delete(prefix, _b64(claim_key(vm_id, generation - 1))))
+            ok, _ = self._t.txn(f"new generation of {vm_id}",
+                                [_cmp_unchanged(gkey, gkv.mod_revision if gkv else 0)],
+                                success, [], max(0.001, deadline - time.monotonic()))
+            if ok:
+                log.info("VM %s: generation %d, primary %s, secondary %s", vm_id, generation,
+                         primary, secondary)
+                return generation
+            if time.monotonic() >= deadline:
+                raise ArbiterUnavailable(f"VM {vm_id}: generation kept changing under "
+                                         f"concurrent writers for {self._timeout(timeout)} s")
+
+    # the live claim
+
+    def claim_live(self, vm_id: str, generation: int, host: str,
+                   timeout: float | None = None) -> bool:
+        """Atomically claim "``host`` is live in ``generation``". True only for the one winner.
+
+        The first claim of a generation wins forever; asking again answers the same. Raises
+        StaleGeneration if ``generation`` is not current, NotAPairMember if ``host`` is not
+        in the pair, ArbiterUnavailable when etcd does not answer within the bound (the
+        timing rule: the caller must then kill its own QEMU).
+        """
+        _check_generation(generation)
+        _check_name("host", host)
+        key, gkey, ckey = pair_key(vm_id), generation_key(vm_id), claim_key(vm_id, generation)
+        claim = json.dumps({"host": host, "claimed_at": time.time()}).encode()
+        deadline = time.monotonic() + self._timeout(timeout)
+        reads = [_get(key), _get(gkey), _get(ckey)]
+        _, result = self._t.txn(f"read of claim {ckey}", [], reads, [],
+                                max(0.001, deadline - time.monotonic()))
+        while True:
+            kv, gkv, ckv = _ranges(result)
+            current = _int_value(gkv, gkey)
+            if current != generation:
+                raise StaleGeneration(vm_id, generation, current)
+            holder = _claim_holder(ckv)
+            if holder is not None:
+                return holder == host
+            if kv is None:
+                raise NoSuchPair(f"VM {vm_id} has no pair record for generation {generation}")
+            record = PairRecord.decode(kv.value, kv.mod_revision)
+            if host not in record.members:
+                raise NotAPairMember(f"host {host} is not a member of VM {vm_id}'s pair in "
+                                     f"generation {generation} ({', '.join(record.members)})")
+            # Succeeds only if nobody claimed this generation, the generation is still
+            # current and the membership just checked still holds.
+            ok, result = self._t.txn(
+                f"claim {ckey}",
+                [_cmp_value(gkey, str(generation)), _cmp_create(ckey, 0),
+                 _cmp_mod(key, kv.mod_revision)],
+                [_put(ckey, claim)], reads, max(0.001, deadline - time.monotonic()))
+            if ok:
+                log.info("VM %s: %s won generation %d", vm_id, host, generation)
+                return True
+            if time.monotonic() >= deadline:
+                raise ArbiterUnavailable(f"VM {vm_id}: claim of generation {generation} kept "
+                                         "conflicting with concurrent writers")
+
+    def live_holder(self, vm_id: str, generation: int,
+                    timeout: float | None = None) -> str | None:
+        """The host that won ``generation``, or None if nobody claimed it (or it was pruned)."""
+        ckey = claim_key(vm_id, generation)
+        _, result = self._t.txn(f"read of {ckey}", [], [_get(ckey)], [],
+                                self._timeout(timeout))
+        return _claim_holder(_ranges(result)[0])
+
+    def other_member_live(self, vm_id: str, host: str,
+                          timeout: float | None = None) -> str | None:
+        """The host other than ``host`` that runs this VM's live copy, if the arbiter knows one.
+
+        Live is the winner of the current generation's claim, or else the primary of the
+        current generation; a pair in state Down has no live copy. For the start hook: a
+        non-None answer means starting a live copy on ``host`` would make a second one. (The
+        secondary of the current generation is a standby, not a live copy: its start must
+        not be refused by this check.)
+        """
+        _check_name("host", host)
+        key, prefix = pair_key(vm_id), claims_prefix(vm_id)
+        _, result = self._t.txn(f"read of pair {vm_id}", [],
+                                [_get(key), _get(prefix, prefix=True, last=True)], [],
+                                self._timeout(timeout))
+        kv, ckv = _ranges(result)
+        if kv is None:
+            return None
+        record = PairRecord.decode(kv.value, kv.mod_revision)
+        if record.state == DOWN:
+            return None
+        live = record.primary
+        # The last claim key is the highest generation's; it counts only if current.
+        if ckv is not None and ckv.key == claim_key(vm_id, record.generation).encode():
+            live = _claim_holder(ckv) or live
+        return live if live != host else None
+
+
+class LeaderLease:
+    """Leadership of ``name`` for one ``holder`` at a time, on an etcd lease of ``ttl`` s.
+
+    The holder counts itself leader only until ``ttl`` after the last successful grant or
+    keepalive was sent, which is never later than etcd expires the lease: two holders can
+    never both see ``is_leader`` true. acquire/refresh/release raise ArbiterUnavailable
+    when etcd does not answer within the arbiter's bound.
+    """
+
+    def __init__(self, arbiter: Arbiter, name: str, holder: str, ttl: int = 5) -> None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise InvalidArgument(f"lease ttl must be an integer >= 1 second; got {ttl!r}")
+        self._t = arbiter._t
+        self._bound = arbiter.bound
+        self.key = leader_key(name)
+        self.holder = _check_name("leader holder", holder)
+        self.ttl = ttl
+        self._lease: int | None = None
+        self._valid_until = 0.0
+
+    @property
+    def is_leader(self) -> bool:
+        return self._lease is not None and time.monotonic() < self._valid_until
+
+    def _drop(self) -> None:
+        self._lease = None
+        self._valid_until = 0.0
+
+    def acquire(self) -> bool:
+        """Become leader if nobody is; refresh if already leader. Returns is_leader."""
+        if self._lease is not None:
+            return self.refresh()
+        sent = time.monotonic()
+        grant = self._t.lease_call(f"lease grant for {self.key}", "/lease/grant",
+                                   {"TTL": self.ttl, "ID": 0}, self._bound)
+        lease = int(grant["ID"])
+        ok, result = self._t.txn(f"leader claim {self.key}", [_cmp_create(self.key, 0)],
+                                 [_put(self.key, self.holder, lease)], [_get(self.key)],
+                                 self._bound)
+        if not ok:
+            kv = _ranges(result)[0]
+            ok = kv is not None and kv.lease == lease  # our own write, answered twice
+        if ok:
+            self._lease, self._valid_until = lease, sent + self.ttl
+            log.info("%s: %s is leader", self.key, self.holder)
+            return True
+        self._revoke(lease)
+        return False
+
+    def refresh(self) -> bool:
+        """Keep the lease alive. Returns False (and stops leading) if it was lost."""
+        if self._lease is None:
+            return False
+        lease, sent = self._lease, time.monotonic()
+        answer = self._t.lease_call(f"lease keepalive for {self.key}", "/lease/keepalive",
+                                    {"ID": lease}, self._bound)
+        ttl = int(answer.get("result", {}).get("TTL", 0))
+        if ttl <= 0:
+            log.warning("%s: lease of %s expired; no longer leader", self.key, self.holder)
+            self._drop()
+            return False
+        _, result = self._t.txn(f"read of {self.key}", [], [_get(self.key)], [], self._bound)
+        kv = _ranges(result)[0]
+        if kv is None or kv.lease != lease:
+            self._drop()
+            self._revoke(lease)
+            return False
+        self._valid_until = sent + self.ttl
+        return True
+
+    def release(self) -> None:
+        """Stop leading at once; revoking the lease deletes the leader key for the others."""
+        lease = self._lease
+        self._drop()
+        if lease is not None:
+            self._revoke(lease)
+
+    def _revoke(self, lease: int) -> None:
+        try:
+            self._t.lease_call(f"lease revoke for {self.key}", "/lease/revoke", {"ID": lease},
+                               self._bound)
+        except ArbiterRejected as e:
+            # An expired lease is already gone: nothing left to release.
+            log.debug("%s: revoke of lease %x: %s", self.key, lease, e)
