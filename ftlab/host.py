@@ -1,0 +1,205 @@
+"""A lab host: a network namespace with its own libvirtd and virtlogd.
+
+Each host runs in `ftlab-<name>` (see `ftlab.netns`) and in a private mount namespace
+held open by a `sleep infinity` process (the *holder*). In that mount namespace the
+per-host directories under `<base_dir>/<name>/` are bind-mounted over libvirt's state
+directories, so several libvirtds share one machine without seeing each other:
+
+    run/      -> /run/libvirt        (sockets, pid files; reachable from the root namespace)
+    lib/      -> /var/lib/libvirt
+    cache/    -> /var/cache/libvirt
+    log/      -> /var/log/libvirt
+    etc-qemu/ -> /etc/libvirt/qemu   (no shared persistent domains or autostarted networks)
+
+From the root namespace the host's libvirtd is `LabHost.uri`. `crash()` SIGKILLs every
+process of the host (everything in its network namespace); `down()` also removes the
+namespace and the host's directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import libvirt
+
+from ftlab import netns
+
+GUEST_BRIDGE = "ovirtmgmt"   # the engine's default VM network, as a bridge in each host
+START_TIMEOUT = 30.0
+BIND_MOUNTS = (("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"),
+               ("cache", "/var/cache/libvirt"), ("log", "/var/log/libvirt"),
+               ("etc-qemu", "/etc/libvirt/qemu"))
+SOCKET_PATH_MAX = 107
+
+
+class LabHostError(RuntimeError):
+    """A lab host could not be brought up, reached or removed."""
+
+
+class LabHostDown(LabHostError):
+    """The host has no running holder process (never up, crashed or removed)."""
+
+
+class LabHost:
+    def __init__(self, name: str, index: int, base_dir: str):
+        if not 1 <= index <= 99:
+            raise LabHostError(f"host index {index} out of range 1..99 (address plan)")
+        self.name = name
+        self.index = index
+        self.netns = netns.netns_name(name)
+        self.dir = os.path.join(os.path.abspath(base_dir), name)
+        self.address = f"{netns.REP_NET}.{10 + index}"
+        self.socket = os.path.join(self.dir, "run", "libvirt-sock")
+        if len(self.socket) > SOCKET_PATH_MAX:
+            raise LabHostError(f"{self.socket} is too long for a unix socket; "
+                               "use a shorter base_dir")
+        self.uri = f"qemu+unix:///system?socket={self.socket}"
+        self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ftlab/host/{name}"))
+
+    def __repr__(self) -> str:
+        return f"LabHost({self.name!r}, {self.index}, address={self.address})"
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def up(self, timeout: float = START_TIMEOUT) -> "LabHost":
+        """Bring the host up (idempotent; also restarts a crashed host's daemons)."""
+        netns.wire_up()
+        netns.create(self.netns)
+        netns.join_rep(self.netns, self.index)
+        netns.join_guest_bridge(self.netns, self.index, GUEST_BRIDGE)
+        if self.holder_pid() is None:
+            self._start_holder(timeout)
+        self._start_daemons(timeout)
+        return self
+
+    def crash(self) -> None:
+        """A host crash: SIGKILL every process of the host, nothing cleaned up."""
+        netns.kill_all(self.netns)
+
+    def down(self, keep_files: bool = False) -> None:
+        """Remove everything this host made: processes, namespace, links, directory."""
+        netns.delete(self.netns)
+        if not keep_files:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- running things inside the host ---------------------------------------------
+
+    def holder_pid(self) -> int | None:
+        """The pid holding the host's mount namespace, if it is alive in the host's netns."""
+        try:
+            with open(self.path("holder.pid")) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            return None
+        return pid if pid in netns.pids(self.netns) else None
+
+    def nsenter(self, argv: list[str]) -> list[str]:
+        """`argv` wrapped to run inside the host's network and mount namespaces."""
+        pid = self.holder_pid()
+        if pid is None:
+            raise LabHostDown(f"lab host {self.name} is not running (crashed or not up)")
+        return ["nsenter", "-t", str(pid), "-m", "-n", "--"] + list(argv)
+
+    def run(self, argv: list[str], timeout: float = 60.0, check: bool = True,
+            **kwargs) -> subprocess.CompletedProcess:
+        """Run `argv` inside the host and wait for it (output captured as text)."""
+        proc = subprocess.run(self.nsenter(argv), capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise LabHostError(f"{self.name}: {' '.join(argv)} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()}")
+        return proc
+
+    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start a long-running process (an agent, a client) inside the host."""
+        return subprocess.Popen(self.nsenter(argv), **kwargs)
+
+    def connect(self) -> libvirt.virConnect:
+        return libvirt.open(self.uri)
+
+    def pids(self) -> list[int]:
+        return netns.pids(self.netns)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _start_holder(self, timeout: float) -> None:
+        for sub, _ in BIND_MOUNTS:
+            os.makedirs(self.path(sub), mode=0o755, exist_ok=True)
+        os.makedirs(self.path("etc-qemu", "networks", "autostart"), exist_ok=True)
+        with open(self.path("libvirtd.conf"), "w") as f:
+            # Distinct host UUIDs: libvirt refuses to treat two hosts with one UUID as peers.
+            f.write(f'host_uuid = "{self.host_uuid}"\n'
+                    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+        # `ip netns exec` remounts /sys for the namespace; unshare then gives the host a
+        # private mount namespace; both exec, so the pid is sleep's.
+        holder = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation",
+             "private", "--", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)
+        root_mnt = os.stat("/proc/self/ns/mnt").st_ino
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(f"/proc/{holder.pid}/comm") as f:
+                    ready = (f.read().strip() == "sleep"
+                             and os.stat(f"/proc/{holder.pid}/ns/mnt").st_ino != root_mnt)
+            except OSError:
+                ready = False
+            if ready:
+                break
+            if holder.poll() is not None:
+                raise LabHostError(f"{self.name}: namespace holder exited: "
+                                   f"{holder.stderr.read().decode().strip()}")
+            if time.monotonic() > deadline:
+                holder.kill()
+                raise LabHostError(f"{self.name}: namespace holder not ready in {timeout}s")
+            time.sleep(0.02)
+        holder.stderr.close()
+        with open(self.path("holder.pid"), "w") as f:
+            f.write(str(holder.pid))
+        for sub, target in BIND_MOUNTS:
+            self.run(["mount", "--bind", self.path(sub), target])
+
+    def _daemon_alive(self, pidfile: str) -> bool:
+        try:
+            with open(self.path("run", pidfile)) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            return False
+        return pid in self.pids()
+
+    def _start_daemons(self, timeout: float) -> None:
+        if not self._daemon_alive("virtlogd.pid"):
+            self.run(["virtlogd", "-d", "-p", "/run/libvirt/virtlogd.pid"], timeout=timeout)
+        if not self._daemon_alive("libvirtd.pid"):
+            self.run(["libvirtd", "-d", "-f", self.path("libvirtd.conf"),
+                      "-p", "/run/libvirt/libvirtd.pid"], timeout=timeout)
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                libvirt.open(self.uri).close()
+                return
+            except libvirt.libvirtError as e:
+                if time.monotonic() > deadline:
+                    raise LabHostError(f"{self.name}: libvirtd not reachable at {self.uri} "
+                                       f"within {timeout}s ({e}); see "
+                                       f"{self.path('log', 'libvirtd.log')}") from e
+            time.sleep(0.1)
+
+
+def remove_lab(base_dir: str | None = None) -> list[str]:
+    """Remove every lab namespace, process and root link, even after a crash of the lab;
+    also `base_dir` when given. Returns what was removed."""
+    removed = netns.cleanup()
+    if base_dir and os.path.isdir(base_dir):
+        shutil.rmtree(base_dir)
+        removed.append(base_dir)
+    return removed
