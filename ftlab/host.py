@@ -44,12 +44,13 @@ class LabHostDown(LabHostError):
 
 
 class LabHost:
-    def __init__(self, name: str, index: int, base_dir: str):
+    def __init__(self, name: str, index: int, base_dir: str, wire: str = "wire"):
         if not 1 <= index <= 99:
             raise LabHostError(f"host index {index} out of range 1..99 (address plan)")
         self.name = name
         self.index = index
         self.netns = netns.netns_name(name)
+        self.wire = netns.netns_name(wire)
         self.dir = os.path.join(os.path.abspath(base_dir), name)
         self.address = f"{netns.REP_NET}.{10 + index}"
         self.socket = os.path.join(self.dir, "run", "libvirt-sock")
@@ -69,10 +70,10 @@ class LabHost:
 
     def up(self, timeout: float = START_TIMEOUT) -> "LabHost":
         """Bring the host up (idempotent; also restarts a crashed host's daemons)."""
-        netns.wire_up()
+        netns.wire_up(self.wire)
         netns.create(self.netns)
-        netns.join_rep(self.netns, self.index)
-        netns.join_guest_bridge(self.netns, self.index, GUEST_BRIDGE)
+        netns.join_rep(self.netns, self.index, self.wire)
+        netns.join_guest_bridge(self.netns, self.index, GUEST_BRIDGE, self.wire)
         if self.holder_pid() is None:
             self._start_holder(timeout)
         self._start_daemons(timeout)

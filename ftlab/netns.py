@@ -149,42 +149,55 @@ def lab_namespaces() -> list[str]:
     return sorted(n for n in names if n.startswith(PREFIX))
 
 
-def wire_up() -> None:
-    """The shared wire: both bridges, and the root namespace's management link."""
-    create(WIRE_NS)
-    bridge(REP_BRIDGE, WIRE_NS)
-    bridge(GUEST_BRIDGE, WIRE_NS)
-    veth(ROOT_LINK, None, "root", WIRE_NS)
-    attach("root", REP_BRIDGE, WIRE_NS)
-    add_address(ROOT_LINK, f"{ROOT_ADDRESS}/24")
+def wire_up(wire: str = WIRE_NS) -> None:
+    """A wire: both bridges; the default wire also gets the root namespace's management
+    link (the fake engine and the poller run in the root namespace). Other wires (tests
+    running beside a lab) stay unreachable from the root namespace, so their addresses
+    cannot clash with the lab's."""
+    create(wire)
+    bridge(REP_BRIDGE, wire)
+    bridge(GUEST_BRIDGE, wire)
+    if wire == WIRE_NS:
+        veth(ROOT_LINK, None, "root", wire)
+        attach("root", REP_BRIDGE, wire)
+        add_address(ROOT_LINK, f"{ROOT_ADDRESS}/24")
 
 
-def join_rep(netns: str, index: int, dev: str = "eth0") -> str:
+def join_rep(netns: str, index: int, wire: str = WIRE_NS, dev: str = "eth0") -> str:
     """Link `netns` to the replication network as host `index`; returns its address."""
     address = f"{REP_NET}.{10 + index}"
-    veth(dev, netns, f"r{index}", WIRE_NS)
-    attach(f"r{index}", REP_BRIDGE, WIRE_NS)
+    veth(dev, netns, f"r{index}", wire)
+    attach(f"r{index}", REP_BRIDGE, wire)
     add_address(dev, f"{address}/24", netns=netns)
     return address
 
 
-def join_guest_bridge(netns: str, index: int, bridge_name: str, dev: str = "guest0") -> None:
+def join_guest_bridge(netns: str, index: int, bridge_name: str, wire: str = WIRE_NS,
+                      dev: str = "guest0") -> None:
     """A local bridge `bridge_name` in `netns` (where libvirt adds VM taps), wired to the
     shared guest segment."""
     bridge(bridge_name, netns)
-    veth(dev, netns, f"g{index}", WIRE_NS)
-    attach(f"g{index}", GUEST_BRIDGE, WIRE_NS)
+    veth(dev, netns, f"g{index}", wire)
+    attach(f"g{index}", GUEST_BRIDGE, wire)
     attach(dev, bridge_name, netns)
 
 
-def add_client(name: str, address: str, index: int) -> str:
-    """A client namespace on the guest segment (e.g. the test's HTTP client)."""
+def add_client(name: str, address: str, index: int, wire: str = WIRE_NS) -> str:
+    """A client namespace `ftlab-<name>` on the guest segment (e.g. a test's HTTP
+    client); returns its name. Run things in it with `run_in`."""
     netns = netns_name(name)
     create(netns)
-    veth("eth0", netns, f"c{index}", WIRE_NS)
-    attach(f"c{index}", GUEST_BRIDGE, WIRE_NS)
+    veth("eth0", netns, f"c{index}", wire)
+    attach(f"c{index}", GUEST_BRIDGE, wire)
     add_address("eth0", address if "/" in address else f"{address}/24", netns=netns)
     return netns
+
+
+def run_in(netns: str, argv: list[str], timeout: float = 30.0,
+           **kwargs) -> subprocess.CompletedProcess:
+    """Run `argv` in `netns` (output captured as text; the caller checks returncode)."""
+    return subprocess.run(["ip", "netns", "exec", netns] + list(argv), capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
 
 
 def cleanup() -> list[str]:
