@@ -661,8 +661,11 @@ class LeaderLease:
         if self._lease is None:
             return False
         lease, sent = self._lease, time.monotonic()
-        answer = self._t.lease_call(f"lease keepalive for {self.key}", "/lease/keepalive",
-                                    {"ID": lease}, self._bound)
+        try:
+            answer = self._t.lease_call(f"lease keepalive for {self.key}", "/lease/keepalive",
+                                        {"ID": lease}, self._bound)
+        except ArbiterRejected:
+            answer = {}  # "requested lease not found": it expired
         ttl = int(answer.get("result", {}).get("TTL", 0))
         if ttl <= 0:
             log.warning("%s: lease of %s expired; no longer leader", self.key, self.holder)
