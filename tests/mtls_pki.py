@@ -1,0 +1,57 @@
+"""A throw-away CA with agent (server+client) and poller (client) certificates, for the
+agent API's mutual TLS in tests and benchmarks. Made with the openssl CLI, argv only."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from vdsm_ft.api import TlsFiles
+
+OPENSSL_TIMEOUT = 60
+
+
+def _openssl(*args: str) -> None:
+    proc = subprocess.run(["openssl", *args], capture_output=True, timeout=OPENSSL_TIMEOUT)
+    if proc.returncode:
+        raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.decode(errors='replace')}")
+
+
+def make_ca(directory: Path, name: str = "vdsm-ft test CA") -> tuple[Path, Path]:
+    """A self-signed EC CA; returns (cert, key). Keys are written under umask 077."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "ca.pem", directory / "ca.key"
+    old = os.umask(0o077)
+    try:
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+                 "-subj", f"/CN={name}",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    finally:
+        os.umask(old)
+    return cert, key
+
+
+def issue(directory: Path, ca: tuple[Path, Path], name: str,
+          addresses: Sequence[str] = (), hostnames: Sequence[str] = ()) -> TlsFiles:
+    """A leaf cert for `name`, usable as TLS server and client, SAN = hostnames+addresses."""
+    ca_cert, ca_key = ca
+    cert, key, csr = (directory / f"{name}.pem", directory / f"{name}.key",
+                      directory / f"{name}.csr")
+    ext = directory / f"{name}.ext"
+    san = ",".join([f"DNS:{h}" for h in hostnames] + [f"IP:{a}" for a in addresses])
+    ext.write_text("basicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\n"
+                   + (f"subjectAltName={san}\n" if san else ""))
+    old = os.umask(0o077)
+    try:
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                 "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    finally:
+        os.umask(old)
+    return TlsFiles(cert=str(cert), key=str(key), ca=str(ca_cert))

@@ -1,0 +1,839 @@
+"""The per-host agent's HTTPS API: the one place that speaks it, client and server.
+
+The poller, the `ovirt-ft` CLI, the peer agent and the agent server all import this
+module, so both ends share one schema. The protocol is described for humans in
+`docs/agent-api.md`.
+
+- Transport: HTTPS with mutual TLS (D7). Both sides present a certificate signed by the
+  same CA (the engine CA on real hosts, the lab CA in the lab); the client checks the
+  agent's host name or address against its certificate.
+- Bodies are JSON. Every client call has an explicit timeout; failures are typed.
+- The server is `http.server.ThreadingHTTPServer` wrapping a `Backend` that the real
+  agent implements; it validates requests and maps backend exceptions to HTTP codes.
+"""
+from __future__ import annotations
+
+import enum
+import http.client
+import json
+import logging
+import re
+import socket
+import ssl
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from vdsm_ft.layout import Endpoints
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+DEFAULT_PORT = 54329
+DEFAULT_TIMEOUT = 5.0
+# Requests are small; anything bigger is a mistake or an attack.
+MAX_BODY = 1 << 20
+# A client that does not finish its TLS handshake or its request within this bound
+# loses its server thread.
+SERVER_SOCKET_TIMEOUT = 30.0
+JSON_TYPE = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# ---------------------------------------------------------------- errors
+
+class AgentError(Exception):
+    """Base of every agent API failure."""
+
+
+class AgentUnreachable(AgentError):
+    """No TCP connection or no TLS session with the agent (down, refused, bad cert)."""
+
+
+class AgentTimeout(AgentError):
+    """The agent did not answer within the caller's bound."""
+
+
+class AgentProtocolError(AgentError):
+    """The agent answered something that is not this protocol (bad JSON, bad schema)."""
+
+
+class AgentRejected(AgentError):
+    """The agent answered with an error status.
+
+    `code` is a stable machine-readable word (`unknown_vm`, `conflict`, ...), `message`
+    the human explanation the agent gave.
+    """
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+class BadRequest(AgentRejected):
+    """The request does not follow the schema (raised locally before sending, too)."""
+
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(AgentRejected):
+    """The agent does not know this VM (or the path does not exist)."""
+
+    status = 404
+    code = "unknown_vm"
+
+
+class Conflict(AgentRejected):
+    """The VM's current state does not allow this operation now."""
+
+    status = 409
+    code = "conflict"
+
+
+class Unavailable(AgentRejected):
+    """The agent cannot do this right now (e.g. the arbiter is unreachable); retry later."""
+
+    status = 503
+    code = "unavailable"
+
+
+_REJECTED_BY_STATUS: dict[int, type[AgentRejected]] = {
+    400: BadRequest, 404: NotFound, 409: Conflict, 503: Unavailable}
+
+
+# ---------------------------------------------------------------- schema
+
+class VmState(str, enum.Enum):
+    """Protection states, named as admins see them (CLI, engine events)."""
+
+    STARTING = "Starting"
+    SYNCING = "Syncing"
+    PROTECTED = "Protected"
+    NOT_PROTECTED = "Not Protected"      # reason says why; the poller does not retry
+    NEED_SECONDARY = "Need Secondary"    # protectable, waiting for a peer from the poller
+    FAILING_OVER = "Failing Over"
+    DISABLED = "Disabled"                # protection off (unprotect) or suspended
+    DOWN = "Down"
+
+
+class Role(str, enum.Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+    NONE = "none"
+
+
+def _check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise BadRequest(f"{what} must be 1-64 characters of [A-Za-z0-9._-], "
+                         f"got {value!r}")
+    return value
+
+
+def _field(data: dict, key: str, kind: type | tuple[type, ...], what: str,
+           default: Any = ..., nonneg: bool = False) -> Any:
+    if key not in data:
+        if default is ...:
+            raise BadRequest(f"{what}: missing field {key!r}")
+        return default
+    value = data[key]
+    if value is None and default is None:
+        return None
+    # bool is an int in Python; a JSON true must not pass as a count.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise BadRequest(f"{what}.{key} must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise BadRequest(f"{what}.{key} must be {_kind_name(kind)}, got {value!r}")
+    if nonneg and value < 0:
+        raise BadRequest(f"{what}.{key} must be >= 0, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             dict: "an object", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _object(data: Any, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _port(data: dict, key: str, what: str) -> int:
+    port = _field(data, key, int, what)
+    if not 0 < port < 65536:
+        raise BadRequest(f"{what}.{key} must be a TCP port (1-65535), got {port}")
+    return port
+
+
+def _address(data: dict, key: str, what: str) -> str:
+    value = _field(data, key, str, what)
+    if not value or len(value) > 255 or any(c.isspace() for c in value):
+        raise BadRequest(f"{what}.{key} must be a host name or IP address, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Failover:
+    """The last failover of a pair, as the survivor saw it."""
+
+    at: float                   # unix time when the survivor went live
+    from_host: str              # engine host id of the lost primary
+    to_host: str                # engine host id of the survivor
+    duration_ms: float          # detection to survivor running outside COLO
+    # The arbiter's proof, an explicit input to `fence manual`: the survivor won this
+    # generation's live claim and the old primary's claim can no longer be renewed, so
+    # the old primary cannot run this VM any more.
+    old_primary_cannot_run: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Failover:
+        what = "last_failover"
+        data = _object(data, what)
+        return cls(
+            at=float(_field(data, "at", (int, float), what, nonneg=True)),
+            from_host=_check_id(_field(data, "from_host", str, what), f"{what}.from_host"),
+            to_host=_check_id(_field(data, "to_host", str, what), f"{what}.to_host"),
+            duration_ms=float(_field(data, "duration_ms", (int, float), what, nonneg=True)),
+            old_primary_cannot_run=_field(data, "old_primary_cannot_run", bool, what,
+                                          default=False))
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """One VM's protection status as one agent sees it.
+
+    `vm_id` is always the engine's VM id, on both roles and after failovers (the
+    secondary's libvirt domain has another UUID, see docs/engine-view.md).
+    """
+
+    vm_id: str
+    name: str
+    state: VmState
+    role: Role
+    reason: str = ""            # required for Not Protected; free text otherwise
+    primary_host: str | None = None
+    secondary_host: str | None = None
+    generation: int = 0         # the arbiter's pairing generation (0 = never paired)
+    suspended: bool = False     # Disabled by an admin's suspend (the poller must wait)
+    checkpoints_per_minute: float = 0.0
+    last_checkpoint_pause_ms: float | None = None
+    replication_bytes: int = 0
+    lag_seconds: float | None = None   # time since the last completed checkpoint
+    failovers: int = 0
+    last_failover: Failover | None = None
+
+    def __post_init__(self) -> None:
+        _check_id(self.vm_id, "vm_id")
+        if not isinstance(self.state, VmState):
+            raise BadRequest(f"state must be a VmState, got {self.state!r}")
+        if not isinstance(self.role, Role):
+            raise BadRequest(f"role must be a Role, got {self.role!r}")
+        if self.state is VmState.NOT_PROTECTED and not self.reason.strip():
+            raise BadRequest(f"VM {self.vm_id}: state 'Not Protected' needs a reason")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["role"] = self.role.value
+        data["last_failover"] = self.last_failover.to_dict() if self.last_failover else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> VmStatus:
+        what = "vm status"
+        data = _object(data, what)
+        state = _field(data, "state", str, what)
+        role = _field(data, "role", str, what)
+        try:
+            state_v = VmState(state)
+        except ValueError:
+            raise BadRequest(f"{what}.state must be one of "
+                             f"{[s.value for s in VmState]}, got {state!r}") from None
+        try:
+            role_v = Role(role)
+        except ValueError:
+            raise BadRequest(f"{what}.role must be one of {[r.value for r in Role]}, "
+                             f"got {role!r}") from None
+        last = data.get("last_failover")
+        return cls(
+            vm_id=_field(data, "vm_id", str, what),
+            name=_field(data, "name", str, what),
+            state=state_v,
+            role=role_v,
+            reason=_field(data, "reason", str, what, default=""),
+            primary_host=_field(data, "primary_host", str, what, default=None),
+            secondary_host=_field(data, "secondary_host", str, what, default=None),
+            generation=_field(data, "generation", int, what, default=0, nonneg=True),
+            suspended=_field(data, "suspended", bool, what, default=False),
+            checkpoints_per_minute=float(_field(data, "checkpoints_per_minute",
+                                                (int, float), what, default=0.0,
+                                                nonneg=True)),
+            last_checkpoint_pause_ms=_opt_float(data, "last_checkpoint_pause_ms", what),
+            replication_bytes=_field(data, "replication_bytes", int, what, default=0,
+                                     nonneg=True),
+            lag_seconds=_opt_float(data, "lag_seconds", what),
+            failovers=_field(data, "failovers", int, what, default=0, nonneg=True),
+            last_failover=Failover.from_dict(last) if last is not None else None)
+
+
+def _opt_float(data: dict, key: str, what: str) -> float | None:
+    value = _field(data, key, (int, float), what, default=None, nonneg=True)
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """Everything one agent knows: its identity and all its VMs (both roles)."""
+
+    host_id: str                  # the engine's id of this host (from the agent's config)
+    replication_address: str      # where peers reach this host's QEMUs (replication net)
+    agent_version: str
+    vms: tuple[VmStatus, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"host_id": self.host_id, "replication_address": self.replication_address,
+                "agent_version": self.agent_version,
+                "vms": [v.to_dict() for v in self.vms]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HostStatus:
+        what = "host status"
+        data = _object(data, what)
+        vms = _field(data, "vms", list, what)
+        return cls(
+            host_id=_check_id(_field(data, "host_id", str, what), "host_id"),
+            replication_address=_address(data, "replication_address", what),
+            agent_version=_field(data, "agent_version", str, what),
+            vms=tuple(VmStatus.from_dict(v) for v in vms))
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """How to reach another host's agent and its replication endpoint."""
+
+    host_id: str
+    agent_address: str
+    agent_port: int
+    replication_address: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.host_id, "host_id")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "peer") -> PeerSpec:
+        data = _object(data, what)
+        return cls(host_id=_check_id(_field(data, "host_id", str, what), f"{what}.host_id"),
+                   agent_address=_address(data, "agent_address", what),
+                   agent_port=_port(data, "agent_port", what),
+                   replication_address=_address(data, "replication_address", what))
+
+
+@dataclass(frozen=True)
+class PrepareSecondary:
+    """Primary agent -> peer agent: start the secondary of `vm_id` for `generation`.
+
+    `domain_xml` is the primary's libvirt XML; the peer derives the secondary from it
+    (docs/engine-view.md). `disks` are the guest disks' virtual sizes in bytes, by disk
+    index; `nics` are (index, netdev, mac) as in `vdsm_ft.layout.Nic`; `primary_ports`
+    are the primary's filter-mirror and colo-compare ports, one each per NIC.
+    """
+
+    vm_id: str
+    name: str
+    generation: int
+    primary: PeerSpec
+    domain_xml: str
+    disks: tuple[tuple[int, int], ...]
+    nics: tuple[tuple[int, str, str], ...] = ()
+    mirror_ports: tuple[int, ...] = ()
+    compare_ports: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "generation": self.generation,
+                "primary": self.primary.to_dict(), "domain_xml": self.domain_xml,
+                "disks": [{"index": i, "size": s} for i, s in self.disks],
+                "nics": [{"index": i, "netdev": n, "mac": m} for i, n, m in self.nics],
+                "mirror_ports": list(self.mirror_ports),
+                "compare_ports": list(self.compare_ports)}
+
+    @classmethod
+    def from_dict(cls, vm_id: str, data: Any) -> PrepareSecondary:
+        what = "prepare-secondary"
+        data = _object(data, what)
+        disks = []
+        for d in _field(data, "disks", list, what):
+            d = _object(d, f"{what}.disks[]")
+            disks.append((_field(d, "index", int, "disk", nonneg=True),
+                          _field(d, "size", int, "disk", nonneg=True)))
+        nics = []
+        for n in _field(data, "nics", list, what, default=[]):
+            n = _object(n, f"{what}.nics[]")
+            nics.append((_field(n, "index", int, "nic", nonneg=True),
+                         _field(n, "netdev", str, "nic"), _field(n, "mac", str, "nic")))
+        ports = {}
+        for key in ("mirror_ports", "compare_ports"):
+            values = _field(data, key, list, what, default=[])
+            for p in values:
+                _port({"p": p}, "p", f"{what}.{key}[]")
+            ports[key] = tuple(values)
+        xml = _field(data, "domain_xml", str, what)
+        if not xml.strip():
+            raise BadRequest(f"{what}.domain_xml is empty")
+        return cls(vm_id=_check_id(vm_id, "vm_id"), name=_field(data, "name", str, what),
+                   generation=_field(data, "generation", int, what, nonneg=True),
+                   primary=PeerSpec.from_dict(_field(data, "primary", dict, what),
+                                              f"{what}.primary"),
+                   domain_xml=xml, disks=tuple(disks), nics=tuple(nics), **ports)
+
+
+@dataclass(frozen=True)
+class SecondaryReady:
+    """Peer agent -> primary agent: where the prepared secondary listens."""
+
+    vm_id: str
+    generation: int
+    migration_port: int
+    nbd_port: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SecondaryReady:
+        what = "secondary ready"
+        data = _object(data, what)
+        return cls(vm_id=_check_id(_field(data, "vm_id", str, what), "vm_id"),
+                   generation=_field(data, "generation", int, what, nonneg=True),
+                   migration_port=_port(data, "migration_port", what),
+                   nbd_port=_port(data, "nbd_port", what))
+
+    def endpoints(self, primary_host: str, secondary_host: str,
+                  mirror_ports: tuple[int, ...] = (),
+                  compare_ports: tuple[int, ...] = ()) -> Endpoints:
+        return Endpoints(primary_host=primary_host, secondary_host=secondary_host,
+                         migration_port=self.migration_port, nbd_port=self.nbd_port,
+                         mirror_ports=mirror_ports, compare_ports=compare_ports)
+
+
+# ---------------------------------------------------------------- TLS
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """This side's certificate and key, and the CA that signs both sides."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+def client_context(tls: TlsFiles) -> ssl.SSLContext:
+    """mTLS client: present our cert, verify the agent's cert and its host name."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
+
+
+def server_context(tls: TlsFiles) -> ssl.SSLContext:
+    """mTLS server: a client without a certificate from our CA gets no session."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
+
+
+# ---------------------------------------------------------------- client
+
+class AgentClient:
+    """Talks to one agent. Thread-safe; keeps one persistent connection.
+
+    Every call is bounded by `timeout` seconds per socket operation (connect, TLS
+    handshake, send, each read). Actions are idempotent on the agent side, so a call
+    that finds a kept-alive connection closed by the server is retried once on a new
+    connection.
+    """
+
+    def __init__(self, address: str, port: int, context: ssl.SSLContext,
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.address = address
+        self.port = port
+        self.timeout = timeout
+        self._context = context
+        self._conn: http.client.HTTPSConnection | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.address}:{self.port})"
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # -- endpoints
+
+    def host_status(self) -> HostStatus:
+        return HostStatus.from_dict(self._json("GET", "/status"))
+
+    def vm_status(self, vm_id: str) -> VmStatus:
+        return VmStatus.from_dict(self._json("GET", f"/vms/{_check_id(vm_id, 'vm_id')}"))
+
+    def protect(self, vm_id: str, peer: PeerSpec) -> VmStatus:
+        return self._action(vm_id, "protect", {"peer": peer.to_dict()})
+
+    def unprotect(self, vm_id: str) -> VmStatus:
+        return self._action(vm_id, "unprotect")
+
+    def suspend(self, vm_id: str) -> VmStatus:
+        return self._action(vm_id, "suspend")
+
+    def resume(self, vm_id: str) -> VmStatus:
+        return self._action(vm_id, "resume")
+
+    def test_failover(self, vm_id: str) -> VmStatus:
+        return self._action(vm_id, "test-failover")
+
+    def restart_secondary(self, vm_id: str) -> VmStatus:
+        return self._action(vm_id, "restart-secondary")
+
+    def migrate_secondary(self, vm_id: str, to: PeerSpec) -> VmStatus:
+        return self._action(vm_id, "migrate-secondary", {"to": to.to_dict()})
+
+    def prepare_secondary(self, request: PrepareSecondary) -> SecondaryReady:
+        return SecondaryReady.from_dict(self._json(
+            "POST", f"/vms/{request.vm_id}/prepare-secondary", request.to_dict()))
+
+    def metrics(self) -> str:
+        status, ctype, body = self._request("GET", "/metrics", None, versioned=False)
+        return body.decode("utf-8", errors="replace")
+
+    # -- plumbing
+
+    def _action(self, vm_id: str, action: str, body: dict | None = None) -> VmStatus:
+        path = f"/vms/{_check_id(vm_id, 'vm_id')}/{action}"
+        return VmStatus.from_dict(self._json("POST", path, body or {}))
+
+    def _json(self, method: str, path: str, body: dict | None = None) -> Any:
+        status, ctype, raw = self._request(method, path, body)
+        if not ctype.startswith(JSON_TYPE):
+            raise AgentProtocolError(f"{self}: {method} {path}: expected JSON, "
+                                     f"got {ctype or 'no content type'}")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise AgentProtocolError(f"{self}: {method} {path}: invalid JSON: {e}") from None
+        return data
+
+    def _request(self, method: str, path: str, body: dict | None,
+                 versioned: bool = True) -> tuple[int, str, bytes]:
+        url = (API_PREFIX + path) if versioned else path
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": JSON_TYPE}
+        if payload is not None:
+            headers["Content-Type"] = JSON_TYPE
+        with self._lock:
+            for attempt in (0, 1):
+                reused = self._conn is not None
+                conn = self._connection()
+                try:
+                    conn.request(method, url, body=payload, headers=headers)
+                    resp = conn.getresponse()
+                    raw = resp.read()
+                except (http.client.RemoteDisconnected, BrokenPipeError,
+                        ConnectionResetError) as e:
+                    self._drop()
+                    if reused and attempt == 0:
+                        continue
+                    raise AgentUnreachable(f"{self}: connection lost: {e}") from None
+                except (socket.timeout, TimeoutError):
+                    self._drop()
+                    raise AgentTimeout(f"{self}: no answer to {method} {url} within "
+                                       f"{self.timeout:g} s") from None
+                except ssl.SSLError as e:
+                    self._drop()
+                    raise AgentUnreachable(f"{self}: TLS failed: {e}") from None
+                except (OSError, http.client.HTTPException) as e:
+                    self._drop()
+                    raise AgentUnreachable(f"{self}: {e}") from None
+                if resp.will_close:
+                    self._drop()
+                break
+        ctype = resp.getheader("Content-Type", "")
+        if resp.status >= 400:
+            raise self._rejection(resp.status, ctype, raw)
+        return resp.status, ctype, raw
+
+    def _rejection(self, status: int, ctype: str, raw: bytes) -> AgentRejected:
+        code, message = "http_error", raw.decode("utf-8", errors="replace")[:200]
+        if ctype.startswith(JSON_TYPE):
+            try:
+                err = json.loads(raw)["error"]
+                code, message = str(err["code"]), str(err["message"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        cls = _REJECTED_BY_STATUS.get(status, AgentRejected)
+        return cls(message, status=status, code=code)
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(
+                self.address, self.port, context=self._context, timeout=self.timeout)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# ---------------------------------------------------------------- server
+
+class Backend(ABC):
+    """What the agent implements. Raise `AgentRejected` subclasses for refusals
+    (NotFound, Conflict, BadRequest, Unavailable); anything else becomes a 500 whose
+    details go to the agent's log, not to the client.
+
+    Actions return the VM's status right after accepting the action; long work
+    (resync, failover) continues in the background and shows in later statuses.
+    """
+
+    @abstractmethod
+    def host_status(self) -> HostStatus: ...
+
+    @abstractmethod
+    def vm_status(self, vm_id: str) -> VmStatus: ...
+
+    @abstractmethod
+    def protect(self, vm_id: str, peer: PeerSpec) -> VmStatus: ...
+
+    @abstractmethod
+    def unprotect(self, vm_id: str) -> VmStatus: ...
+
+    @abstractmethod
+    def suspend(self, vm_id: str) -> VmStatus: ...
+
+    @abstractmethod
+    def resume(self, vm_id: str) -> VmStatus: ...
+
+    @abstractmethod
+    def test_failover(self, vm_id: str) -> VmStatus: ...
+
+    @abstractmethod
+    def restart_secondary(self, vm_id: str) -> VmStatus: ...
+
+    @abstractmethod
+    def migrate_secondary(self, vm_id: str, to: PeerSpec) -> VmStatus: ...
+
+    @abstractmethod
+    def prepare_secondary(self, request: PrepareSecondary) -> SecondaryReady: ...
+
+    @abstractmethod
+    def metrics(self) -> str:
+        """Prometheus text exposition format."""
+
+
+# (method, regex) -> handler(backend, match, body) -> (status, payload)
+_Route = Callable[[Backend, "re.Match[str]", Any], tuple[int, Any]]
+_VM = r"/v1/vms/(?P<vm>[^/]+)"
+
+
+def _vm(m: "re.Match[str]") -> str:
+    return _check_id(m.group("vm"), "vm_id")
+
+
+def _no_body(body: Any) -> None:
+    if body not in (None, {}):
+        raise BadRequest("this action takes no parameters; send {} or no body")
+
+
+def _simple(action: str) -> _Route:
+    def route(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+        _no_body(body)
+        return 202, getattr(b, action)(_vm(m)).to_dict()
+    return route
+
+
+def _protect(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+    body = _object(body, "protect request")
+    peer = PeerSpec.from_dict(_field(body, "peer", dict, "protect request"))
+    return 202, b.protect(_vm(m), peer).to_dict()
+
+
+def _migrate(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+    body = _object(body, "migrate-secondary request")
+    to = PeerSpec.from_dict(_field(body, "to", dict, "migrate-secondary request"), "to")
+    return 202, b.migrate_secondary(_vm(m), to).to_dict()
+
+
+def _prepare(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+    return 200, b.prepare_secondary(PrepareSecondary.from_dict(_vm(m), body)).to_dict()
+
+
+_ROUTES: list[tuple[str, re.Pattern[str], _Route]] = [
+    ("GET", re.compile(r"/v1/status"), lambda b, m, body: (200, b.host_status().to_dict())),
+    ("GET", re.compile(_VM), lambda b, m, body: (200, b.vm_status(_vm(m)).to_dict())),
+    ("POST", re.compile(_VM + "/protect"), _protect),
+    ("POST", re.compile(_VM + "/unprotect"), _simple("unprotect")),
+    ("POST", re.compile(_VM + "/suspend"), _simple("suspend")),
+    ("POST", re.compile(_VM + "/resume"), _simple("resume")),
+    ("POST", re.compile(_VM + "/test-failover"), _simple("test_failover")),
+    ("POST", re.compile(_VM + "/restart-secondary"), _simple("restart_secondary")),
+    ("POST", re.compile(_VM + "/migrate-secondary"), _migrate),
+    ("POST", re.compile(_VM + "/prepare-secondary"), _prepare),
+]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"     # keep-alive: the poller polls every host each cycle
+    server: AgentServer
+    timeout = SERVER_SOCKET_TIMEOUT
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s %s", self.client_address[0], fmt % args)
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] == "/metrics":
+            self._metrics()
+        else:
+            self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _metrics(self) -> None:
+        try:
+            text = self.server.backend.metrics()
+        except Exception:
+            log.exception("metrics failed")
+            self._send_json(500, _error("internal", "metrics failed; see the agent log"))
+            return
+        self._send(200, METRICS_TYPE, text.encode())
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_body()
+            for route_method, pattern, route in _ROUTES:
+                m = pattern.fullmatch(path)
+                if m:
+                    if route_method != method:
+                        continue
+                    status, payload = route(self.server.backend, m, body)
+                    self._send_json(status, payload)
+                    return
+            if any(p.fullmatch(path) for _, p, _ in _ROUTES):
+                self._send_json(405, _error("method_not_allowed",
+                                            f"{method} is not allowed on {path}"))
+            else:
+                self._send_json(404, _error("not_found", f"no such endpoint: {path}"))
+        except AgentRejected as e:
+            self._send_json(e.status, _error(e.code, e.message))
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            self._send_json(500, _error("internal", "internal error; see the agent log"))
+
+    def _read_body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise BadRequest("chunked bodies are not accepted; send Content-Length")
+        if length is None:
+            return None
+        try:
+            n = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise BadRequest(f"bad Content-Length {length!r}") from None
+        if n < 0 or n > MAX_BODY:
+            self.close_connection = True
+            raise BadRequest(f"body of {n} bytes is outside 0..{MAX_BODY}")
+        raw = self.rfile.read(n)
+        if not raw:
+            return None
+        ctype = self.headers.get("Content-Type", "")
+        if not ctype.startswith(JSON_TYPE):
+            raise BadRequest(f"Content-Type must be {JSON_TYPE}, got {ctype or 'none'}")
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise BadRequest(f"body is not valid JSON: {e}") from None
+
+    def _send_json(self, status: int, payload: Any) -> None:
+        self._send(status, JSON_TYPE, json.dumps(payload).encode())
+
+    def _send(self, status: int, ctype: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _error(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+class AgentServer(ThreadingHTTPServer):
+    """The agent's HTTPS endpoint. TLS handshakes run in the per-connection thread,
+    with a bound, so a client that stalls its handshake blocks nobody else."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], backend: Backend, tls: TlsFiles):
+        self.backend = backend
+        self._tls = server_context(tls)
+        super().__init__(address, _Handler)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        request.settimeout(SERVER_SOCKET_TIMEOUT)
+        try:
+            tls_sock = self._tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.warning("TLS handshake from %s refused: %s", client_address[0], e)
+            return
+        try:
+            self.RequestHandlerClass(tls_sock, client_address, self)
+        finally:
+            tls_sock.close()
+
+    def start(self) -> threading.Thread:
+        """Serve in a daemon thread; `shutdown()` + `server_close()` stop it."""
+        thread = threading.Thread(target=self.serve_forever, name=f"agent-api:{self.port}",
+                                  daemon=True)
+        thread.start()
+        return thread
