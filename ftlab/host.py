@@ -33,6 +33,7 @@ BIND_MOUNTS = (("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"),
                ("cache", "/var/cache/libvirt"), ("log", "/var/log/libvirt"),
                ("etc-qemu", "/etc/libvirt/qemu"))
 SOCKET_PATH_MAX = 107
+SYSTEM_CAPS_CACHE = "/var/cache/libvirt/qemu/capabilities"
 
 
 class LabHostError(RuntimeError):
@@ -133,6 +134,7 @@ class LabHost:
         for sub, _ in BIND_MOUNTS:
             os.makedirs(self.path(sub), mode=0o755, exist_ok=True)
         os.makedirs(self.path("etc-qemu", "networks", "autostart"), exist_ok=True)
+        self._seed_capabilities()
         with open(self.path("libvirtd.conf"), "w") as f:
             # Distinct host UUIDs: libvirt refuses to treat two hosts with one UUID as peers.
             f.write(f'host_uuid = "{self.host_uuid}"\n'
@@ -167,6 +169,14 @@ class LabHost:
             f.write(str(holder.pid))
         for sub, target in BIND_MOUNTS:
             self.run(["mount", "--bind", self.path(sub), target])
+
+    def _seed_capabilities(self) -> None:
+        """Start from the system libvirtd's QEMU capability cache: probing QEMU costs each
+        new libvirtd seconds of CPU. libvirtd revalidates the cache against the binaries,
+        so a stale copy is only re-probed, never trusted."""
+        target = self.path("cache", "qemu", "capabilities")
+        if os.path.isdir(SYSTEM_CAPS_CACHE) and not os.path.isdir(target):
+            shutil.copytree(SYSTEM_CAPS_CACHE, target)
 
     def _daemon_alive(self, pidfile: str) -> bool:
         try:
