@@ -44,6 +44,7 @@ MAX_REASON = 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _RETRY_PAUSE = 0.02
+_KEEP: Any = object()  # "leave this field as it is"
 T = TypeVar("T")
 
 
@@ -128,6 +129,18 @@ def check_fencing_budget(detection_ms: int, compare_timeout_ms: int,
             "detection or raise compare_timeout")
 
 
+def _check_fields(state: str = _KEEP, reason: str = _KEEP, primary: str = _KEEP,
+                  secondary: str | None = _KEEP) -> None:
+    if state is not _KEEP and state not in PAIR_STATES:
+        raise InvalidArgument(f"state must be one of {', '.join(PAIR_STATES)}; got {state!r}")
+    if reason is not _KEEP and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+        raise InvalidArgument(f"reason must be a string of at most {MAX_REASON} characters")
+    if primary is not _KEEP:
+        _check_name("primary host", primary)
+    if secondary is not _KEEP and secondary is not None:
+        _check_name("secondary host", secondary)
+
+
 @dataclass(frozen=True)
 class PairRecord:
     """What etcd holds for one FT VM. ``mod_revision`` is etcd's, never encoded."""
@@ -150,11 +163,7 @@ class PairRecord:
             if self.secondary == self.primary:
                 raise InvalidArgument(f"VM {self.vm_id}: primary and secondary are both "
                                       f"{self.primary!r}; a pair needs two hosts")
-        if self.state not in PAIR_STATES:
-            raise InvalidArgument(f"state must be one of {', '.join(PAIR_STATES)}; "
-                                  f"got {self.state!r}")
-        if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON:
-            raise InvalidArgument(f"reason must be a string of at most {MAX_REASON} characters")
+        _check_fields(state=self.state, reason=self.reason)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -396,8 +405,6 @@ def _describe(e: Exception) -> str:
 
 # --- the arbiter ------------------------------------------------------------------------
 
-_KEEP: Any = object()
-
 
 class Arbiter:
     """Pair records, generations and live claims for FT VMs, kept in an etcd cluster.
@@ -466,6 +473,8 @@ class Arbiter:
         changes = {k: v for k, v in (("state", state), ("reason", reason),
                                      ("primary", primary), ("secondary", secondary))
                    if v is not _KEEP}
+        _check_name("vm id", vm_id)
+        _check_fields(**changes)  # before any I/O
         deadline = time.monotonic() + self._timeout(timeout)
         while True:
             left = max(0.001, deadline - time.monotonic())
