@@ -16,12 +16,15 @@ Rules both roles follow, and why:
   and disks without one get slots from the top of the bus, which libvirt fills last.
   Assignment is deterministic: the same engine XML yields the same addresses on both
   sides, which COLO needs (the migration stream carries device state by address).
+- Option values are escaped (`,` -> `,,`) in keyval options (-blockdev, -chardev,
+  -object); guest devices use QEMU's JSON syntax (see `_guest_device`).
 - NICs get `<driver name='qemu'/>` (vhost off): COLO's filters sit in QEMU's userspace
   net path (colo.md §11).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -458,31 +461,36 @@ def _quorum(quorum: str, child: str) -> list[str]:
 
 
 def _guest_device(d: _EngineDisk, bus_name: str) -> list[str]:
+    """The guest's disk device, in JSON syntax.
+
+    QEMU 7.2 creates every keyval `-device` before any JSON one, and libvirt 9.0 passes
+    its devices as JSON; a keyval scsi-hd would look for its controller before libvirt's
+    virtio-scsi exists ("Bus '...' not found"). JSON keeps command-line order, and needs
+    no comma escaping.
+    """
     ld = layout.Disk(index=d.index, image=d.image, size=0)
     if d.bus == "virtio":
-        opts: list[tuple[str, object]] = [
-            ("driver", "virtio-blk-pci"), ("drive", ld.quorum), ("id", ld.device),
-            ("bus", bus_name), ("addr", d.pci.qemu())]
+        dev: dict[str, object] = {"driver": "virtio-blk-pci", "drive": ld.quorum, "id": ld.device,
+                                  "bus": bus_name, "addr": d.pci.qemu()}
         if d.pci.multifunction:
-            opts.append(("multifunction", "on"))
+            dev["multifunction"] = True
         if d.queues:
-            opts.append(("num-queues", d.queues))
+            dev["num-queues"] = _int(d.queues, "disk queues")
         if d.iothread:
-            opts.append(("iothread", d.iothread))
+            dev["iothread"] = d.iothread
     else:
         ctrl, bus, target, unit = d.scsi
-        opts = [("driver", "scsi-hd"), ("drive", ld.quorum), ("id", ld.device),
-                ("bus", f"{ctrl}.0"), ("channel", bus), ("scsi-id", target), ("lun", unit)]
+        dev = {"driver": "scsi-hd", "drive": ld.quorum, "id": ld.device, "bus": f"{ctrl}.0",
+               "channel": bus, "scsi-id": target, "lun": unit}
     # Host-side qemu-io through the quorum needs a shared writer (DESIGN.md).
-    opts.append(("share-rw", "on"))
+    dev["share-rw"] = True
     if d.bootindex:
-        opts.append(("bootindex", d.bootindex))
+        dev["bootindex"] = _int(d.bootindex, "boot order")
     if d.serial:
-        opts.append(("serial", d.serial))
+        dev["serial"] = d.serial
     if d.error_policy in _ERROR_POLICY:
-        werror, rerror = _ERROR_POLICY[d.error_policy]
-        opts += [("werror", werror), ("rerror", rerror)]
-    return ["-device", opts[0][1] + "," + _opts(*opts[1:])]
+        dev["werror"], dev["rerror"] = _ERROR_POLICY[d.error_policy]
+    return ["-device", json.dumps(dev, separators=(",", ":"))]
 
 
 def _qmp_args(run_dir: str, root: etree._Element) -> list[str]:
