@@ -833,7 +833,7 @@ class AgentServer(ThreadingHTTPServer):
 
     def start(self) -> threading.Thread:
         """Serve in a daemon thread; `shutdown()` + `server_close()` stop it."""
-        thread = threading.Thread(target=self.serve_forever, name=f"agent-api:{self.port}",
+        thread = threading.Thread(target=self.serve_forever, args=(0.1,), name=f"agent-api:{self.port}",
                                   daemon=True)
         thread.start()
         return thread
