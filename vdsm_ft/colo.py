@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from vdsm_ft.layout import Disk, Endpoints, VmLayout
 from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError
@@ -231,8 +231,8 @@ def _add_socket(q: Qmp, chardev: str, addr: dict[str, Any], server: bool) -> Non
     q.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": data}})
 
 
-def start_colo(pri: Qmp, sec: Qmp, ep: Endpoints, checkpoint_delay_ms: int,
-               timeout: float) -> None:
+def start_colo(pri: Qmp, secondary: "SecondarySide", ep: Endpoints,
+               checkpoint_delay_ms: int, timeout: float) -> None:
     """Run the COLO migration and verify both roles."""
     pri.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True},
@@ -249,22 +249,42 @@ def start_colo(pri: Qmp, sec: Qmp, ep: Endpoints, checkpoint_delay_ms: int,
                         f"{info.get('error-desc', 'no error given')}")
     # The primary enters COLO first; the secondary follows once it has loaded the
     # first checkpoint.
-    _wait("secondary in COLO", lambda: colo_status(sec)["mode"] == "secondary", timeout,
+    _wait("secondary in COLO", lambda: secondary.mode() == "secondary", timeout,
           interval=0.02)
-    verify_protected(pri, sec)
+    mode = colo_status(pri)["mode"]
+    if mode != "primary":
+        raise VerificationFailed(f"primary left COLO right after it began (mode {mode})")
 
 
-def verify_protected(pri: Qmp, sec: Qmp) -> None:
-    modes = (colo_status(pri)["mode"], colo_status(sec)["mode"])
-    if modes != ("primary", "secondary"):
-        raise VerificationFailed(f"COLO modes are {modes}, expected (primary, secondary)")
+class SecondarySide(Protocol):
+    """The secondary as the primary's side sees it: local QMP, or the peer agent."""
+
+    def prepare(self, ep: Endpoints, checkpoint_delay_ms: int) -> None:
+        """Export the replicas and wait for the incoming migration."""
+
+    def mode(self) -> str:
+        """The secondary's `query-colo-status` mode."""
+
+
+@dataclass
+class LocalSecondary:
+    """A secondary whose QMP socket this process can reach."""
+
+    qmp: Qmp
+    layout: VmLayout
+
+    def prepare(self, ep: Endpoints, checkpoint_delay_ms: int) -> None:
+        prepare_secondary(self.qmp, self.layout, ep, checkpoint_delay_ms)
+
+    def mode(self) -> str:
+        return colo_status(self.qmp)["mode"]
 
 
 def set_checkpoint_delay(pri: Qmp, delay_ms: int) -> None:
     pri.execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
 
 
-def protect(pri: Qmp, sec: Qmp, pri_layout: VmLayout, sec_layout: VmLayout,
+def protect(pri: Qmp, pri_layout: VmLayout, secondary: SecondarySide,
             ep: Endpoints, *, before_rewriter: bool = False,
             checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
             timeouts: Timeouts = Timeouts(),
@@ -275,12 +295,11 @@ def protect(pri: Qmp, sec: Qmp, pri_layout: VmLayout, sec_layout: VmLayout,
     error is raised; the caller destroys the secondary.
     """
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("prepare-secondary", lambda: prepare_secondary(sec, sec_layout, ep,
-                                                        checkpoint_delay_ms)),
+        ("prepare-secondary", lambda: secondary.prepare(ep, checkpoint_delay_ms)),
         ("resync", lambda: resync(pri, pri_layout, ep, timeouts.resync)),
         ("attach", lambda: attach_replication(pri, pri_layout, timeouts.step)),
         ("filters", lambda: add_network_filters(pri, pri_layout, ep, before_rewriter)),
-        ("migrate", lambda: start_colo(pri, sec, ep, checkpoint_delay_ms,
+        ("migrate", lambda: start_colo(pri, secondary, ep, checkpoint_delay_ms,
                                        timeouts.migrate)),
     ]
     for name, step in steps:

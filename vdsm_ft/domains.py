@@ -34,14 +34,16 @@ def destroy(conn: libvirt.virConnect, name: str) -> bool:
     return True
 
 
-def qemu_pid(name: str) -> int | None:
+def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
     """The pid of the QEMU that libvirt runs for domain `name`, if any.
 
     libvirt names its guests `-name guest=<name>,...` (commas doubled); scanning /proc works for every
-    libvirtd on the machine, including the lab hosts' private ones.
+    libvirtd on the machine, including the lab hosts' private ones. `among` limits the
+    search to some pids (one host's, where several hosts run a domain of that name).
     """
     wanted = ("guest=" + name.replace(",", ",,") + ",").encode()
-    for entry in os.listdir("/proc"):
+    candidates = [str(p) for p in among] if among is not None else os.listdir("/proc")
+    for entry in candidates:
         if not entry.isdigit():
             continue
         try:

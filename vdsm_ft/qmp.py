@@ -59,6 +59,7 @@ class Event:
     data: dict[str, Any]
     qemu_time: float      # QEMU's own timestamp (wall clock, seconds)
     received: float       # time.monotonic() when this client read it
+    seq: int              # position in this client's event log (see `cursor`)
 
 
 EventCallback = Callable[[Event], None]
@@ -200,10 +201,10 @@ class Qmp:
     async def _read_events(self, listener: EventListener) -> None:
         async for msg in listener:
             ts = msg.get("timestamp", {})
-            event = Event(name=msg["event"], data=dict(msg.get("data", {})),
-                          qemu_time=ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6,
-                          received=time.monotonic())
             with self._cond:
+                event = Event(name=msg["event"], data=dict(msg.get("data", {})),
+                              qemu_time=ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6,
+                              received=time.monotonic(), seq=len(self._events))
                 self._events.append(event)
                 callbacks = list(self._callbacks)
                 self._cond.notify_all()
