@@ -70,6 +70,17 @@ def _qmp(sock: str, *commands: tuple[str, dict | None]) -> list:
     return asyncio.run(session())
 
 
+def _offers_oob(sock: str) -> bool:
+    async def session():
+        client = QMPClient("domxml-test")
+        await asyncio.wait_for(client.connect(sock), 10)
+        try:
+            return "oob" in client.greeting.QMP.capabilities
+        finally:
+            await client.disconnect()
+    return asyncio.run(session())
+
+
 def _wait_for(path: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -147,12 +158,13 @@ def _block_disks_allowed() -> bool:
     return no_ns and no_dev_cgroup
 
 
-def runnable_engine_xml(lab: Lab, block_disk: bool = False) -> tuple[str, str]:
+def runnable_engine_xml(lab: Lab, block_disk: bool = False,
+                        sample: str = "engine-i440fx.xml") -> tuple[str, str]:
     """The sample engine XML with host-specific parts replaced; returns (xml, vm_uuid).
 
     The sample's block-domain disk becomes a loop device if `block_disk`, else a file.
     """
-    with open(os.path.join(DATA, "engine-i440fx.xml")) as f:
+    with open(os.path.join(DATA, sample)) as f:
         xml = f.read()
     vm_uuid = str(uuid.uuid4())
     images = lab.dir("img,dir'x")
@@ -173,7 +185,7 @@ def runnable_engine_xml(lab: Lab, block_disk: bool = False) -> tuple[str, str]:
     xml = xml.replace(SAMPLE_UUID, vm_uuid)
     xml = xml.replace("<name>web01</name>", f"<name>ftdx-{vm_uuid[:8]}</name>")
     xml = xml.replace("/var/lib/libvirt/qemu/channels/", lab.dir("ch") + "/")
-    xml = xml.replace("pc-i440fx-rhel7.6.0", "pc-i440fx-7.2")
+    xml = xml.replace("pc-i440fx-rhel7.6.0", "pc-i440fx-7.2").replace("pc-q35-rhel8.6.0", "pc-q35-7.2")
     xml = re.sub(r"<memory>\d+</memory>", "<memory>131072</memory>", xml)
     xml = re.sub(r"<currentMemory>\d+</currentMemory>", "<currentMemory>131072</currentMemory>", xml)
     xml = xml.replace('memory="2097152"', 'memory="131072"')
@@ -183,6 +195,9 @@ def runnable_engine_xml(lab: Lab, block_disk: bool = False) -> tuple[str, str]:
     xml = xml.replace('<listen type="network" network="vdsm-ovirtmgmt"/>',
                       '<listen type="address" address="127.0.0.1"/>')
     xml = re.sub(r'\s*<channel name="\w+" mode="secure"/>', "", xml.replace(' tlsPort="-1"', ""))
+    # A third NIC without a user alias: libvirt names its netdev hostnet0.
+    xml = xml.replace("</devices>", '<interface type="user"><model type="virtio"/>'
+                      '<mac address="56:6f:5a:8e:00:03"/></interface></devices>', 1)
     # User networking has no multiqueue; the vhost driver must still be switched off.
     xml = xml.replace('<interface type="bridge">', '<interface type="user">')
     xml = xml.replace('<driver queues="2" name="vhost"/>', '<driver name="vhost"/>')
@@ -212,20 +227,28 @@ def _libvirt_addresses(dom: libvirt.virDomain) -> dict[str, tuple]:
     return out
 
 
-def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd):
+@pytest.mark.parametrize("sample, qemu_version", [
+    ("engine-i440fx.xml", QEMU_VERSION),
+    ("engine-i440fx-first-run.xml", QEMU_VERSION),
+    # q35 is refused for COLO on 7.2; posing as 11.0 shows libvirt accepts and starts the
+    # q35 variant (COLO itself with q35 cannot run here).
+    ("engine-q35.xml", (11, 0, 0)),
+])
+def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qemu_version):
     conn = libvirt.open(libvirtd.uri)
-    engine_xml, vm_uuid = runnable_engine_xml(lab)
+    engine_xml, vm_uuid = runnable_engine_xml(lab, sample=sample)
     assert domxml.parse_ft_value(domxml.ft_property(engine_xml)) is True
 
     # --- primary: running under KVM, its quorums on the private QMP socket
     prun = lab.dir("run,p'1")
-    primary = lab.start(conn, domxml.primary_xml(engine_xml, prun, QEMU_VERSION))
+    primary = lab.start(conn, domxml.primary_xml(engine_xml, prun, qemu_version))
     vm = domxml.layout_from_domxml(engine_xml, prun)
     _wait_for(vm.qmp_socket)
     state, _ = primary.state()
     assert state == libvirt.VIR_DOMAIN_RUNNING
     (status,) = _qmp(vm.qmp_socket, ("query-status", None))
     assert status["status"] == "running"
+    assert _offers_oob(vm.qmp_socket)        # yank must work on this monitor (D5)
     nodes = _block_nodes(vm.qmp_socket)
     for d in vm.disks:
         assert nodes[d.quorum]["drv"] == "quorum"
@@ -237,6 +260,9 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd):
     assert f"{vm.disks[2].device}" in qdevs
     # libvirt derives the netdev ids layout_from_domxml predicts.
     cmd = " ".join(_cmdline(primary))
+    assert [n.netdev for n in vm.nics] == ["hostua-7d7b11a5-ccd5-4528-9273-4b9d328e61e8",
+                                           "hostua-8e8c22b6-dde6-4639-a384-5cae439f72f9",
+                                           "hostnet0"]
     for nic in vm.nics:
         assert f'"id":"{nic.netdev}"' in cmd
     # The libvirt disk is gone (no second opener); the CD-ROM stays a libvirt device.
@@ -256,8 +282,8 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd):
                                  active=lab.image(f"{overlays}/active{d.index}.qcow2", "qcow2")))
     endpoints = layout.Endpoints(primary_host="127.0.0.1", secondary_host="127.0.0.1",
                                  migration_port=0, nbd_port=0,
-                                 mirror_ports=(1, 3), compare_ports=(2, 4))
-    sxml = domxml.secondary_xml(engine_xml, srun, disks, endpoints, 1, QEMU_VERSION)
+                                 mirror_ports=(1, 3, 5), compare_ports=(2, 4, 6))
+    sxml = domxml.secondary_xml(engine_xml, srun, disks, endpoints, 1, qemu_version)
     secondary = lab.start(conn, sxml)
     ssock = os.path.join(srun, "qmp.sock")
     _wait_for(ssock)
@@ -283,7 +309,9 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd):
         assert snodes[d.parent]["file"] == d.image
 
     # --- both sides: identical guest-visible PCI layout and libvirt addresses
-    assert _pci(vm.qmp_socket) == _pci(ssock)
+    ppci = _pci(vm.qmp_socket)
+    assert ppci == _pci(ssock)
+    assert {d.device for d in vm.disks if d.index < 2} <= {p[-1] for p in ppci}
     paddr, saddr = _libvirt_addresses(primary), _libvirt_addresses(secondary)
     assert paddr == saddr and len(paddr) >= 8
 
