@@ -401,11 +401,12 @@ def install_disk(cached: str, dest: str, owner: str = QEMU_USER) -> str:
 def read_counter(image: str, fmt: str = "qcow2") -> int:
     """The counter as stored on a guest disk that no QEMU holds open."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "sector")
-        _run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", "count=1",
-              f"skip={COUNTER_START}", f"if={image}", f"of={out}"])
+        out = os.path.join(tmp, "disk.raw")
+        # A raw copy, not `qemu-img dd`: its count= also counts the skipped blocks.
+        _run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, out])
         with open(out, "rb") as f:
-            text = f.read().rstrip(b"\0").decode(errors="replace")
+            f.seek(COUNTER_START * SECTOR)
+            text = f.read(SECTOR).rstrip(b"\0").decode(errors="replace")
     match = re.match(rf"{COUNTER_MAGIC} (\d+)\n", text)
     return int(match.group(1)) if match else 0
 
