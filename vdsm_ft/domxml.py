@@ -20,6 +20,12 @@ Rules both roles follow, and why:
   -object); guest devices use QEMU's JSON syntax (see `_guest_device`).
 - NICs get `<driver name='qemu'/>` (vhost off): COLO's filters sit in QEMU's userspace
   net path (colo.md §11).
+
+Host requirements that follow (libvirt relabels and exposes only what its XML names):
+files and directories named here must be usable by the QEMU user, and block-domain disks
+(host_device nodes) open only where qemu.conf has `namespaces = []` and a
+`cgroup_controllers` list without "devices" (seen on libvirt 9.0; see
+tests/integration/test_domxml_libvirt.py).
 """
 from __future__ import annotations
 
@@ -429,16 +435,12 @@ def _assign_addresses(root: etree._Element, disks: list[etree._Element]) -> dict
 
 # ------------------------------------------------------------------- role building
 
-def _block_driver(image: str, block: bool) -> str:
-    return "host_device" if block else "file"
-
-
 def _format_nodes(node: str, image: str, fmt: str, block: bool, d: _EngineDisk | None,
                   backing: str | None = None) -> list[str]:
     """A protocol node plus a format node named `node`."""
     file_node = f"{node}-file"
     cache = d.cache_direct if d is not None else False
-    proto = [("driver", _block_driver(image, block)), ("filename", image),
+    proto = [("driver", "host_device" if block else "file"), ("filename", image),
              ("node-name", file_node)]
     if cache:
         proto.append(("cache.direct", "on"))
@@ -575,7 +577,8 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
 
     `engine_xml` must be the same engine XML the primary was made from: device addresses
     are derived from it, and both sides must match. `disks` are the local replicas with
-    their overlays, by index as `layout_from_domxml` numbers them.
+    their overlays (qcow2, created by the caller with the replica's size), by index as
+    `layout_from_domxml` numbers them; a replica under /dev/ is opened as a block device.
     """
     root, edisks, nics = _prepare(engine_xml, qemu_version)
     if len(disks) != len(edisks):
