@@ -1,11 +1,16 @@
 """The arbiter against a REAL 3-member etcd 3.4 cluster (ftlab.etcd)."""
+import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import pytest
 
+from ftlab.etcd import EtcdCluster, MemberSpec
 from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterUnavailable, LeaderLease,
                              NoSuchPair, NotAPairMember, PairConflict, StaleGeneration)
 
@@ -353,3 +358,96 @@ def test_leader_lease_refresh_keeps_and_expiry_hands_over(arbiter):
     assert one.refresh() is False
     assert two.is_leader
     two.release()
+
+
+# --- members in network namespaces, as in the lab: a real partition ---------------------
+
+SUBNET = "10.213.77"
+
+
+def _ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def three_netns_hosts():
+    """Three network namespaces on a bridge, one etcd member each; yields (cluster, links)."""
+    tag = f"{os.getpid() % 100000}"
+    bridge, names = f"fab{tag}", [f"fab{tag}n{i}" for i in range(3)]
+    links = [f"fab{tag}h{i}" for i in range(3)]
+    made = []
+    cluster = None
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        made.append(("link", bridge))
+        _ip("addr", "add", f"{SUBNET}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for i, (ns, link) in enumerate(zip(names, links)):
+            _ip("netns", "add", ns)
+            made.append(("netns", ns))
+            _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            made.append(("link", link))
+            _ip("link", "set", link, "master", bridge, "up")
+            _ip("-n", ns, "addr", "add", f"{SUBNET}.{11 + i}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        cluster = EtcdCluster([MemberSpec(host=f"{SUBNET}.{11 + i}", netns=ns)
+                               for i, ns in enumerate(names)]).start()
+        yield cluster, names, links
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        for kind, name in reversed(made):
+            subprocess.run(["ip", kind, "del", name], capture_output=True, timeout=10)
+
+
+CLAIM_IN_NETNS = """
+import json, sys, time
+from vdsm_ft.arbiter import Arbiter, ArbiterError
+endpoints, vm, g, host = json.loads(sys.argv[1])
+a = Arbiter(endpoints)
+t0 = time.monotonic()
+try:
+    out = {"won": a.claim_live(vm, g, host)}
+except ArbiterError as e:
+    out = {"error": type(e).__name__}
+out["elapsed"] = time.monotonic() - t0
+print(json.dumps(out))
+"""
+
+
+def _claim_from(ns, endpoints, vm, g, host):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLAIM_IN_NETNS,
+                           json.dumps([endpoints, vm, g, host])],
+                          capture_output=True, text=True, timeout=60, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_partitioned_side_fails_within_the_bound_and_the_other_wins(three_netns_hosts):
+    cluster, names, links = three_netns_hosts
+    eps = cluster.endpoints
+    a = Arbiter(eps)  # the root namespace reaches every member through the bridge
+    vm = new_vm()
+    g = a.begin_generation(vm, "hostA", "hostB")
+    # Host A (namespace 0) loses its link: its own etcd member is now a minority of one.
+    _ip("link", "set", links[0], "down")
+    try:
+        cut_off = _claim_from(names[0], eps, vm, g, "hostA")
+        assert cut_off["error"] == "ArbiterUnavailable", cut_off
+        assert cut_off["elapsed"] <= ARBITER_BOUND_S + SLACK, cut_off
+        print(f"partitioned side: ArbiterUnavailable after {cut_off['elapsed'] * 1000:.0f} ms")
+        assert _claim_from(names[1], eps, vm, g, "hostB") == \
+            {"won": True, "elapsed": pytest.approx(0, abs=ARBITER_BOUND_S)}
+    finally:
+        _ip("link", "set", links[0], "up")
+    # Healed: A's member catches up and A learns it lost.
+    deadline = time.monotonic() + 20
+    while True:
+        answer = _claim_from(names[0], eps, vm, g, "hostA")
+        if "won" in answer or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert answer["won"] is False, answer
+    assert a.live_holder(vm, g) == "hostB"
