@@ -202,7 +202,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /run /tmp
-for m in $(cat /etc/modules.order); do insmod /lib/modules/$m || echo "ftlab: insmod $m failed"; done
+for m in $(cat /etc/modules.order); do
+  insmod /lib/modules/$m || echo "ftlab: insmod $m failed"
+done
 ip=; gw=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in ftlab.ip=*) ip=${arg#ftlab.ip=};; ftlab.gw=*) gw=${arg#ftlab.gw=};; esac
@@ -440,6 +442,11 @@ class EngineVm:
     custom: tuple[tuple[str, str], ...] = (("ft", "true"),)
 
 
+def _derived_alias(vm_id: str, device: str) -> str:
+    """A stable `ua-<uuid>` for devices the engine creates without asking the caller."""
+    return f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, f'{vm_id}/{device}')}"
+
+
 def engine_domain_xml(vm: EngineVm) -> str:
     """The domain XML the engine's LibvirtVmXmlBuilder would send for `vm`: ovirt-vm
     metadata with custom properties, `ua-<uuid>` aliases, a virtio disk of type file,
@@ -492,10 +499,10 @@ def engine_domain_xml(vm: EngineVm) -> str:
         ET.SubElement(serial, "target", {"port": "0"})
     balloon = ET.SubElement(devices, "memballoon", {"model": "virtio"})
     ET.SubElement(balloon, "stats", {"period": "5"})
-    ET.SubElement(balloon, "alias", {"name": f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, vm.vm_id + '/balloon')}"})
+    ET.SubElement(balloon, "alias", {"name": _derived_alias(vm.vm_id, "balloon")})
     rng = ET.SubElement(devices, "rng", {"model": "virtio"})
     ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
-    ET.SubElement(rng, "alias", {"name": f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, vm.vm_id + '/rng')}"})
+    ET.SubElement(rng, "alias", {"name": _derived_alias(vm.vm_id, "rng")})
     meta = ET.SubElement(dom, "metadata")
     ET.SubElement(meta, f"{{{OVIRT_TUNE_NS}}}qos")
     ovm = ET.SubElement(meta, f"{{{OVIRT_VM_NS}}}vm")

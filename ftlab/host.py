@@ -11,7 +11,8 @@ directories, so several libvirtds share one machine without seeing each other:
     log/      -> /var/log/libvirt
     etc-qemu/ -> /etc/libvirt/qemu   (no shared persistent domains or autostarted networks)
 
-From the root namespace the host's libvirtd is `LabHost.uri`. `crash()` SIGKILLs every
+Hosts join a *wire* (`ftlab.netns`): the lab's default one, or a private one so tests can
+run beside a lab. From the root namespace the host's libvirtd is `LabHost.uri`. `crash()` SIGKILLs every
 process of the host (everything in its network namespace); `down()` also removes the
 namespace and the host's directory.
 """
