@@ -137,31 +137,38 @@ class EngineState:
         self._event_index = itertools.count(1)
         self.actions: List[ObservedAction] = []
         self._lease_restart_at: Dict[str, float] = {}
+        self._memory_dirty = False
+        self._vm_names: Dict[str, str] = {}     # name -> id; VM names are unique
         # Bumped on every change that a list cache depends on (VM set, host set).
         self.generation = 0
 
     # ----- lookups -------------------------------------------------------------------------
 
-    def _find(self, table: Dict[str, model.Record], key: str, kind: str) -> model.Record:
+    @staticmethod
+    def _find(table: Dict[str, model.Record], key: str) -> model.Record:
+        """By id, else by name (the engine's REST accepts either in references)."""
         rec = table.get(key)
         if rec is not None:
             return rec
         for rec in table.values():
             if rec.name == key:
                 return rec
-        raise NotFound(key if kind == "" else key)
+        raise NotFound(key)
 
     def cluster(self, key: str) -> Cluster:
-        return self._find(self.clusters, key, "cluster")  # type: ignore[return-value]
+        return self._find(self.clusters, key)  # type: ignore[return-value]
 
     def host(self, key: str) -> Host:
-        return self._find(self.hosts, key, "host")  # type: ignore[return-value]
+        return self._find(self.hosts, key)  # type: ignore[return-value]
 
     def vm(self, key: str) -> Vm:
-        return self._find(self.vms, key, "vm")  # type: ignore[return-value]
+        vm = self.vms.get(key) or self.vms.get(self._vm_names.get(key, ""))
+        if vm is None:
+            raise NotFound(key)
+        return vm
 
     def tag(self, key: str) -> Tag:
-        return self._find(self.tags, key, "tag")  # type: ignore[return-value]
+        return self._find(self.tags, key)  # type: ignore[return-value]
 
     def _changed(self, *records: model.Record) -> None:
         for r in records:
@@ -203,14 +210,15 @@ class EngineState:
                status: str = "down", host: Optional[str] = None, tags: Iterable[str] = (),
                vm_id: Optional[str] = None, origin: str = "ovirt") -> Vm:
         with self.lock:
-            if any(v.name == name for v in self.vms.values()):
-                raise Conflict("Cannot add VM. The given name is already in use.")
+            if name in self._vm_names:
+                raise Conflict("[Cannot add VM. The given name is already in use.]")
             v = Vm(id=vm_id or _new_id(), name=name, cluster_id=self.cluster(cluster).id,
                    memory=memory, cpus=cpus, custom_properties=dict(custom_properties or {}),
                    ha_enabled=ha, ha_priority=ha_priority,
                    lease_storage_domain=lease_storage_domain, origin=origin,
                    tags={self.tag(t).id for t in tags})
             self.vms[v.id] = v
+            self._vm_names[v.name] = v.id
             if host is not None:
                 h = self.host(host)
                 v.host_id, v.status = h.id, status if status != "down" else "up"
@@ -234,14 +242,23 @@ class EngineState:
     # ----- memory accounting ---------------------------------------------------------------
 
     def _recompute_memory(self) -> None:
-        committed: Dict[str, int] = {h: 0 for h in self.hosts}
+        # Lazy: a full scan per change would make building a 10,000-VM lab quadratic.
+        self._memory_dirty = True
+
+    def refresh_memory(self) -> None:
+        """Bring every host's committed memory up to date (call under the lock)."""
+        if not self._memory_dirty:
+            return
+        self._memory_dirty = False
+        committed: Dict[str, Tuple[int, int]] = {h: (0, 0) for h in self.hosts}
         for v in self.vms.values():
             if v.host_id in committed and v.status in model.VM_RUNNING_STATUSES:
-                committed[v.host_id] += v.memory
-        for hid, mem in committed.items():
+                mem, n = committed[v.host_id]
+                committed[v.host_id] = (mem + v.memory, n + 1)
+        for hid, (mem, n) in committed.items():
             h = self.hosts[hid]
-            if h.committed_memory != mem:
-                h.committed_memory = mem
+            if (h.committed_memory, h.running_vms) != (mem, n):
+                h.committed_memory, h.running_vms = mem, n
                 h.touch()
 
     # ----- events --------------------------------------------------------------------------
@@ -333,6 +350,7 @@ class EngineState:
         return self._affinity_violation(vm, host)
 
     def _schedule(self, vm: Vm, candidates: Sequence[Host]) -> Host:
+        self.refresh_memory()
         reasons = []
         best: Optional[Host] = None
         for h in candidates:
@@ -461,8 +479,10 @@ class EngineState:
         with self.lock:
             vm = self.vm(vm_key)
             if "name" in changes and changes["name"] != vm.name:
-                if any(v.name == changes["name"] for v in self.vms.values()):
+                if changes["name"] in self._vm_names:
                     raise Conflict("[Cannot edit VM. The given name is already in use.]")
+                del self._vm_names[vm.name]
+                self._vm_names[str(changes["name"])] = vm.id
             for k, v in changes.items():
                 if k == "custom_properties":
                     vm.custom_properties = dict(v)  # type: ignore[arg-type]
@@ -483,6 +503,7 @@ class EngineState:
             if vm.status != "down":
                 raise Conflict("[Cannot remove VM. VM is running.]")
             del self.vms[vm.id]
+            self._vm_names.pop(vm.name, None)
             for g in self.affinity_groups.values():
                 if vm.id in g.vm_ids:
                     g.vm_ids.remove(vm.id)
@@ -686,6 +707,7 @@ class EngineState:
                 start_time=time.time())
         vm.run_custom_properties = {}
         self.vms[vm.id] = vm
+        self._vm_names[vm.name] = vm.id
         self._changed(vm)
 
     def _reported_on_other_host(self, vm: Vm, h: Host, r: VmReport,
@@ -754,7 +776,7 @@ class EngineState:
 
     def affinity_group(self, cluster_key: str, key: str) -> AffinityGroup:
         c = self.cluster(cluster_key)
-        g = self._find(self.affinity_groups, key, "affinity group")
+        g = self._find(self.affinity_groups, key)
         if g.cluster_id != c.id:  # type: ignore[attr-defined]
             raise NotFound(key)
         return g  # type: ignore[return-value]

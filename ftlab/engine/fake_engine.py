@@ -151,6 +151,7 @@ class FakeEngine:
 
     def host(self, key: str) -> Host:
         with self.state.lock:
+            self.state.refresh_memory()
             return self.state.host(key)
 
     def vms(self) -> List[Vm]:

@@ -15,6 +15,7 @@ import logging
 import secrets
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,14 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     front: "EngineHttpServer"
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
+            # A client that gave up (timeout, outage cut): not the server's fault.
+            log.debug("connection from %s ended abruptly: %s", client_address, exc)
+        else:
+            log.exception("fake engine: request from %s failed", client_address)
 
     def finish_request(self, request, client_address) -> None:
         # TLS handshake in the connection's own thread, so one slow client cannot stall

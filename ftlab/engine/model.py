@@ -58,6 +58,7 @@ class Host(Record):
     unreachable_since: Optional[float] = None
     # Committed memory is recomputed by the state; stored so rendering needs no scan.
     committed_memory: int = 0
+    running_vms: int = 0
 
     @property
     def max_scheduling_memory(self) -> int:

@@ -67,9 +67,7 @@ def vm_type(st: EngineState, vm: model.Vm, follow: Sequence[str] = ()) -> types.
 
 
 def host_type(st: EngineState, h: model.Host, follow: Sequence[str] = ()) -> types.Host:
-    running = sum(1 for v in st.vms.values()
-                  if v.host_id == h.id and v.status in model.VM_RUNNING_STATUSES) \
-        if st is not None else None
+    running = h.running_vms
     obj = types.Host(
         id=h.id, name=h.name, address=h.address, status=types.HostStatus(h.status),
         memory=h.memory, max_scheduling_memory=h.max_scheduling_memory,

@@ -5,6 +5,7 @@ and its tests use exist; any other path is a 404 like an unknown entity.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -16,6 +17,7 @@ from .engine_state import SEVERITIES, EngineState
 from .errors import BadRequest, EngineFault, IncompleteParameters, NotFound
 from .model import AffinityRule
 
+log = logging.getLogger(__name__)
 XML = "application/xml"
 _CALLS_HOSTS = frozenset({"POST vms/{id}/start", "POST vms/{id}/stop", "POST vms/{id}/shutdown",
                           "POST hosts/{id}/fence"})
@@ -100,6 +102,9 @@ class RestApi:
             return Response(e.status, render.fault(e.reason, e.detail))
         except search.SearchError as e:
             return Response(400, render.fault("Operation Failed", "[Invalid search query: %s]" % e))
+        except Exception as e:  # a fake-engine bug: answer like the engine does, and say so
+            log.exception("fake engine failed on %s /%s", method, "/".join(parts))
+            return Response(500, render.fault("Operation Failed", "%s: %s" % (type(e).__name__, e)))
 
     def _build_routes(self) -> Dict[str, Callable]:
         return {
@@ -310,6 +315,7 @@ class RestApi:
 
     def _hosts_list(self, parts, query, body) -> Response:
         st = self.st
+        st.refresh_memory()
         pred = search.matcher(search.parse(query.get("search", "")), self._host_fields(),
                               self._case(query))
         limit, follow = self._max(query), self._follow(query)
@@ -323,6 +329,7 @@ class RestApi:
         return Response(200, render.collection("hosts", pieces))
 
     def _host(self, ident: str) -> model.Host:
+        self.st.refresh_memory()
         h = self.st.hosts.get(ident)
         if h is None:
             raise NotFound(ident)
@@ -446,6 +453,7 @@ class RestApi:
         return Response(200, b"")
 
     def _ag_members(self, parts, query, body) -> Response:
+        self.st.refresh_memory()
         g = self.st.affinity_group(parts[1], parts[3])
         if parts[4] == "vms":
             return Response(200, render.collection("vms", [
