@@ -346,8 +346,7 @@ class RestApi:
         action: types.Action = _read(body, types.Action)
         if not action.fence_type:
             raise_incomplete("Action", ["fenceType"], action)
-        h = self._host(parts[1])
-        power = self.st.fence(h.id, action.fence_type)
+        power = self.st.fence(parts[1], action.fence_type)
         if power:
             return self._action(power_management=types.PowerManagement(
                 status=types.PowerManagementStatus(power)))
