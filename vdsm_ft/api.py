@@ -813,6 +813,8 @@ class AgentServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], backend: Backend, tls: TlsFiles):
         self.backend = backend
         self._tls = server_context(tls)
+        self._open: set[ssl.SSLSocket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     @property
@@ -826,14 +828,28 @@ class AgentServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError) as e:
             log.warning("TLS handshake from %s refused: %s", client_address[0], e)
             return
+        with self._open_lock:
+            self._open.add(tls_sock)
         try:
             self.RequestHandlerClass(tls_sock, client_address, self)
         finally:
+            with self._open_lock:
+                self._open.discard(tls_sock)
             tls_sock.close()
+
+    def server_close(self) -> None:
+        """Stop listening and cut kept-alive connections, so a stopped agent is silent."""
+        super().server_close()
+        with self._open_lock:
+            for s in list(self._open):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def start(self) -> threading.Thread:
         """Serve in a daemon thread; `shutdown()` + `server_close()` stop it."""
-        thread = threading.Thread(target=self.serve_forever, args=(0.1,), name=f"agent-api:{self.port}",
-                                  daemon=True)
+        thread = threading.Thread(target=self.serve_forever, args=(0.1,),
+                                  name=f"agent-api:{self.port}", daemon=True)
         thread.start()
         return thread

@@ -1,0 +1,279 @@
+"""The poller against the fake engine through the REAL ovirtsdk4 over HTTPS.
+
+The host agents here are the agent's real protocol (`vdsm_ft.api` over mutual TLS) with
+a scripted backend that records calls and reports the statuses the test sets
+(tests/integration/scripted_agents.py): the real agent does not exist yet (issue 4) and
+replaces that backend when it lands.
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from engine_plugin import config
+from engine_plugin.agents import Agents
+from engine_plugin.engine import Engine
+from engine_plugin.events import ORIGIN
+from engine_plugin.poller import Poller
+from ftlab.engine.fake_engine import FakeEngine
+from ftlab.engine.model import GiB, Hook
+from tests.integration.scripted_agents import AgentFleet, primary_status
+from vdsm_ft.api import Failover, Role, VmState, VmStatus
+
+USER, PASSWORD = "ft-poller@internal", "s3cret-poller"
+FT_HOOK = [Hook("before_vm_start", "50_vdsm_ft", "0" * 32)]
+HOSTS = ["h1", "h2", "h3", "h4"]
+
+
+class Lab:
+    def __init__(self, tmp_path, engine: FakeEngine, fleet: AgentFleet):
+        self.tmp_path, self.engine, self.fleet = tmp_path, engine, fleet
+        info = engine.info
+        self.conf_path = tmp_path / "poller.conf"
+        config.write(str(self.conf_path), {
+            "engine": {"url": info.url, "username": USER, "password": PASSWORD,
+                       "ca_file": info.ca_file, "timeout": 2},
+            "agents": {"port": fleet.port, "cert": fleet.poller_tls.cert,
+                       "key": fleet.poller_tls.key, "ca": fleet.poller_tls.ca, "timeout": 1},
+            "poller": {"interval": 0.2},
+        })
+        self.settings = config.load(str(self.conf_path), env={})
+
+    def poller(self, lease=None) -> Poller:
+        s = self.settings
+        return Poller(s, Engine(s.engine, s.poller.hook_name), Agents(s.agents), lease)
+
+    def our_events(self):
+        return [e for e in self.engine.events() if e.origin == ORIGIN]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    engine = FakeEngine(users={USER: PASSWORD})
+    engine.start()
+    fleet = AgentFleet(tmp_path / "pki", HOSTS)
+    for h in HOSTS:
+        # h2 lacks the FT hook; h4 has less schedulable memory than h3 but enough.
+        host = engine.add_host(h, address=fleet.addresses[h],
+                               memory=(48 if h == "h4" else 64) * GiB,
+                               hooks=[] if h == "h2" else FT_HOOK)
+        fleet.backends[h].host_id = host.id     # agents report the engine's host ids
+    try:
+        yield Lab(tmp_path, engine, fleet)
+    finally:
+        fleet.stop()
+        engine.stop()
+
+
+def _ft_vm(lab: Lab, name="web", host="h1", memory=4 * GiB, cpus=2, **kw):
+    vm = lab.engine.add_vm(name, memory=memory, cpus=cpus,
+                           custom_properties={"ft": "true", "other": "kept"}, host=host, **kw)
+    lab.fleet.backends[host].set_vm(primary_status(vm.id, name, lab.engine.host(host).id))
+    return vm
+
+
+def _cycle_until(poller, done, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        res = poller.cycle()
+        if done():
+            return res
+        assert time.monotonic() < deadline, f"not done after {timeout} s: {res}"
+        time.sleep(0.2)
+
+
+def _host_id(lab, name):
+    return lab.engine.host(name).id
+
+
+def test_up_ft_vm_is_protected_onto_a_valid_peer_once(lab):
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+
+    res = poller.cycle()
+    assert res.engine_ok and res.failures == [], res.failures
+    calls = lab.fleet.backends["h1"].calls_named("protect")
+    assert len(calls) == 1
+    _, vm_id, peer = calls[0]
+    # h1 runs the primary, h2 has no hook; h3 and h4 both qualify, h3 has more memory.
+    assert vm_id == vm.id and peer.host_id == _host_id(lab, "h3")
+    assert (peer.agent_address, peer.agent_port) == (lab.fleet.addresses["h3"], lab.fleet.port)
+    assert peer.replication_address == lab.fleet.backends["h3"].replication_address
+    assert res.reasons["web"] == "protecting onto h3"
+
+    # Level-triggered and idempotent: the agent now reports Syncing, nothing is re-sent.
+    poller.cycle()
+    assert len(lab.fleet.backends["h1"].calls_named("protect")) == 1
+
+    b1 = lab.fleet.backends["h1"]
+    b1.set_vm(primary_status(vm.id, "web", _host_id(lab, "h1"), VmState.PROTECTED,
+                             secondary_host=_host_id(lab, "h3"), generation=1))
+    res = poller.cycle()
+    protected = [e for e in lab.our_events() if "is protected by FT" in e.description]
+    assert len(protected) == 1 and protected[0].vm_id == vm.id
+    assert "secondary on h3" in protected[0].description
+    poller.cycle()
+    assert len([e for e in lab.our_events() if "is protected" in e.description]) == 1
+
+
+def test_no_qualifying_host_posts_one_refusal_event(lab):
+    vm = _ft_vm(lab, memory=40 * GiB)       # 2x = 80 GiB: no host has that much
+    poller = lab.poller()
+    for _ in range(3):
+        res = poller.cycle()
+        assert res.engine_ok
+    assert lab.fleet.backends["h1"].calls_named("protect") == []
+    refusals = [e for e in lab.our_events() if e.description.startswith("FT cannot protect")]
+    assert len(refusals) == 1 and refusals[0].vm_id == vm.id
+    text = refusals[0].description
+    assert "h1: runs the primary" in text and "h2: FT hook not installed" in text
+    assert "h3: needs 80.0 GiB schedulable memory" in text
+
+
+def test_ha_vm_with_ft_is_flagged_not_protected(lab):
+    _ft_vm(lab, name="hadb", ha=True)
+    res = lab.poller().cycle()
+    assert lab.fleet.backends["h1"].calls_named("protect") == []
+    assert "refused" in res.reasons["hadb"]
+    [ev] = [e for e in lab.our_events() if "high availability" in e.description]
+    assert ev.severity == "error"
+
+
+def test_failover_is_reprotected_onto_a_third_host_with_no_human_step(lab):
+    h1, h3, h4 = (_host_id(lab, h) for h in ("h1", "h3", "h4"))
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+    poller.cycle()
+    b1, b3, b4 = (lab.fleet.backends[h] for h in ("h1", "h3", "h4"))
+    b1.set_vm(primary_status(vm.id, "web", h1, VmState.PROTECTED, secondary_host=h3,
+                             generation=1))
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.PROTECTED, role=Role.SECONDARY,
+                       primary_host=h1, secondary_host=h3, generation=1))
+    poller.cycle()
+
+    # Host h1 dies: its agent is silent, the engine goes Connecting -> NonResponsive and
+    # shows the VM Unknown; the survivor on h3 took over and won generation 1's claim.
+    lab.fleet.kill("h1")
+    lab.engine.kill_host("h1")
+    lab.engine.wait_host_status("h1", "non_responsive", timeout=10)
+    assert lab.engine.vm("web").status == "unknown"
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.NEED_SECONDARY,
+                       role=Role.PRIMARY, primary_host=h3, generation=1, failovers=1,
+                       last_failover=Failover(at=1.0, from_host=h1, to_host=h3,
+                                              duration_ms=21, old_primary_cannot_run=True)))
+    res = poller.cycle()
+    assert res.engine_ok, res.failures
+    calls = b3.calls_named("protect")
+    assert len(calls) == 1 and calls[0][2].host_id == h4     # h1 dead, h2 no hook, h3 primary
+    assert res.reasons["web"] == "re-protecting onto h4"
+    fences = [a for a in lab.engine.actions() if a.kind == "fence"]
+    assert [(a.host_id, a.detail) for a in fences] == [(h1, "manual")]
+    assert lab.engine.vm("web").status == "down"             # confirmed, not restarted
+    texts = [e.description for e in lab.our_events()]
+    assert any("continues on host h3 as external-web-ft-secondary" in t for t in texts)
+    assert any("re-protected on host h4" in t for t in texts)
+    assert any("Confirming host h1 as rebooted" in t for t in texts)
+
+    # The survivor protects onto h4; once Protected, one more event, no more actions.
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.PROTECTED, role=Role.PRIMARY,
+                       primary_host=h3, secondary_host=h4, generation=2, failovers=1))
+    # The engine's flood window (1 s for one severity and VM) holds the event back a cycle.
+    res = _cycle_until(poller, lambda: any(
+        "protected again by FT: primary on h3, secondary on h4" in e.description
+        for e in lab.our_events()))
+    assert res.actions == []
+    assert len(b3.calls_named("protect")) == 1 and b4.calls == []
+    ids = [e.custom_id for e in lab.our_events()]
+    assert len(ids) == len(set(ids))
+
+
+def test_fence_is_withheld_without_the_arbiters_proof(lab):
+    h1, h3 = _host_id(lab, "h1"), _host_id(lab, "h3")
+    vm = _ft_vm(lab)
+    lab.fleet.kill("h1")
+    lab.engine.kill_host("h1")
+    lab.engine.wait_host_status("h1", "non_responsive", timeout=10)
+    lab.fleet.backends["h3"].set_vm(VmStatus(
+        vm_id=vm.id, name="web", state=VmState.NEED_SECONDARY, role=Role.PRIMARY,
+        primary_host=h3, generation=1, failovers=1,
+        last_failover=Failover(at=1.0, from_host=h1, to_host=h3, duration_ms=21,
+                               old_primary_cannot_run=False)))
+    lab.poller().cycle()
+    assert [a for a in lab.engine.actions() if a.kind == "fence"] == []
+    assert lab.engine.vm("web").status == "unknown"
+
+
+def test_engine_outage_mid_cycle_recovers_without_duplicates(lab):
+    vm = _ft_vm(lab)
+    _ft_vm(lab, name="hadb", host="h4", ha=True)    # gives the cycle an event to post
+    poller = lab.poller()
+    b1 = lab.fleet.backends["h1"]
+
+    def outage_during_protect(name, *args):
+        if name == "protect":
+            lab.engine.set_outage(True)      # after the inventory, before the events
+    b1.on_call = outage_during_protect
+    res = poller.cycle()
+    assert len(b1.calls_named("protect")) == 1
+    assert not res.engine_ok and "unreachable" in " ".join(res.failures)
+    b1.on_call = None
+    # Still down: the cycle fails fast, backs off, does nothing.
+    res = poller.cycle()
+    assert not res.engine_ok and poller.delay() > lab.settings.poller.interval
+    lab.engine.set_outage(False)
+    b1.set_vm(primary_status(vm.id, "web", _host_id(lab, "h1"), VmState.PROTECTED,
+                             secondary_host=_host_id(lab, "h3"), generation=1))
+    res = poller.cycle()
+    assert res.engine_ok and poller.delay() == lab.settings.poller.interval
+    assert len(b1.calls_named("protect")) == 1
+    assert len([e for e in lab.our_events() if "hadb" in e.description]) == 1
+
+    # An event whose answer is lost (the engine is slower than our timeout) is stored by
+    # the engine; re-posting it next cycle hits the same custom_id and counts as done.
+    lab.fleet.backends["h1"].set_vm(primary_status(
+        vm.id, "web", _host_id(lab, "h1"), VmState.NOT_PROTECTED,
+        reason="secondary disk directory full", generation=1))
+    lab.engine.set_delay(3.0, "events", "POST")
+    res = poller.cycle()
+    assert not res.engine_ok and "curl error 28" in " ".join(res.failures)
+    lab.engine.set_delay(0, "events", "POST")
+    deadline = time.monotonic() + 5
+    while not any("disk directory full" in e.description for e in lab.our_events()):
+        assert time.monotonic() < deadline, "the delayed event never reached the engine"
+        time.sleep(0.1)
+    time.sleep(1.3)                  # past the engine's flood window for this VM
+    res = poller.cycle()
+    assert res.engine_ok and res.failures == [] and res.events_posted == []
+    ids = collections.Counter(e.custom_id for e in lab.our_events())
+    assert ids and max(ids.values()) == 1
+    full = [e for e in lab.our_events() if "disk directory full" in e.description]
+    assert len(full) == 1
+
+    # A restarted poller re-derives the same facts and posts nothing new.
+    before = len(lab.our_events())
+    lab.poller().cycle()
+    assert len(lab.our_events()) == before
+
+
+def test_only_one_of_two_pollers_acts(lab, etcd_cluster):
+    from vdsm_ft.arbiter import Arbiter, LeaderLease
+    _ft_vm(lab)
+    _ft_vm(lab, name="db", host="h3", memory=2 * GiB, cpus=1)
+    leases = [LeaderLease(Arbiter(etcd_cluster.endpoints), "ovirt-ft-poller-test", f"p{i}",
+                          ttl=2) for i in (1, 2)]
+    p1, p2 = lab.poller(leases[0]), lab.poller(leases[1])
+    r1, r2 = p1.cycle(), p2.cycle()
+    assert (r1.leader, r2.leader) == (True, False)
+    assert r2.actions == [] and len(r1.actions) == 2
+    for _ in range(3):
+        assert p2.cycle().leader is False
+        assert p1.cycle().leader is True
+    protects = sum(len(b.calls_named("protect")) for b in lab.fleet.backends.values())
+    assert protects == 2
+    # The leader goes away: the other takes over.
+    leases[0].release()
+    assert p2.cycle().leader is True
+    assert p1.cycle().leader is False
+    leases[1].release()
