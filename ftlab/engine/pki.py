@@ -32,7 +32,8 @@ def _openssl(args: Sequence[str], cwd: Path) -> None:
     except FileNotFoundError as e:
         raise PkiError("openssl is not installed (apt-get install openssl)") from e
     except subprocess.CalledProcessError as e:
-        raise PkiError("openssl %s failed: %s" % (args[0], e.stderr.decode(errors="replace").strip())) from e
+        err = e.stderr.decode(errors="replace").strip()
+        raise PkiError("openssl %s failed: %s" % (args[0], err)) from e
     except subprocess.TimeoutExpired as e:
         raise PkiError("openssl %s took more than %ss" % (args[0], OPENSSL_TIMEOUT)) from e
 
@@ -54,7 +55,8 @@ def make_server_pki(directory: Path, hostnames: Sequence[str] = ("localhost",),
                   "-addext", "basicConstraints=critical,CA:TRUE",
                   "-addext", "keyUsage=critical,keyCertSign,cRLSign"], directory)
         san = ",".join(["DNS:%s" % h for h in hostnames] + ["IP:%s" % a for a in addresses])
-        ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        ext.write_text("basicConstraints=CA:FALSE\n"
+                       "keyUsage=critical,digitalSignature,keyEncipherment\n"
                        "extendedKeyUsage=serverAuth\nsubjectAltName=%s\n" % san)
         cn = hostnames[0] if hostnames else addresses[0]
         _openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",

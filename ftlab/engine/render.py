@@ -41,7 +41,8 @@ def vm_type(st: EngineState, vm: model.Vm, follow: Sequence[str] = ()) -> types.
     host = None
     if vm.host_id and vm.status != "down":
         h = st.hosts.get(vm.host_id)
-        host = host_type(st, h) if ("host" in follow and h) else _link(types.Host, "hosts", vm.host_id)
+        host = (host_type(st, h) if ("host" in follow and h)
+                else _link(types.Host, "hosts", vm.host_id))
     cluster = _link(types.Cluster, "clusters", vm.cluster_id)
     if "cluster" in follow and vm.cluster_id in st.clusters:
         cluster = cluster_type(st.clusters[vm.cluster_id])

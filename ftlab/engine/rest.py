@@ -411,7 +411,8 @@ class RestApi:
 
     def _clusters_list(self, parts, query, body) -> Response:
         return Response(200, render.collection("clusters", [
-            render.cached(c, lambda c=c: render.cluster_type(c)) for c in self.st.clusters.values()]))
+            render.cached(c, lambda c=c: render.cluster_type(c))
+            for c in self.st.clusters.values()]))
 
     def _cluster_get(self, parts, query, body) -> Response:
         c = self.st.clusters.get(parts[1])

@@ -81,7 +81,9 @@ def _compare(actual: Value, op: str, wanted: str, case_sensitive: bool,
         except ValueError:
             return False
     else:
-        a_s, w_s = (str(actual), wanted) if case_sensitive else (str(actual).lower(), wanted.lower())
+        a_s, w_s = str(actual), wanted
+        if not case_sensitive:
+            a_s, w_s = a_s.lower(), w_s.lower()
         if op in ("=", "!="):
             hit = fnmatch.fnmatchcase(a_s, w_s) if "*" in w_s else a_s == w_s
             return hit if op == "=" else not hit

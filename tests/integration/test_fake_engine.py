@@ -10,7 +10,8 @@ import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 import pytest
 
-from ftlab.engine import EngineTiming, FakeEngine, GiB, Hook, StartRequest, VmReport
+from ftlab.engine import EngineTiming, FakeEngine, GiB, Hook, LabError, StartRequest, VmReport
+from ftlab.engine.pki import make_server_pki
 
 PASSWORD = "lab-secret-5f2c"
 USER = "admin@internal"
@@ -119,8 +120,6 @@ def test_logout_revokes_the_token(engine):
 
 
 def test_tls_is_verified_against_the_lab_ca(engine, tmp_path):
-    other_ca = tmp_path / "other.pem"
-    from ftlab.engine.pki import make_server_pki
     other_ca = make_server_pki(tmp_path / "other").ca_file
     c = sdk.Connection(url=engine.info.url, username=USER, password=PASSWORD,
                        ca_file=str(other_ca))
@@ -187,7 +186,8 @@ def test_hosts_report_memory_status_and_hooks(engine, conn):
     assert got.status == types.HostStatus.UP
     assert got.max_scheduling_memory == 11 * GiB
     hooks = host.hooks_service().list()
-    assert [(k.event_name, k.name, k.md5) for k in hooks] == [("before_vm_start", "50_vdsm_ft", "0f1e")]
+    assert [(k.event_name, k.name, k.md5) for k in hooks] == \
+        [("before_vm_start", "50_vdsm_ft", "0f1e")]
     engine.set_host_hooks("h1", [])
     assert host.hooks_service().list() == []
 
@@ -518,7 +518,6 @@ def test_paused_copy_of_an_unknown_vm_is_adopted(engine, driver):
 def test_report_from_a_dead_host_is_a_lab_error(engine):
     engine.add_host("h1")
     engine.kill_host("h1")
-    from ftlab.engine import LabError
     with pytest.raises(LabError):
         engine.report_vms("h1", [])
 
