@@ -1,0 +1,364 @@
+"""What each VDSM hook point does for vdsm-ft; the scripts in hooks/ only call `run`.
+
+Every function takes its inputs explicitly (VDSM's env, the domain XML, a `HookContext`
+holding the host config, the agent client and the arbiter) and returns a `HookResult`:
+the exit code, the new domain XML or None (unchanged), and a message for vdsm.log. Exit
+codes and their effect per hook point: research/ovirt.md §1.3; decisions: docs/hooks.md.
+
+A VM without `ft=true` costs nothing: no config is read, no agent or etcd is asked, and
+the heavy modules (lxml, the etcd client) are imported only for FT VMs. VDSM gives hooks
+no timeout, so every call out of the process here has its own bound.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import subprocess
+import sys
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
+
+from vdsm_ft import hooking
+
+if TYPE_CHECKING:
+    from vdsm_ft.hookapi import HookClient
+    from vdsm_ft.hostconfig import HostConfig
+
+FT_ENV = "ft"
+VM_ID_ENV = "vmId"
+QEMU_VERSION_TIMEOUT = 5.0
+# Where QEMU lives when the domain XML has no <emulator>: Debian, then EL.
+QEMU_BINARIES = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/qemu-kvm")
+_QEMU_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
+
+MIGRATE_REFUSED = ("vdsm-ft: FT VMs are not live-migrated by the engine; use "
+                   "`ovirt-ft migrate-secondary` or disable FT (ft=false) first")
+HIBERNATE_REFUSED = ("vdsm-ft: an FT VM cannot be suspended (hibernated): the saved state "
+                     "would leave its COLO pair behind. Disable FT (ft=false), or shut the "
+                     "VM down instead")
+DEHIBERNATE_REFUSED = ("vdsm-ft: an FT VM cannot be restored from a suspended state or a "
+                       "memory snapshot: VDSM ignores before_vm_start on that path, so the "
+                       "restored VM would not be prepared for protection. Restore it with "
+                       "ft=false, then shut it down and start it with ft=true")
+
+
+class HookResult(NamedTuple):
+    rc: int                 # 0 ok, 1 failed (other scripts run), 2 failed (stop)
+    xml: str | None         # the new domain XML, or None to leave the file alone
+    message: str            # for vdsm.log (VDSM shows the last failing hook's to the engine)
+
+
+class LiveCheck(Protocol):
+    """The part of `vdsm_ft.arbiter.Arbiter` the start hook uses."""
+
+    def other_member_live(self, vm_id: str, host: str,
+                          timeout: float | None = None) -> str | None: ...
+
+
+class HookError(Exception):
+    """A hook cannot do its job; the message says why and what to do."""
+
+
+def qemu_version(emulator: str | None = None, timeout: float = QEMU_VERSION_TIMEOUT
+                 ) -> tuple[int, int, int]:
+    """The version of the QEMU that will run the VM, from `<emulator> --version`."""
+    candidates = [emulator] if emulator else [p for p in QEMU_BINARIES if os.path.exists(p)]
+    if not candidates:
+        raise HookError("no QEMU binary found (looked for " + ", ".join(QEMU_BINARIES) + ")")
+    try:
+        proc = subprocess.run([candidates[0], "--version"], capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HookError(f"cannot ask {candidates[0]} for its version: {e}") from None
+    m = _QEMU_VERSION_RE.search(proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise HookError(f"{candidates[0]} --version gave no version: "
+                        f"{(proc.stdout + proc.stderr).strip()[:200]!r}")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+
+class HookContext:
+    """The outside parts a hook talks to, each made on first use (so a VM without FT never
+    reads the config or touches the network). Tests pass real ones in."""
+
+    def __init__(self, env: Mapping[str, str], *, config: "HostConfig | None" = None,
+                 agent: "HookClient | None" = None, arbiter: LiveCheck | None = None,
+                 qemu_probe: Callable[[str | None], tuple[int, int, int]] | None = None):
+        self.env = env
+        if config is not None:
+            self.__dict__["config"] = config
+        if agent is not None:
+            self.__dict__["agent"] = agent
+        if arbiter is not None:
+            self.__dict__["arbiter"] = arbiter
+        self.qemu_version = qemu_probe or qemu_version
+
+    @cached_property
+    def config(self) -> "HostConfig":
+        from vdsm_ft import hostconfig
+        return hostconfig.load(hostconfig.config_path(dict(self.env)))
+
+    @cached_property
+    def agent(self) -> "HookClient":
+        from vdsm_ft.hookapi import HookClient
+        return HookClient(self.config.hook_socket, timeout=self.config.agent_timeout)
+
+    @cached_property
+    def arbiter(self) -> LiveCheck:
+        from vdsm_ft.arbiter import Arbiter
+        c = self.config
+        return Arbiter(c.etcd_endpoints, ca_cert=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key)
+
+
+def _no_ft(env: Mapping[str, str]) -> bool:
+    """The fast path: ft unset or false, decided before anything heavy is imported."""
+    return env.get(FT_ENV) in (None, "false")
+
+
+def _ft_quiet(env: Mapping[str, str]) -> bool:
+    """For hook points that cannot refuse anything: an invalid value counts as no FT."""
+    if _no_ft(env):
+        return False
+    from vdsm_ft import domxml
+    try:
+        return domxml.parse_ft_value(env.get(FT_ENV))
+    except domxml.InvalidProperty:
+        return False
+
+
+def _vm_id(env: Mapping[str, str]) -> str:
+    from vdsm_ft.hookapi import BadHookRequest, check_vm_id
+    try:
+        return check_vm_id(env.get(VM_ID_ENV))
+    except BadHookRequest:
+        raise HookError(f"VDSM passed no valid vmId ({env.get(VM_ID_ENV)!r})") from None
+
+
+# ------------------------------------------------------------------ before_vm_start
+
+def _refuse(message: str) -> HookResult:
+    return HookResult(hooking.FAILED_STOP, None, f"vdsm-ft: {message}")
+
+
+def _check_engine_xml(xml: str, vm_id: str) -> str | None:
+    """Why this XML cannot be an FT primary (other than COLO's own limits), or None."""
+    from lxml import etree
+
+    from vdsm_ft import domxml
+    try:
+        root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False,
+                                                              no_network=True))
+    except etree.XMLSyntaxError as e:
+        raise domxml.MalformedXml(f"domain XML does not parse: {e}") from None
+    if (root.findtext("uuid") or "").strip().lower() != vm_id:
+        return (f"the domain XML's <uuid> {root.findtext('uuid')!r} is not the vmId "
+                f"{vm_id} VDSM passed")
+    if root.find("devices/lease") is not None:
+        return ("the VM has a VM lease: the engine would restart it beside its promoted "
+                "secondary after a failover (docs/engine-view.md rule 2). Fix: remove the "
+                "lease (VM > High Availability > Target Storage Domain for VM Lease: No VM "
+                "Lease) and turn high availability off")
+    return None
+
+
+def _emulator(xml: str) -> str | None:
+    m = re.search(r"<emulator>\s*([^<\s]+)\s*</emulator>", xml)
+    return m.group(1) if m else None
+
+
+def _owned_run_dir(config: "HostConfig", vm_id: str) -> str:
+    """The VM's socket directory, usable by the QEMU user (libvirt does not chown what only
+    <qemu:commandline> names)."""
+    path = config.vm_run_dir(vm_id)
+    try:
+        user = pwd.getpwnam(config.qemu_user)
+    except KeyError:
+        raise HookError(f"the QEMU user {config.qemu_user!r} ([libvirt] qemu_user in "
+                        f"{config.path}) does not exist on this host") from None
+    try:
+        os.makedirs(path, mode=0o770, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(path, user.pw_uid, user.pw_gid)
+        else:
+            # VDSM runs hooks as vdsm:kvm: the directory is shared through its group,
+            # which the setgid parent (root:kvm 2770, made by the agent) hands down.
+            os.chmod(path, 0o2770)
+            gid = os.stat(path).st_gid
+            groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall()
+                                      if config.qemu_user in g.gr_mem}
+            if gid not in groups:
+                raise HookError(f"{path} has group {gid}, which the QEMU user "
+                                f"{config.qemu_user} is not in; make "
+                                f"{os.path.dirname(path)} root:kvm mode 2770")
+    except OSError as e:
+        raise HookError(f"cannot prepare the VM's run directory {path}: {e}") from None
+    return path
+
+
+def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    """Prepare an ft=true VM as a COLO primary and tell the local agent; see docs/hooks.md."""
+    if _no_ft(env):
+        return HookResult(hooking.OK, None, "")
+    from vdsm_ft import domxml, hostconfig
+    try:
+        domxml.parse_ft_value(env.get(FT_ENV))
+        vm_id = _vm_id(env)
+        problem = _check_engine_xml(xml, vm_id)
+        if problem:
+            return _refuse(f"VM {vm_id} cannot start with ft=true: {problem}")
+        config = ctx.config
+    except (HookError, domxml.DomXmlError) as e:
+        return _refuse(str(e))
+    except hostconfig.ConfigError as e:
+        return _refuse(f"VM {vm_id} cannot start with ft=true: {e}")
+    refusal = _check_arbiter(ctx, vm_id, config.host_id)
+    if refusal:
+        return refusal
+    try:
+        run_dir = _owned_run_dir(config, vm_id)
+        new_xml = domxml.primary_xml(xml, run_dir, ctx.qemu_version(_emulator(xml)))
+    except domxml.Unsupported as e:
+        return _refuse(f"VM {vm_id}: {e}")
+    except (HookError, domxml.DomXmlError) as e:
+        return _refuse(f"VM {vm_id} cannot be prepared for fault tolerance: {e}")
+    return _register(ctx, config, vm_id, xml, new_xml)
+
+
+def _check_arbiter(ctx: HookContext, vm_id: str, host: str) -> HookResult | None:
+    """Refuse when another member of the pair is live, or when etcd cannot tell us."""
+    try:
+        from vdsm_ft import arbiter as arb
+        live = ctx.arbiter.other_member_live(vm_id, host)
+    except ImportError as e:
+        return _refuse(f"VM {vm_id} not started: the etcd client is not installed ({e}); "
+                       "install the vdsm-ft host package's dependencies")
+    except arb.ArbiterError as e:
+        return _refuse(f"VM {vm_id} not started: cannot ask the arbiter (etcd) whether "
+                       f"another copy of it is live, and starting blind could make two: "
+                       f"{e}. Fix etcd (or this host's [etcd] endpoints in "
+                       f"{ctx.config.path}), then start again")
+    if live is not None:
+        return _refuse(f"VM {vm_id} not started: its live copy runs on host {live} (per "
+                       "the arbiter), and a second copy would split the VM's brain. If host "
+                       f"{live} is really down, wait until the poller has fenced it and "
+                       "marked the pair Down, then start again")
+    return None
+
+
+def _register(ctx: HookContext, config: "HostConfig", vm_id: str, engine_xml: str,
+              new_xml: str) -> HookResult:
+    from vdsm_ft import hookapi, hostconfig
+    try:
+        ctx.agent.register(vm_id, engine_xml, new_xml)
+    except hookapi.AgentRefused as e:
+        return _refuse(f"VM {vm_id} not started: the vdsm-ft agent refused it: {e.message}")
+    except hookapi.AgentUnreachable as e:
+        if config.agent_unreachable == hostconfig.REFUSE:
+            return HookResult(hooking.FAILED_CONTINUE, None,
+                              f"vdsm-ft: VM {vm_id} not started: {e}; this host refuses FT "
+                              f"starts without the agent ([hooks] agent_unreachable = refuse "
+                              f"in {config.path}). Start vdsm-ft-agent, then start again")
+        return HookResult(hooking.OK, new_xml,
+                          f"vdsm-ft: WARNING: VM {vm_id} starts prepared for protection but "
+                          f"unprotected: {e}. Protection begins when the agent is back (it "
+                          "finds the VM by itself)")
+    return HookResult(hooking.OK, new_xml, f"vdsm-ft: VM {vm_id} prepared as COLO primary "
+                                           "and registered with the agent")
+
+
+# ------------------------------------------------------------------ other hook points
+
+def _tell_agent(env: Mapping[str, str], ctx: HookContext, what: str,
+                call: Callable[["HookClient", str], None]) -> HookResult:
+    """For hook points whose failure VDSM ignores: tell the agent, log, always rc 0."""
+    if not _ft_quiet(env):
+        return HookResult(hooking.OK, None, "")
+    try:
+        vm_id = _vm_id(env)
+        call(ctx.agent, vm_id)
+    except Exception as e:      # the agent finds out by itself; never block VDSM here
+        return HookResult(hooking.OK, None, f"vdsm-ft: could not tell the agent that VM "
+                                            f"{env.get(VM_ID_ENV)} {what}: {e}")
+    return HookResult(hooking.OK, None, f"vdsm-ft: told the agent that VM {vm_id} {what}")
+
+
+def after_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    """Hand control to the agent (after_* failures never matter to VDSM)."""
+    return _tell_agent(env, ctx, "started", lambda a, vm: a.started(vm, xml or None))
+
+
+def before_vm_destroy(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    """An intentional stop: the agent tears the pair down, never a failover."""
+    return _tell_agent(env, ctx, "is being stopped", lambda a, vm: a.stopping(vm))
+
+
+def after_vm_destroy(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    """The domain is gone (a stop, or QEMU died: the agent tells them apart)."""
+    return _tell_agent(env, ctx, "is gone", lambda a, vm: a.destroyed(vm))
+
+
+def _refuse_for_ft(env: Mapping[str, str], message: str) -> HookResult:
+    """Refuse for ft=true, and for an invalid ft value too (safer than guessing)."""
+    if _no_ft(env):
+        return HookResult(hooking.OK, None, "")
+    from vdsm_ft import domxml
+    try:
+        domxml.parse_ft_value(env.get(FT_ENV))
+    except domxml.InvalidProperty as e:
+        return _refuse(str(e))
+    return HookResult(hooking.FAILED_STOP, None, message)
+
+
+def before_vm_migrate_source(env: Mapping[str, str], xml: str,
+                             ctx: HookContext) -> HookResult:
+    return _refuse_for_ft(env, MIGRATE_REFUSED)
+
+
+def before_vm_hibernate(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    return _refuse_for_ft(env, HIBERNATE_REFUSED)
+
+
+def before_vm_dehibernate(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    return _refuse_for_ft(env, DEHIBERNATE_REFUSED)
+
+
+HOOK_POINTS: dict[str, Callable[[Mapping[str, str], str, HookContext], HookResult]] = {
+    "before_vm_start": before_vm_start,
+    "after_vm_start": after_vm_start,
+    "before_vm_migrate_source": before_vm_migrate_source,
+    "before_vm_destroy": before_vm_destroy,
+    "after_vm_destroy": after_vm_destroy,
+    "before_vm_hibernate": before_vm_hibernate,
+    "before_vm_dehibernate": before_vm_dehibernate,
+}
+# before_vm_destroy gets no XML from VDSM (research/ovirt.md §1.4).
+_NO_XML = ("before_vm_destroy",)
+# Where an unexpected error must stop the operation rather than let it go on unchecked.
+_FAIL_CLOSED = ("before_vm_start", "before_vm_migrate_source", "before_vm_hibernate",
+                "before_vm_dehibernate")
+
+
+def run(hook_point: str, env: Mapping[str, str] | None = None) -> int:
+    """The body of each script in hooks/: read VDSM's input, run the hook, write the XML
+    back if it changed, log, and return the exit code."""
+    env = os.environ if env is None else env
+    func = HOOK_POINTS[hook_point]
+    try:
+        xml = "" if hook_point in _NO_XML or not env.get(hooking.DOMXML_ENV) \
+            else hooking.read_domxml()
+        result = func(env, xml, HookContext(env))
+        if result.xml is not None:
+            hooking.write_domxml(result.xml)
+    except Exception as e:      # a bug must not pass silently, nor abort a stop
+        rc = hooking.FAILED_STOP if hook_point in _FAIL_CLOSED else hooking.OK
+        hooking.log(f"vdsm-ft {hook_point}: unexpected error: {type(e).__name__}: {e}")
+        return rc
+    if result.message:
+        hooking.log(result.message)
+    return result.rc
+
+
+def main(hook_point: str) -> None:
+    sys.exit(run(hook_point))

@@ -1,0 +1,283 @@
+"""The host's vdsm-ft settings: `/etc/vdsm-ft/agent.conf` (INI), read by the agent and the hooks.
+
+`VDSM_FT_CONFIG` names another file (the lab runs several hosts on one machine).
+Every key is checked when the file is read; a mistake raises `ConfigError` naming the
+file, section and key and saying what is accepted. Unknown sections and keys are
+refused too, so a typo never silently falls back to a default.
+
+Example (only `[host] id`, `[host] replication_address` and `[etcd] endpoints` are
+required)::
+
+    [host]
+    id = host-a
+    replication_address = 192.0.2.11
+
+    [etcd]
+    endpoints = https://etcd1:2379, https://etcd2:2379, https://etcd3:2379
+
+    [hooks]
+    agent_unreachable = start_unprotected
+"""
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlsplit
+
+DEFAULT_PATH = "/etc/vdsm-ft/agent.conf"
+PATH_ENV = "VDSM_FT_CONFIG"
+DEFAULT_API_PORT = 54329      # vdsm_ft.api.DEFAULT_PORT; repeated so hooks need not import it
+START_UNPROTECTED = "start_unprotected"
+REFUSE = "refuse"
+AGENT_UNREACHABLE_POLICIES = (START_UNPROTECTED, REFUSE)
+# Keys whose value is a secret: a file holding one must be mode 0600 (or stricter).
+SECRET_KEYS = frozenset({"password"})
+
+_HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")   # the arbiter's name rule
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(Exception):
+    """The host config cannot be used; the message names the file, section and key."""
+
+
+def default_qemu_user(os_release: str = "/etc/os-release") -> str:
+    """The user libvirt runs QEMU as: `libvirt-qemu` on Debian and Ubuntu, `qemu` elsewhere (EL)."""
+    try:
+        with open(os_release) as f:
+            fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    except OSError:
+        return "qemu"
+    family = " ".join(fields.get(k, "").strip('"') for k in ("ID", "ID_LIKE")).split()
+    return "libvirt-qemu" if {"debian", "ubuntu"} & set(family) else "qemu"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """One host's settings. Paths are absolute; durations are in seconds."""
+
+    path: str                                   # the file these came from
+    host_id: str                                # this host's name in the arbiter and the pair records
+    replication_address: str                    # IP on the replication network (COLO, NBD, heartbeat)
+    etcd_endpoints: tuple[str, ...]             # http(s)://host:port of each etcd member
+    api_port: int = DEFAULT_API_PORT            # the agent's HTTPS API (mutual TLS)
+    tls_ca: str = "/etc/pki/vdsm/certs/cacert.pem"      # the engine CA (VDSM's copy)
+    tls_cert: str = "/etc/pki/vdsm/certs/vdsmcert.pem"
+    tls_key: str = "/etc/pki/vdsm/keys/vdsmkey.pem"
+    hook_socket: str = "/run/vdsm-ft/agent.sock"        # the agent's unix socket for the hooks
+    run_dir: str = "/run/vdsm-ft"                       # per-VM sockets under vms/<vm id>/
+    state_dir: str = "/var/lib/vdsm-ft"                 # the agent's persisted state
+    replica_dir: str = "/var/lib/vdsm-ft/replicas"      # the secondary's disk copies (D2)
+    overlay_dir: str = "/dev/shm/vdsm-ft"               # active/hidden overlays, on tmpfs
+    overlay_size_cap: int = 4 << 30                     # bytes of overlays allowed on this host
+    qemu_user: str = field(default_factory=default_qemu_user)
+    libvirt_uri: str = "qemu:///system"
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    colo_ports: tuple[int, int] = (49300, 49599)        # inclusive range for COLO/NBD/migration
+    heartbeat_interval: float = 0.1
+    heartbeat_timeout: float = 0.5
+    agent_unreachable: str = START_UNPROTECTED          # before_vm_start policy (docs/hooks.md)
+    agent_timeout: float = 2.0                          # total bound of one hook -> agent call
+
+    def vm_run_dir(self, vm_id: str) -> str:
+        """The directory of one VM's QMP and compare sockets (owned by the QEMU user)."""
+        return os.path.join(self.run_dir, "vms", vm_id)
+
+
+# --------------------------------------------------------------------------- parsers
+
+def _path(v: str) -> str:
+    if not os.path.isabs(v):
+        raise ValueError("an absolute path")
+    return os.path.normpath(v)
+
+
+def _host_id(v: str) -> str:
+    if not _HOST_ID_RE.fullmatch(v):
+        raise ValueError("1-128 characters from A-Z a-z 0-9 . _ : @ -, starting with a letter "
+                         "or digit")
+    return v
+
+
+def _address(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError("an IPv4 or IPv6 address") from None
+
+
+def _port(v: str) -> int:
+    n = int(v) if v.isdigit() else -1
+    if not 1 <= n <= 65535:
+        raise ValueError("a TCP port, 1-65535")
+    return n
+
+
+def _port_range(v: str) -> tuple[int, int]:
+    lo, sep, hi = v.partition("-")
+    try:
+        first, last = _port(lo.strip()), _port(hi.strip())
+    except ValueError:
+        first = last = 0
+    if not sep or not 0 < first <= last:
+        raise ValueError("a port range FIRST-LAST, e.g. 49300-49599")
+    return (first, last)
+
+
+def _endpoints(v: str) -> tuple[str, ...]:
+    items = tuple(e.strip() for e in v.split(",") if e.strip())
+    for e in items:
+        u = urlsplit(e)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("a comma-separated list of http(s)://host:port URLs")
+    if not items:
+        raise ValueError("at least one http(s)://host:port URL")
+    return items
+
+
+def _seconds(v: str) -> float:
+    try:
+        n = float(v)
+    except ValueError:
+        n = -1.0
+    if not 0 < n <= 3600:
+        raise ValueError("a duration in seconds, greater than 0 (e.g. 0.5)")
+    return n
+
+
+def _size(v: str) -> int:
+    m = _SIZE_RE.fullmatch(v.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError("a size greater than 0 in bytes, or with K, M, G or T (e.g. 4G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def _policy(v: str) -> str:
+    if v not in AGENT_UNREACHABLE_POLICIES:
+        raise ValueError(" or ".join(AGENT_UNREACHABLE_POLICIES))
+    return v
+
+
+def _user(v: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v):
+        raise ValueError("a user name")
+    return v
+
+
+def _uri(v: str) -> str:
+    if "://" not in v:
+        raise ValueError("a libvirt URI such as qemu:///system")
+    return v
+
+
+def _text(v: str) -> str:
+    if not v:
+        raise ValueError("a non-empty value")
+    return v
+
+
+# (section, key) -> (HostConfig field, parser)
+_KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
+    ("host", "id"): ("host_id", _host_id),
+    ("host", "replication_address"): ("replication_address", _address),
+    ("agent", "api_port"): ("api_port", _port),
+    ("agent", "hook_socket"): ("hook_socket", _path),
+    ("agent", "run_dir"): ("run_dir", _path),
+    ("agent", "state_dir"): ("state_dir", _path),
+    ("agent", "colo_ports"): ("colo_ports", _port_range),
+    ("agent", "heartbeat_interval"): ("heartbeat_interval", _seconds),
+    ("agent", "heartbeat_timeout"): ("heartbeat_timeout", _seconds),
+    ("tls", "ca"): ("tls_ca", _path),
+    ("tls", "cert"): ("tls_cert", _path),
+    ("tls", "key"): ("tls_key", _path),
+    ("storage", "replica_dir"): ("replica_dir", _path),
+    ("storage", "overlay_dir"): ("overlay_dir", _path),
+    ("storage", "overlay_size_cap"): ("overlay_size_cap", _size),
+    ("libvirt", "uri"): ("libvirt_uri", _uri),
+    ("libvirt", "qemu_user"): ("qemu_user", _user),
+    ("etcd", "endpoints"): ("etcd_endpoints", _endpoints),
+    ("etcd", "ca"): ("etcd_ca", _path),
+    ("etcd", "cert"): ("etcd_cert", _path),
+    ("etcd", "key"): ("etcd_key", _path),
+    ("etcd", "username"): ("etcd_username", _text),
+    ("etcd", "password"): ("etcd_password", _text),
+    ("hooks", "agent_unreachable"): ("agent_unreachable", _policy),
+    ("hooks", "agent_timeout"): ("agent_timeout", _seconds),
+}
+_REQUIRED = (("host", "id"), ("host", "replication_address"), ("etcd", "endpoints"))
+
+
+def config_path(env: dict[str, str] | None = None) -> str:
+    """The file to read: `$VDSM_FT_CONFIG`, else /etc/vdsm-ft/agent.conf."""
+    return (os.environ if env is None else env).get(PATH_ENV) or DEFAULT_PATH
+
+
+def _check_secret_mode(path: str, st: os.stat_result, section: str, key: str) -> None:
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(
+            f"{path}: [{section}] {key} holds a secret, but the file is mode "
+            f"{stat.S_IMODE(st.st_mode):04o}; run `chmod 600 {path}` (owner root, or vdsm "
+            "when the hooks must read it)")
+
+
+def load(path: str | None = None) -> HostConfig:
+    """Read and check the host config (see the module docstring)."""
+    path = path or config_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            st = os.fstat(f.fileno())
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; create it (see docs/hooks.md) or set "
+                          f"{PATH_ENV}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: not a valid INI file: {e}") from None
+    values: dict[str, object] = {}
+    sections = {s for s, _ in _KEYS}
+    for section in parser.sections():
+        if section not in sections:
+            raise ConfigError(f"{path}: unknown section [{section}]; accepted: "
+                              f"{', '.join(sorted(sections))}")
+        for key, raw in parser.items(section):
+            if (section, key) not in _KEYS:
+                known = sorted(k for s, k in _KEYS if s == section)
+                raise ConfigError(f"{path}: [{section}] {key} is not a known key; accepted: "
+                                  f"{', '.join(known)}")
+            if key in SECRET_KEYS:
+                _check_secret_mode(path, st, section, key)
+            name, parse = _KEYS[(section, key)]
+            try:
+                values[name] = parse(raw.strip())
+            except ValueError as e:
+                shown = "(hidden)" if key in SECRET_KEYS else repr(raw.strip())
+                raise ConfigError(f"{path}: [{section}] {key} = {shown} is not valid; "
+                                  f"accepted: {e}") from None
+    for section, key in _REQUIRED:
+        if _KEYS[(section, key)][0] not in values:
+            raise ConfigError(f"{path}: [{section}] {key} is required")
+    if values.get("heartbeat_timeout", HostConfig.heartbeat_timeout) <= \
+            values.get("heartbeat_interval", HostConfig.heartbeat_interval):
+        raise ConfigError(f"{path}: [agent] heartbeat_timeout must be greater than "
+                          "heartbeat_interval")
+    tls = [values.get(k) for k in ("etcd_cert", "etcd_key")]
+    if any(tls) and not all(tls):
+        raise ConfigError(f"{path}: [etcd] cert and key go together; set both or neither")
+    if ("etcd_username" in values) != ("etcd_password" in values):
+        raise ConfigError(f"{path}: [etcd] username and password go together; set both or "
+                          "neither")
+    return HostConfig(path=path, **values)
