@@ -116,7 +116,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     """Read `path` (else $OVIRT_FT_CONFIG, else /etc/ovirt-ft/poller.conf if present),
     then apply the environment variables in ENV_KEYS on top."""
     env = os.environ if env is None else env
-    path = path or env.get(ENV_CONFIG)
+    path = path or env.get(ENV_CONFIG) or None
     explicit = path is not None
     path = path or DEFAULT_PATH
     parser = configparser.ConfigParser(interpolation=None)

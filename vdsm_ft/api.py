@@ -239,6 +239,7 @@ class VmStatus:
     checkpoints_per_minute: float = 0.0
     last_checkpoint_pause_ms: float | None = None
     replication_bytes: int = 0
+    replication_bytes_per_second: float = 0.0   # over the last minute
     lag_seconds: float | None = None   # time since the last completed checkpoint
     failovers: int = 0
     last_failover: Failover | None = None
@@ -292,6 +293,9 @@ class VmStatus:
             last_checkpoint_pause_ms=_opt_float(data, "last_checkpoint_pause_ms", what),
             replication_bytes=_field(data, "replication_bytes", int, what, default=0,
                                      nonneg=True),
+            replication_bytes_per_second=float(_field(
+                data, "replication_bytes_per_second", (int, float), what, default=0.0,
+                nonneg=True)),
             lag_seconds=_opt_float(data, "lag_seconds", what),
             failovers=_field(data, "failovers", int, what, default=0, nonneg=True),
             last_failover=Failover.from_dict(last) if last is not None else None)
