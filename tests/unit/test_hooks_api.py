@@ -1,0 +1,197 @@
+"""The hook <-> agent protocol: the real `serve_hooks` server on a real unix socket with a
+small recording backend, and the real `HookClient`."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from vdsm_ft import hookapi
+from vdsm_ft.hookapi import (AgentRefused, AgentUnreachable, BadHookRequest, HookBackend,
+                             HookClient, HookApiError, serve_hooks)
+
+VM = "6a1f0c2e-4b7d-4e51-9a3c-2f8d7e6b5a41"
+
+
+class Recorder(HookBackend):
+    """Records every call; can refuse, crash or stall on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.refuse: str | None = None
+        self.crash = False
+        self.stall = threading.Event()
+        self.stalling = False
+
+    def _do(self, *call: object) -> None:
+        if self.stalling:
+            self.stall.wait(10)
+        if self.crash:
+            raise RuntimeError("backend bug")
+        if self.refuse:
+            raise AgentRefused(self.refuse)
+        self.calls.append(call)
+
+    def register(self, vm_id: str, engine_xml: str, primary_xml: str) -> None:
+        self._do("register", vm_id, engine_xml, primary_xml)
+
+    def started(self, vm_id: str, live_xml: str | None) -> None:
+        self._do("started", vm_id, live_xml)
+
+    def stopping(self, vm_id: str) -> None:
+        self._do("stopping", vm_id)
+
+    def destroyed(self, vm_id: str) -> None:
+        self._do("destroyed", vm_id)
+
+
+@pytest.fixture
+def agent(tmp_path):
+    backend = Recorder()
+    path = str(tmp_path / "agent.sock")
+    server = serve_hooks(path, backend, owner_gid=os.getgid())
+    yield backend, path
+    backend.stall.set()
+    server.close()
+
+
+def _raw(path: str, request: bytes) -> tuple[int, dict]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0]
+                     .split(b":")[1])
+        while len(body) < length:
+            body += s.recv(65536)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_every_call_reaches_the_backend(agent):
+    backend, path = agent
+    client = HookClient(path)
+    client.register(VM, "<domain/>", "<domain>p</domain>")
+    client.started(VM, "<domain>live</domain>")
+    client.started(VM)
+    client.stopping(VM)
+    client.destroyed(VM)
+    assert backend.calls == [("register", VM, "<domain/>", "<domain>p</domain>"),
+                             ("started", VM, "<domain>live</domain>"), ("started", VM, None),
+                             ("stopping", VM), ("destroyed", VM)]
+
+
+def test_socket_is_0660_with_the_given_group(agent):
+    _, path = agent
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_gid == os.getgid()
+
+
+def test_refusal_carries_the_agents_message(agent):
+    backend, path = agent
+    backend.refuse = "VM is the secondary of a live pair here"
+    with pytest.raises(AgentRefused) as e:
+        HookClient(path).register(VM, "<domain/>", "<domain/>")
+    assert e.value.message == "VM is the secondary of a live pair here"
+    assert e.value.status == 409
+
+
+def test_backend_bug_is_unreachable_not_refused(agent):
+    backend, path = agent
+    backend.crash = True
+    with pytest.raises(AgentUnreachable, match="internal error"):
+        HookClient(path).stopping(VM)
+
+
+def test_no_agent_is_unreachable_fast(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(AgentUnreachable, match="not reachable"):
+        HookClient(str(tmp_path / "none.sock")).register(VM, "<d/>", "<d/>")
+    assert time.monotonic() - start < 0.5
+
+
+def test_stuck_agent_costs_at_most_the_bound(agent):
+    backend, path = agent
+    backend.stalling = True
+    start = time.monotonic()
+    with pytest.raises(AgentUnreachable, match="did not answer"):
+        HookClient(path, timeout=0.3).register(VM, "<d/>", "<d/>")
+    assert 0.3 <= time.monotonic() - start < 0.6
+
+
+def test_listening_but_never_accepting_costs_at_most_the_bound(tmp_path):
+    # A backlog-full or frozen agent: connect may succeed, nothing ever answers.
+    path = str(tmp_path / "frozen.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(AgentUnreachable):
+            HookClient(path, timeout=0.3).destroyed(VM)
+        assert time.monotonic() - start < 0.6
+    finally:
+        srv.close()
+
+
+def test_client_refuses_a_bad_vm_id_before_sending(agent):
+    backend, path = agent
+    with pytest.raises(BadHookRequest, match="not a UUID"):
+        HookClient(path).stopping("../../etc")
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"POST /v1/hooks/vms/not-a-uuid/stopping HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+     400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/explode HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode(),
+     404, "not_found"),
+    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+     400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{x".encode(),
+     400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 42\r\n\r\n"
+     '{"engine_xml": "<d/>", "primary_xml": " "}'.encode(), 400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/started HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]".encode(),
+     400, "bad_request"),
+    (f"GET /v1/hooks/vms/{VM}/started HTTP/1.1\r\n\r\n".encode(), 405, "method_not_allowed"),
+    (f"POST /v1/hooks/vms/{VM}/stopping HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n".encode(),
+     400, "bad_request"),
+])
+def test_server_validates_input(agent, request_bytes, status, code):
+    backend, path = agent
+    got_status, body = _raw(path, request_bytes)
+    assert (got_status, body["error"]["code"]) == (status, code)
+    assert body["error"]["message"]
+    assert backend.calls == []
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
+    path = str(tmp_path / "agent.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()                      # a socket file nobody listens on
+    server = serve_hooks(path, Recorder(), owner_gid=os.getgid())
+    try:
+        HookClient(path).destroyed(VM)
+        with pytest.raises(HookApiError, match="already serves"):
+            serve_hooks(path, Recorder(), owner_gid=os.getgid())
+    finally:
+        server.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HookApiError, match="not a socket"):
+        serve_hooks(str(tmp_path / "file"), Recorder(), owner_gid=os.getgid())
+
+
+def test_uppercase_uuid_is_normalised():
+    assert hookapi.check_vm_id(VM.upper()) == VM
