@@ -213,15 +213,20 @@ def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookR
         return _refuse(str(e))
     except hostconfig.ConfigError as e:
         return _refuse(f"VM {vm_id} cannot start with ft=true: {e}")
+    try:
+        # Local refusals first: they need neither etcd nor the agent.
+        new_xml = domxml.primary_xml(xml, config.vm_run_dir(vm_id),
+                                     ctx.qemu_version(_emulator(xml)))
+    except domxml.Unsupported as e:
+        return _refuse(f"VM {vm_id}: {e}")
+    except (HookError, domxml.DomXmlError) as e:
+        return _refuse(f"VM {vm_id} cannot be prepared for fault tolerance: {e}")
     refusal = _check_arbiter(ctx, vm_id, config.host_id)
     if refusal:
         return refusal
     try:
-        run_dir = _owned_run_dir(config, vm_id)
-        new_xml = domxml.primary_xml(xml, run_dir, ctx.qemu_version(_emulator(xml)))
-    except domxml.Unsupported as e:
-        return _refuse(f"VM {vm_id}: {e}")
-    except (HookError, domxml.DomXmlError) as e:
+        _owned_run_dir(config, vm_id)
+    except HookError as e:
         return _refuse(f"VM {vm_id} cannot be prepared for fault tolerance: {e}")
     return _register(ctx, config, vm_id, xml, new_xml)
 
@@ -340,10 +345,11 @@ _FAIL_CLOSED = ("before_vm_start", "before_vm_migrate_source", "before_vm_hibern
                 "before_vm_dehibernate")
 
 
-def run(hook_point: str, env: Mapping[str, str] | None = None) -> int:
-    """The body of each script in hooks/: read VDSM's input, run the hook, write the XML
-    back if it changed, log, and return the exit code."""
-    env = os.environ if env is None else env
+def run(hook_point: str) -> int:
+    """The body of each script in hooks/: read VDSM's input (os.environ and the file named
+    by `_hook_domxml`), run the hook, write the XML back if it changed, log, and return the
+    exit code."""
+    env = os.environ
     func = HOOK_POINTS[hook_point]
     try:
         xml = "" if hook_point in _NO_XML or not env.get(hooking.DOMXML_ENV) \
