@@ -42,6 +42,9 @@ class Event:
     severity: str
     description: str
     detail: str = ""           # what makes two events of one kind+generation different
+    # A good-news fact (Protected) that a restarted poller finds already true was
+    # announced by its predecessor: it is not posted again at start-up.
+    informational: bool = False
 
     @property
     def flood_key(self) -> tuple:
@@ -86,10 +89,13 @@ class EventLog:
             return False
         return True
 
+    def attempt(self, event: Event) -> None:
+        """A post is about to be sent: it spends budget whatever the answer."""
+        self._budget -= 1
+
     def posted(self, event: Event) -> None:
         self._posted.add(event.custom_id)
         self._last[event.flood_key] = self._clock()
-        self._budget -= 1
 
     def already_known(self, event: Event) -> None:
         """The engine said the id exists: count it as posted without spending budget."""

@@ -62,6 +62,7 @@ class Poller:
         self.events = EventLog(settings.poller.max_events_per_cycle)
         self.failures = 0          # consecutive engine failures, for the backoff
         self._seeded = False
+        self._first_cycle = True   # until one cycle completed with the engine reachable
 
     def _leading(self) -> bool:
         if self.lease is None:
@@ -111,6 +112,7 @@ class Poller:
         self._post_events(plan.events, result)
         if result.engine_ok:
             self.failures = 0
+            self._first_cycle = False
 
     def _engine_failed(self, e: EngineError, result: CycleResult) -> None:
         result.engine_ok = False
@@ -154,6 +156,10 @@ class Poller:
                 continue
             if not self._still_leading():
                 return
+            if ev.informational and self._first_cycle:
+                self.events.already_known(ev)
+                continue
+            self.events.attempt(ev)
             try:
                 self.engine.add_event(ev, self.events.flood_rate)
             except EngineRejected as e:

@@ -100,10 +100,11 @@ class _Planner:
         self._groups: dict[str, list[AffinityGroupInfo]] = {}
 
     def event(self, vm: VmInfo | None, kind: str, gen: int, sev: str, text: str,
-              detail: str = "", host_id: str | None = None) -> None:
+              detail: str = "", host_id: str | None = None,
+              informational: bool = False) -> None:
         self.plan.events.append(Event(vm_id=vm.id if vm else None, host_id=host_id, kind=kind,
                                       generation=gen, severity=sev, description=text,
-                                      detail=detail))
+                                      detail=detail, informational=informational))
 
     def reason(self, vm: VmInfo, text: str) -> None:
         self.plan.reasons[vm.name] = text
@@ -217,7 +218,7 @@ class _Planner:
             self.event(vm, VmState.PROTECTED.value, gen, NORMAL,
                        f"VM {vm.name} is protected {again}by FT: primary on {host.name}, "
                        f"secondary on {self.host_name(st.secondary_host)} "
-                       f"(generation {gen}).")
+                       f"(generation {gen}).", informational=True)
         elif st.state is VmState.FAILING_OVER:
             self.reason(vm, "failing over")
             self.event(vm, VmState.FAILING_OVER.value, gen, WARNING,
