@@ -9,25 +9,33 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any, Protocol
 
 from vdsm_ft.layout import Disk, VmLayout
-from vdsm_ft.qmp import Qmp
 
 PROBE_EXPORT = "ft-probe"
+
+
+class Monitor(Protocol):
+    """`vdsm_ft.qmp.Qmp`, or `ftlab.monitor.LibvirtMonitor` when the agent holds QMP."""
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
+
+    def hmp(self, command_line: str) -> str: ...
 
 
 class ProbeError(RuntimeError):
     """The probe itself failed (not: the data did not match)."""
 
 
-def write_pattern(q: Qmp, disk: Disk, offset: int, length: int, pattern: int) -> None:
+def write_pattern(q: Monitor, disk: Disk, offset: int, length: int, pattern: int) -> None:
     backend = f"/machine/peripheral/{disk.device}/virtio-backend"
     reply = q.hmp(f'qemu-io -d {backend} "write -P {pattern:#x} {offset} {length}"')
     if reply.strip():
         raise ProbeError(f"qemu-io write on {disk.device} failed: {reply.strip()}")
 
 
-def pattern_matches(q: Qmp, layout: VmLayout, disk: Disk, offset: int, length: int,
+def pattern_matches(q: Monitor, layout: VmLayout, disk: Disk, offset: int, length: int,
                     pattern: int, timeout: float = 30.0) -> bool:
     """True if every byte of [offset, offset+length) on the live VM equals `pattern`."""
     sock = layout.unix_socket(PROBE_EXPORT)

@@ -11,10 +11,16 @@ Addresses (used only inside these namespaces, plus `ftlab-root`):
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PREFIX = "ftlab-"
 WIRE_NS = PREFIX + "wire"
@@ -212,3 +218,36 @@ def cleanup() -> list[str]:
         ip("link", "delete", ROOT_LINK)
         removed.append(ROOT_LINK)
     return removed
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter(netns: str) -> None:
+    fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"setns into {netns} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsWorker:
+    """Runs callables on one thread that lives in `netns`.
+
+    A network namespace is per thread, so in-process clients (the agent API, the
+    arbiter) can talk to hosts on a wire the root namespace cannot reach.
+    """
+
+    def __init__(self, netns: str):
+        self.netns = netns
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"in-{netns}",
+                                        initializer=_enter, initargs=(netns,))
+
+    def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

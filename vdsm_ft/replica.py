@@ -51,6 +51,14 @@ def _check_space(directory: str, needed: int, what: str) -> None:
             f"the agent's {what} directory elsewhere")
 
 
+def secondary_disk(vm_id: str, disk: Disk, replica_dir: str, overlay_dir: str) -> Disk:
+    """Where the secondary's copy of `disk` and its overlays live on this host."""
+    return replace(disk, fmt="qcow2",
+                   image=os.path.join(replica_dir, vm_id, f"disk{disk.index}.qcow2"),
+                   hidden=os.path.join(overlay_dir, vm_id, f"hidden{disk.index}.qcow2"),
+                   active=os.path.join(overlay_dir, vm_id, f"active{disk.index}.qcow2"))
+
+
 def create_secondary_disks(vm_id: str, disks: tuple[Disk, ...], replica_dir: str,
                            overlay_dir: str, qemu_user: str) -> tuple[Disk, ...]:
     """Blank replica + hidden + active images for each primary disk.
@@ -74,10 +82,7 @@ def create_secondary_disks(vm_id: str, disks: tuple[Disk, ...], replica_dir: str
     result = []
     try:
         for disk in disks:
-            sec = replace(disk, fmt="qcow2",
-                          image=os.path.join(vm_replica, f"disk{disk.index}.qcow2"),
-                          hidden=os.path.join(vm_overlay, f"hidden{disk.index}.qcow2"),
-                          active=os.path.join(vm_overlay, f"active{disk.index}.qcow2"))
+            sec = secondary_disk(vm_id, disk, replica_dir, overlay_dir)
             for path in (sec.image, sec.hidden, sec.active):
                 _create_qcow2(path, disk.size)
                 os.chown(path, owner.pw_uid, owner.pw_gid)

@@ -1,0 +1,121 @@
+"""The vdsm-ft agent of one lab host: its config file, and the process in the host.
+
+The agent runs inside the host's network and mount namespaces, so it sees the host's
+own libvirtd at qemu:///system, as on a real hypervisor. Everything it writes lives
+under the host's directory (or its own tmpfs directory), visible from outside too.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ftlab.host import LabHost
+from vdsm_ft.api import AgentClient, AgentError, TlsFiles, client_context
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_PORT = 54329
+START_TIMEOUT = 30.0
+
+
+class LabAgent:
+    def __init__(self, host: LabHost, etcd_endpoints: list[str], tls: TlsFiles,
+                 client_tls: TlsFiles, heartbeat_interval: float = 0.05,
+                 heartbeat_timeout: float = 0.15,
+                 reach: Callable[..., Any] = lambda fn, *a: fn(*a)):
+        self.host = host
+        self.etcd_endpoints = etcd_endpoints
+        self.tls = tls
+        self.client_tls = client_tls
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        # How this process reaches the host's network (a NetnsWorker's `call` when the
+        # wire is not routed to the root namespace).
+        self.reach = reach
+        self.proc: subprocess.Popen | None = None
+        self.config_path = host.path("ft", "agent.conf")
+        self.overlay_dir = os.path.join("/dev/shm", f"ftlab-{host.name}")
+
+    @property
+    def run_dir(self) -> str:
+        return self.host.path("ft", "run")
+
+    @property
+    def hook_socket(self) -> str:
+        return self.host.path("ft", "agent.sock")
+
+    def write_config(self) -> str:
+        cfg = configparser.ConfigParser(interpolation=None)
+        cfg["host"] = {"id": self.host.name, "replication_address": self.host.address}
+        cfg["agent"] = {"api_port": str(API_PORT), "hook_socket": self.hook_socket,
+                        "run_dir": self.run_dir, "state_dir": self.host.path("ft", "state"),
+                        "heartbeat_interval": str(self.heartbeat_interval),
+                        "heartbeat_timeout": str(self.heartbeat_timeout)}
+        cfg["tls"] = {"ca": self.tls.ca, "cert": self.tls.cert, "key": self.tls.key}
+        cfg["storage"] = {"replica_dir": self.host.path("ft", "replicas"),
+                          "overlay_dir": self.overlay_dir}
+        cfg["libvirt"] = {"uri": "qemu:///system", "qemu_user": "libvirt-qemu"}
+        cfg["etcd"] = {"endpoints": ",".join(self.etcd_endpoints)}
+        os.makedirs(os.path.dirname(self.config_path), mode=0o755, exist_ok=True)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            cfg.write(f)
+        return self.config_path
+
+    def start(self, timeout: float = START_TIMEOUT) -> "LabAgent":
+        self.write_config()
+        env = dict(os.environ, VDSM_FT_CONFIG=self.config_path, PYTHONPATH=REPO)
+        log = open(self.host.path("ft", "agent.log"), "ab")
+        self.proc = self.host.popen(
+            [sys.executable, "-c", "import sys; from vdsm_ft.agent import main; "
+             "sys.exit(main())"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        client = self.client(timeout=1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"agent on {self.host.name} exited with "
+                                       f"{self.proc.returncode}; see {self.log_path}")
+                try:
+                    self.reach(client.host_status)
+                    return self
+                except AgentError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"agent on {self.host.name} did not answer "
+                                           f"within {timeout}s; see {self.log_path}")
+                    time.sleep(0.1)
+        finally:
+            client.close()
+
+    @property
+    def log_path(self) -> str:
+        return self.host.path("ft", "agent.log")
+
+    def client(self, timeout: float = 10.0) -> AgentClient:
+        return AgentClient(self.host.address, API_PORT, client_context(self.client_tls),
+                           timeout=timeout)
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM), as systemd does on restart."""
+        self._signal(signal.SIGTERM)
+
+    def crash(self) -> None:
+        """The agent alone dies; its QEMUs go on."""
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # popen ran nsenter, which execs the agent: the pid is the agent's.
+        os.kill(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)

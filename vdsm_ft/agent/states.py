@@ -1,0 +1,123 @@
+"""The per-VM state machine, as one table.
+
+Each reconcile step observes the VM (its QEMU, its COLO mode, the peer, what was asked)
+and takes the first row whose state and condition match. The row names one action and
+the states that action may lead to; anything else is a bug and is refused. States are
+the ones admins see (api.VmState).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vdsm_ft.api import VmState
+
+S = VmState
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one reconcile step sees, all booleans so the table reads plainly."""
+
+    is_primary: bool
+    launched: bool           # the domain was started (a hook registers before that)
+    qemu_alive: bool
+    in_colo: bool            # query-colo-status mode is this side's role
+    stopping: bool           # an intentional stop (hook or guest shutdown) was seen
+    disable_requested: bool  # unprotect / suspend
+    peer_assigned: bool      # the poller named a peer (primary) or a pair exists
+    peer_lost: bool          # heartbeat + probe, or COLO itself, says the peer is gone
+
+    def holds(self, condition: str) -> bool:
+        return CONDITIONS[condition](self)
+
+
+CONDITIONS = {
+    "always": lambda o: True,
+    "qemu gone": lambda o: o.launched and not o.qemu_alive,
+    "stopping": lambda o: o.stopping,
+    "disable requested": lambda o: o.disable_requested,
+    "peer lost": lambda o: o.peer_lost,
+    "primary, no peer": lambda o: o.is_primary and o.launched and o.qemu_alive
+    and not o.peer_assigned,
+    "primary, peer named": lambda o: o.is_primary and o.qemu_alive and o.peer_assigned,
+    "in COLO": lambda o: o.in_colo,
+    "enabled again": lambda o: not o.disable_requested,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    state: VmState
+    condition: str
+    action: str
+    leads_to: frozenset[VmState]
+
+
+def _row(state: VmState, condition: str, action: str, *leads_to: VmState) -> Row:
+    return Row(state, condition, action, frozenset(leads_to))
+
+
+# First matching row wins, so the safety rows (QEMU gone, intentional stop) come first
+# within each state.
+TABLE: tuple[Row, ...] = (
+    # state               condition              action              may lead to
+    _row(S.STARTING,       "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.STARTING,       "stopping",            "teardown",         S.DOWN),
+    # A secondary whose primary is lost before COLO began holds no consistent copy.
+    _row(S.STARTING,       "peer lost",           "teardown",         S.DOWN),
+    _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),
+    _row(S.STARTING,       "primary, no peer",    "none",             S.NEED_SECONDARY),
+    _row(S.STARTING,       "primary, peer named", "protect",          S.PROTECTED,
+         S.NEED_SECONDARY, S.NOT_PROTECTED),
+
+    _row(S.NEED_SECONDARY, "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.NEED_SECONDARY, "stopping",            "teardown",         S.DOWN),
+    _row(S.NEED_SECONDARY, "disable requested",   "none",             S.DISABLED),
+    _row(S.NEED_SECONDARY, "primary, peer named", "protect",          S.PROTECTED,
+         S.NEED_SECONDARY, S.NOT_PROTECTED),
+
+    _row(S.NOT_PROTECTED,  "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.NOT_PROTECTED,  "stopping",            "teardown",         S.DOWN),
+    _row(S.NOT_PROTECTED,  "disable requested",   "none",             S.DISABLED),
+    _row(S.NOT_PROTECTED,  "primary, peer named", "protect",          S.PROTECTED,
+         S.NEED_SECONDARY, S.NOT_PROTECTED),
+
+    # Syncing is the state while `protect` runs; a step that finds it (agent restart
+    # mid-sync) drops the half-made pair and starts over.
+    _row(S.SYNCING,        "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.SYNCING,        "in COLO",             "none",             S.PROTECTED),
+    _row(S.SYNCING,        "always",              "abandon",          S.NEED_SECONDARY),
+
+    _row(S.PROTECTED,      "stopping",            "teardown",         S.DOWN),
+    _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
+         S.DOWN),
+    _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED),
+
+    _row(S.FAILING_OVER,   "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,
+         S.DOWN),
+
+    _row(S.DISABLED,       "qemu gone",           "mark_down",        S.DOWN),
+    _row(S.DISABLED,       "stopping",            "teardown",         S.DOWN),
+    _row(S.DISABLED,       "enabled again",       "none",             S.NEED_SECONDARY),
+)
+
+
+class IllegalTransition(RuntimeError):
+    """An action ended in a state its row does not allow."""
+
+
+def next_row(state: VmState, seen: Observation) -> Row | None:
+    for row in TABLE:
+        if row.state is state and seen.holds(row.condition):
+            return row
+    return None
+
+
+def check(row: Row, result: VmState) -> VmState:
+    if result not in row.leads_to:
+        raise IllegalTransition(f"{row.action} from {row.state.value} ended in "
+                                f"{result.value}; allowed: "
+                                f"{sorted(s.value for s in row.leads_to)}")
+    return result
