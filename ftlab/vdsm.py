@@ -231,5 +231,6 @@ class Vdsm:
     def _undefine(conn: libvirt.virConnect, name: str) -> None:
         try:
             conn.lookupByName(name).undefine()
-        except libvirt.libvirtError:
-            pass
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise VdsmError(f"cannot undefine VM {name}: {e.get_error_message()}") from None
