@@ -9,7 +9,7 @@ still shows the VM `unknown` on the dead host (docs/engine-view.md).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine_plugin.agents import AgentView
@@ -98,6 +98,7 @@ class _Planner:
         self.hosts = sorted(inv.hosts.values(), key=lambda h: h.name)
         self.fence_proofs: dict[str, set[str]] = {}   # dead host id -> VM ids it proves
         self._groups: dict[str, list[AffinityGroupInfo]] = {}
+        self._vm_hosts: dict[str, str | None] | None = None
 
     def event(self, vm: VmInfo | None, kind: str, gen: int, sev: str, text: str,
               detail: str = "", host_id: str | None = None,
@@ -161,8 +162,9 @@ class _Planner:
                    f"VM {vm.name} has ft=true and {what}. FT is refused: after a failover "
                    f"the engine would restart the VM beside its promoted secondary. Turn off "
                    f"{what} or set ft=false.", detail=what)
-        if primary and primary[1].state not in (VmState.DISABLED, VmState.DOWN):
-            self.plan.actions.append(Unprotect(vm.id, vm.name, self.inv.hosts[primary[0]]))
+        host = self.inv.hosts.get(primary[0]) if primary else None
+        if host and primary[1].state not in (VmState.DISABLED, VmState.DOWN):
+            self.plan.actions.append(Unprotect(vm.id, vm.name, host))
 
     def unreported(self, vm: VmInfo) -> None:
         if vm.status not in RUNNING_VM_STATES or not vm.host_id:
@@ -229,8 +231,7 @@ class _Planner:
     def place(self, vm: VmInfo, primary: HostInfo, st: VmStatus) -> None:
         reprotect = st.failovers > 0
         groups = self.groups(vm.cluster_id)
-        vm_hosts = {v.id: v.host_id for v in self.inv.vms.values()} if groups else {}
-        rules = affinity_rules(vm, groups, vm_hosts)
+        rules = affinity_rules(vm, groups, self.vm_hosts() if groups else {})
         # The VM's cluster is the engine's; a survivor outside it is still placed there.
         choice = choose_peer(vm, primary.id, self.hosts, self.loads, self.limits,
                              self.view.problems, rules)
@@ -249,6 +250,11 @@ class _Planner:
             self.event(vm, "reprotect", st.generation, NORMAL,
                        f"VM {vm.name} is being re-protected on host {peer.name} "
                        f"(primary on {primary.name}).", detail=peer.id)
+
+    def vm_hosts(self) -> dict[str, str | None]:
+        if self._vm_hosts is None:
+            self._vm_hosts = {v.id: v.host_id for v in self.inv.vms.values()}
+        return self._vm_hosts
 
     def groups(self, cluster_id: str) -> list[AffinityGroupInfo]:
         if cluster_id not in self._groups:
@@ -297,9 +303,3 @@ def plan(inv: Inventory, view: AgentView, limits: Limits,
     p.fences()
     return p.plan
 
-
-def summary(plan_: Plan) -> Mapping[str, int]:
-    counts: dict[str, int] = {}
-    for a in plan_.actions:
-        counts[type(a).__name__] = counts.get(type(a).__name__, 0) + 1
-    return counts
