@@ -214,8 +214,14 @@ class EtcdCluster:
 
     def start_member(self, i: int, timeout: float = 30.0) -> None:
         """Restart a stopped member on its existing data dir and wait until it is healthy."""
-        self._spawn(i, state="existing")
-        self._wait_members([i], timeout)
+        self.start_members([i], timeout)
+
+    def start_members(self, indexes: list[int], timeout: float = 30.0) -> None:
+        """Restart several stopped members at once (a member alone cannot become healthy
+        when quorum needs the others too)."""
+        for i in indexes:
+            self._spawn(i, state="existing")
+        self._wait_members(indexes, timeout)
 
     def leader(self, timeout: float = 2.0) -> int | None:
         """Index of the current leader as seen by the first member that answers."""

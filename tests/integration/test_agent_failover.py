@@ -6,6 +6,7 @@ libvirt's own monitor (the agent holds the VM's private QMP socket).
 from __future__ import annotations
 
 import os
+import subprocess
 import shutil
 import tempfile
 import time
@@ -224,3 +225,202 @@ def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
                           after.generation)
     assert holder == "ag-b"
+
+
+def qemu_pid(lab: Lab, host_name: str, name: str) -> int | None:
+    return domains.qemu_pid(name, among=lab.agent(host_name).host.pids())
+
+
+def revive(lab: Lab, host_name: str) -> None:
+    """Bring a crashed lab host back: libvirtd, its etcd member, its agent."""
+    agent = lab.agent(host_name)
+    agent.host.up()
+    index = lab.hosts.index(agent.host)
+    if not lab.etcd.is_running(index):
+        lab.etcd.start_member(index)
+    agent.start()
+
+
+def partition(lab: Lab, a: str, b: str, cut: bool) -> None:
+    """Cut (or heal) the replication link between two hosts, both hosts alive."""
+    ha, hb = lab.agent(a).host, lab.agent(b).host
+    verb = "add" if cut else "del"
+    ha.run(["ip", "route", verb, "blackhole", f"{hb.address}/32"])
+    hb.run(["ip", "route", verb, "blackhole", f"{ha.address}/32"])
+
+
+def test_whole_primary_host_lost(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    write(monitor(lab, "ag-a", vm, False), 0, 0x61)
+    wait_checkpoints(lab, "ag-a", vm.vm_id)
+
+    lab.agent("ag-a").host.crash()
+    try:
+        after = wait_status(lab, "ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+        assert after.role is Role.PRIMARY and after.last_failover.to_host == "ag-b"
+        survivor = monitor(lab, "ag-b", vm, True)
+        assert survivor.execute("query-colo-status")["mode"] == "none"
+        assert holds(lab, "ag-b", vm, survivor, 0, 0x61)
+        assert not holds(lab, "ag-b", vm, survivor, 2 * MiB, 0x61)
+    finally:
+        revive(lab, "ag-a")
+
+
+def test_secondary_lost_primary_carries_on_and_writes_land(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    primary = monitor(lab, "ag-a", vm, False)
+    write(primary, 0, 0x71)
+    wait_checkpoints(lab, "ag-a", vm.vm_id)
+
+    os.kill(qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)), 9)
+
+    after = wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    assert after.role is Role.PRIMARY and after.failovers == 1
+    assert primary.execute("query-colo-status")["mode"] == "none"
+    write(primary, 3 * MiB, 0x72)
+    assert holds(lab, "ag-a", vm, primary, 0, 0x71)
+    assert holds(lab, "ag-a", vm, primary, 3 * MiB, 0x72)
+    assert qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is None
+
+
+@pytest.mark.parametrize("run", range(10))
+def test_partition_leaves_exactly_one_live_copy(lab, run):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    write(monitor(lab, "ag-a", vm, False), 0, 0x80 + run)
+    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    sec_name = domxml.secondary_name(vm.name)
+
+    partition(lab, "ag-a", "ag-b", cut=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            alive = {"ag-a": qemu_pid(lab, "ag-a", vm.name),
+                     "ag-b": qemu_pid(lab, "ag-b", sec_name)}
+            if sum(p is not None for p in alive.values()) == 1:
+                break
+            time.sleep(0.1)
+        assert sum(p is not None for p in alive.values()) == 1, alive
+    finally:
+        partition(lab, "ag-a", "ag-b", cut=False)
+    winner = next(h for h, p in alive.items() if p is not None)
+    won = wait_status(lab, winner, vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    assert won.role is Role.PRIMARY
+    survivor = monitor(lab, winner, vm, winner == "ag-b")
+    assert survivor.execute("query-colo-status")["mode"] == "none"
+    assert holds(lab, winner, vm, survivor, 0, 0x80 + run)
+    holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
+                          won.generation)
+    assert holder == winner
+
+
+def test_stale_secondary_is_never_promoted(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    primary = monitor(lab, "ag-a", vm, False)
+    write(primary, 0, 0x91)
+    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    sec_name = domxml.secondary_name(vm.name)
+    os.kill(qemu_pid(lab, "ag-b", sec_name), 9)
+    wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    write(primary, 1 * MiB, 0x92)            # only the primary has this now
+
+    os.kill(qemu_pid(lab, "ag-a", vm.name), 9)
+
+    down = wait_status(lab, "ag-a", vm.vm_id, VmState.DOWN, timeout=10)
+    assert "ag-a" in down.reason and "last copy" in down.reason
+    time.sleep(1.0)
+    assert qemu_pid(lab, "ag-b", sec_name) is None, "the stale secondary came up"
+    record = lab.net.call(Arbiter(lab.etcd.endpoints).get_pair, vm.vm_id)
+    assert record.state == "Down" and "ag-a" in record.reason
+    image = lab.agent("ag-a").host.path("images", f"{vm.vm_id}.qcow2")
+    for offset, pattern in ((0, 0x91), (1 * MiB, 0x92)):
+        proc = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c",
+                               f"read -P {pattern:#x} {offset} {BLOCK}", image],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_losing_one_etcd_member_changes_nothing(lab):
+    lab.etcd.stop_member(2)
+    try:
+        vm = start_vm(lab, "ag-a")
+        protect(lab, vm, "ag-a", "ag-b")
+        write(monitor(lab, "ag-a", vm, False), 0, 0xA1)
+        wait_checkpoints(lab, "ag-a", vm.vm_id)
+        os.kill(qemu_pid(lab, "ag-a", vm.name), 9)
+        after = wait_status(lab, "ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+        assert holds(lab, "ag-b", vm, monitor(lab, "ag-b", vm, True), 0, 0xA1)
+        assert after.failovers == 1
+    finally:
+        lab.etcd.start_member(2)
+
+
+def test_etcd_unreachable_while_healthy_means_no_failover(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    for i in range(3):
+        lab.etcd.stop_member(i)
+    try:
+        time.sleep(3.0)
+        wait_checkpoints(lab, "ag-a", vm.vm_id)
+        for host in ("ag-a", "ag-b"):
+            now = status(lab, host, vm.vm_id)
+            assert now.state is VmState.PROTECTED and now.failovers == 0
+    finally:
+        lab.etcd.start_members([0, 1, 2])
+
+
+def test_agent_restart_while_protected_keeps_protection(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    for name in ("ag-a", "ag-b"):
+        lab.agent(name).stop()
+        time.sleep(1.0)
+        lab.agent(name).start()
+        wait_checkpoints(lab, "ag-a", vm.vm_id)
+    for host in ("ag-a", "ag-b"):
+        now = status(lab, host, vm.vm_id)
+        assert now.state is VmState.PROTECTED and now.failovers == 0
+    assert monitor(lab, "ag-a", vm, False).execute("query-colo-status")["mode"] == "primary"
+    assert monitor(lab, "ag-b", vm, True).execute("query-colo-status")["mode"] == "secondary"
+
+
+def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):
+    vm = start_vm(lab, "ag-a")
+    wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+    ghost = PeerSpec(host_id="ag-ghost", agent_address="10.77.0.99", agent_port=API_PORT,
+                     replication_address="10.77.0.99")
+    lab.call("ag-a", "protect", vm.vm_id, ghost)
+    deadline = time.monotonic() + 30
+    while "ag-ghost" not in (now := status(lab, "ag-a", vm.vm_id)).reason:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.2)
+    assert now.state is VmState.NEED_SECONDARY
+    assert monitor(lab, "ag-a", vm, False).execute("query-colo-status")["mode"] == "none"
+
+
+def test_full_secondary_disk_directory_is_refused_without_leftovers(lab):
+    vm = start_vm(lab, "ag-a")
+    host_b = lab.agent("ag-b").host
+    replicas = host_b.path("ft", "replicas")
+    os.makedirs(replicas, exist_ok=True)
+    host_b.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", replicas])
+    try:
+        wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+        lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
+        deadline = time.monotonic() + 30
+        while "free" not in (now := status(lab, "ag-a", vm.vm_id)).reason:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.2)
+        assert now.state is VmState.NEED_SECONDARY and "replica" in now.reason
+        assert qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is None
+        listing = host_b.run(["ls", "-A", replicas]).stdout.split()
+        assert listing == []
+        assert not os.path.exists(os.path.join(lab.agent("ag-b").overlay_dir, vm.vm_id))
+        with pytest.raises(Exception):
+            status(lab, "ag-b", vm.vm_id)
+    finally:
+        host_b.run(["umount", replicas])
