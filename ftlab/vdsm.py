@@ -24,6 +24,7 @@ import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Mapping
 
 import libvirt
@@ -94,7 +95,11 @@ class Vdsm:
     """
 
     def __init__(self, hooks_dir: str, libvirt_uri: str, env: Mapping[str, str] | None = None,
-                 pythonpath: tuple[str, ...] = (), hook_timeout: float | None = None):
+                 pythonpath: tuple[str, ...] = (), hook_timeout: float | None = None,
+                 wrap: Callable[[list[str]], list[str]] = list):
+        # `wrap` turns a hook's argv into one that runs on the host, e.g. a lab host's
+        # `nsenter`: real VDSM runs its hooks on the hypervisor itself.
+        self.wrap = wrap
         self.hooks_dir = hooks_dir
         self.libvirt_uri = libvirt_uri
         self.env = dict(os.environ if env is None else env)
@@ -135,7 +140,7 @@ class Vdsm:
                 f.write(data or "")
             env = self._script_env(vm_id, custom, path)
             for script in self.scripts(hook_point):
-                proc = subprocess.run([script], env=env, stdin=subprocess.DEVNULL,
+                proc = subprocess.run(self.wrap([script]), env=env, stdin=subprocess.DEVNULL,
                                       capture_output=True, timeout=self.hook_timeout)
                 err = proc.stderr.decode("utf-8", "replace")
                 runs.append(HookRun(script, proc.returncode, err))
