@@ -168,6 +168,9 @@ def _emulator(xml: str) -> str | None:
     return m.group(1) if m else None
 
 
+ENGINE_XML = "engine.xml"
+
+
 def _owned_run_dir(config: "HostConfig", vm_id: str) -> str:
     """The VM's socket directory, usable by the QEMU user (libvirt does not chown what only
     <qemu:commandline> names)."""
@@ -225,10 +228,24 @@ def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookR
     if refusal:
         return refusal
     try:
-        _owned_run_dir(config, vm_id)
+        run_dir = _owned_run_dir(config, vm_id)
+        _keep_engine_xml(run_dir, xml)
     except HookError as e:
         return _refuse(f"VM {vm_id} cannot be prepared for fault tolerance: {e}")
     return _register(ctx, config, vm_id, xml, new_xml)
+
+
+def _keep_engine_xml(run_dir: str, xml: str) -> None:
+    """The engine's XML beside the VM's sockets: an agent that was down at start time
+    finds the VM there, and needs this XML to derive its secondary."""
+    path = os.path.join(run_dir, ENGINE_XML)
+    try:
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(xml)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise HookError(f"cannot keep the engine XML in {run_dir}: {e}") from None
 
 
 def _check_arbiter(ctx: HookContext, vm_id: str, host: str) -> HookResult | None:

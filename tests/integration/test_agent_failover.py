@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sysconfig
 import shutil
 import tempfile
 import time
@@ -22,16 +23,21 @@ from ftlab.etcd import EtcdCluster, MemberSpec
 from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
 from ftlab.monitor import LibvirtMonitor
+from ftlab.vdsm import Vdsm
 from tests.mtls_pki import issue, make_ca
 from vdsm_ft import domains, domxml
 from vdsm_ft.api import PeerSpec, Role, VmState, VmStatus
 from vdsm_ft.arbiter import Arbiter
-from vdsm_ft.hookapi import HookClient
 from vdsm_ft.layout import Disk, VmLayout
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
 WIRE = "ag-wire"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HOOKS = os.path.join(REPO, "hooks")
+# Hooks run on /usr/bin/python3 (D6); the repo and this interpreter's site-packages
+# stand in for the host package and its dependencies.
+HOOK_PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
 MiB = 1 << 20
 BLOCK = 64 * 1024
 
@@ -103,29 +109,25 @@ class Vm:
     engine_xml: str
 
 
-def start_vm(lab: Lab, host_name: str) -> Vm:
-    """What VDSM does on a start: before_vm_start hook, libvirt, after_vm_start hook."""
+def start_vm(lab: Lab, host_name: str, data_mib: int = 0) -> Vm:
+    """A VM start as VDSM does it on that host: the real hook scripts (run inside the
+    host), then libvirt, then after_vm_start."""
     agent = lab.agent(host_name)
     host = agent.host
     vm_id = str(uuid.uuid4())
     name = f"ag-{vm_id[:8]}"
-    disk = guest.install_disk(guest.build_idle_disk(64 * MiB),
+    disk = guest.install_disk(guest.build_idle_disk(max(64, 2 * data_mib) * MiB),
                               host.path("images", f"{vm_id}.qcow2"))
+    if data_mib:
+        # Real blocks for the resync mirror to copy, so that it takes a while.
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x3c 0 {data_mib}M",
+                        disk], check=True, capture_output=True, timeout=120)
     xml = guest.idle_guest_xml(name, disk, mac=guest.guest_mac(2),
                                serial_log=host.path("images", f"{vm_id}.serial"),
                                vm_id=vm_id)
-    run_dir = os.path.join(agent.run_dir, "vms", vm_id)
-    os.makedirs(run_dir, exist_ok=True)
-    shutil.chown(run_dir, "libvirt-qemu", "kvm")
-    primary = domxml.primary_xml(xml, run_dir, (7, 2, 0))
-    hooks = HookClient(agent.hook_socket)
-    hooks.register(vm_id, xml, primary)
-    conn = host.connect()
-    try:
-        domains.start(conn, primary)
-    finally:
-        conn.close()
-    hooks.started(vm_id)
+    vdsm = Vdsm(HOOKS, host.uri, env=dict(os.environ, VDSM_FT_CONFIG=agent.config_path),
+                pythonpath=HOOK_PYTHONPATH, hook_timeout=60, wrap=host.nsenter)
+    vdsm.start_vm(xml)
     return Vm(vm_id, name, xml)
 
 
@@ -424,3 +426,41 @@ def test_full_secondary_disk_directory_is_refused_without_leftovers(lab):
             status(lab, "ag-b", vm.vm_id)
     finally:
         host_b.run(["umount", replicas])
+
+
+def test_agent_restart_during_syncing_starts_over_and_never_claims_protected(lab):
+    vm = start_vm(lab, "ag-a", data_mib=512)
+    wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+    lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
+    deadline = time.monotonic() + 10
+    while status(lab, "ag-a", vm.vm_id).state is not VmState.SYNCING:
+        assert time.monotonic() < deadline, "never saw Syncing"
+        time.sleep(0.02)
+    lab.agent("ag-a").crash()
+    primary = monitor(lab, "ag-a", vm, False)
+    assert primary.execute("query-colo-status")["mode"] == "none"
+
+    lab.agent("ag-a").start()
+    seen = []
+    deadline = time.monotonic() + 30
+    while not seen or seen[-1] is not VmState.NEED_SECONDARY:
+        assert time.monotonic() < deadline, seen
+        seen.append(status(lab, "ag-a", vm.vm_id).state)
+        time.sleep(0.05)
+    assert VmState.PROTECTED not in seen, seen
+    graph = primary.execute("x-debug-query-block-graph")
+    assert "ft-nbd0" not in {n["name"] for n in graph["nodes"]}, "NBD child left behind"
+    assert qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is None
+
+    protect(lab, vm, "ag-a", "ag-b")           # and it protects cleanly afterwards
+    assert primary.execute("query-colo-status")["mode"] == "primary"
+
+
+def test_vm_started_while_agent_down_is_protected_when_it_returns(lab):
+    lab.agent("ag-c").stop()
+    try:
+        vm = start_vm(lab, "ag-c")              # default policy: starts unprotected
+    finally:
+        lab.agent("ag-c").start()
+    protect(lab, vm, "ag-c", "ag-a")
+    assert monitor(lab, "ag-c", vm, False).execute("query-colo-status")["mode"] == "primary"

@@ -28,6 +28,7 @@ from vdsm_ft.api import (AgentClient, AgentServer, Backend, BadRequest, Conflict
                          client_context)
 from vdsm_ft.arbiter import ARBITER_BOUND_S, Arbiter, ArbiterError, check_fencing_budget
 from vdsm_ft.hookapi import HookBackend, kvm_gid, serve_hooks
+from vdsm_ft.hooks import ENGINE_XML
 from vdsm_ft.layout import Disk, Endpoints
 from vdsm_ft.qmp import QmpError
 
@@ -36,6 +37,8 @@ log = logging.getLogger("vdsm_ft.agent")
 VERSION = "0.1.0"
 # The peer prepares a whole secondary (disk images, domain start, QMP) in one call.
 PREPARE_TIMEOUT = 120.0
+# How often to look for FT VMs the start hook could not register.
+DISCOVERY_INTERVAL = 5.0
 
 
 class Agent(Backend, HookBackend):
@@ -69,6 +72,7 @@ class Agent(Backend, HookBackend):
         for ctl in self._vms.values():
             ctl.start()
             ctl.wake()
+        self.discover()
         self.heartbeat.start()
         self.api = AgentServer((self.config.replication_address, self.config.api_port),
                                self, self.tls)
@@ -166,13 +170,47 @@ class Agent(Backend, HookBackend):
         self.store.delete(rec.vm_id)
         threading.Thread(target=ctl.stop, daemon=True).start()
 
+    def discover(self) -> None:
+        """Adopt FT VMs that started while this agent was down.
+
+        The start hook keeps each VM's engine XML in its run dir; a live QEMU for it
+        without a record here means the hook could not register it.
+        """
+        vms_dir = os.path.join(self.config.run_dir, "vms")
+        try:
+            entries = os.listdir(vms_dir)
+        except FileNotFoundError:
+            return
+        for vm_id in entries:
+            path = os.path.join(vms_dir, vm_id, ENGINE_XML)
+            with self._lock:
+                known = vm_id in self._vms
+            if known or not os.path.exists(path):
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    engine_xml = f.read()
+                name = domxml.layout_from_domxml(engine_xml, "/").name
+            except (OSError, domxml.DomXmlError) as exc:
+                log.warning("ignoring %s: %s", path, exc)
+                continue
+            if domains.qemu_pid(name) is None:
+                continue
+            log.info("%s: found running without a record; adopting it", name)
+            self.register(vm_id, engine_xml, "")
+            self.started(vm_id, None)
+
     # -- monitor: heartbeats out, liveness in ------------------------------------------
 
     def _monitor_loop(self) -> None:
         interval = self.config.heartbeat_interval
+        next_discovery = time.monotonic() + DISCOVERY_INTERVAL
         while not self._stopped.wait(interval):
             try:
                 self._monitor_once()
+                if time.monotonic() > next_discovery:
+                    next_discovery = time.monotonic() + DISCOVERY_INTERVAL
+                    self.discover()
             except Exception:  # the monitor must outlive any single bad record
                 log.exception("monitor step failed")
 
