@@ -38,7 +38,7 @@ def serve(n_vms: int, n_hosts: int, workdir: str, conn) -> None:
     from ftlab.engine.fake_engine import FakeEngine
     from ftlab.engine.model import GiB, Hook
     from tests.integration.scripted_agents import ScriptedBackend, free_port_on
-    from tests.mtls_pki import issue, make_ca
+    from ftlab.pki import issue, make_ca
     from vdsm_ft.api import AgentServer, Role, VmState, VmStatus
 
     pki = Path(workdir) / "pki"

@@ -13,7 +13,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from tests.mtls_pki import issue, make_ca
+from ftlab.pki import issue, make_ca
 from vdsm_ft.api import (AgentServer, Backend, Conflict, HostStatus, NotFound, PeerSpec,
                          PrepareSecondary, Role, SecondaryReady, TlsFiles, VmState, VmStatus)
 

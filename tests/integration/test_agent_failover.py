@@ -24,7 +24,7 @@ from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
 from ftlab.monitor import LibvirtMonitor
 from ftlab.vdsm import Vdsm
-from tests.mtls_pki import issue, make_ca
+from ftlab.pki import issue, make_ca
 from vdsm_ft import domains, domxml
 from vdsm_ft.api import PeerSpec, Role, VmState, VmStatus
 from vdsm_ft.arbiter import Arbiter

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.mtls_pki import issue, make_ca
+from ftlab.pki import issue, make_ca
 from vdsm_ft import api
 from vdsm_ft.api import (AgentClient, AgentServer, AgentTimeout, AgentUnreachable, Backend,
                          BadRequest, Conflict, Failover, HostStatus, NotFound, PeerSpec,

@@ -1,5 +1,6 @@
-"""A throw-away CA with agent (server+client) and poller (client) certificates, for the
-agent API's mutual TLS in tests and benchmarks. Made with the openssl CLI, argv only."""
+"""The lab CA: a throw-away CA with agent (server+client), poller (client) and engine
+(server) certificates, for mutual TLS in the lab, the tests and the benchmarks. Made
+with the openssl CLI, argv only."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ def _openssl(*args: str) -> None:
         raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.decode(errors='replace')}")
 
 
-def make_ca(directory: Path, name: str = "vdsm-ft test CA") -> tuple[Path, Path]:
+def make_ca(directory: Path, name: str = "vdsm-ft lab CA") -> tuple[Path, Path]:
     """A self-signed EC CA; returns (cert, key). Keys are written under umask 077."""
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "ca.pem", directory / "ca.key"
