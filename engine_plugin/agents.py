@@ -10,7 +10,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine_plugin.config import AgentSettings
@@ -63,6 +63,7 @@ class Agents:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.workers,
                                         thread_name_prefix="agent-status")
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-poll")
 
     def client(self, host: HostInfo) -> AgentClient:
         key = (host.address, self.settings.port)
@@ -94,6 +95,10 @@ class Agents:
                 view.problems[h.id] = problem
         return view
 
+    def poll_async(self, hosts: Iterable[HostInfo]) -> Future[AgentView]:
+        """`poll` in the background (the poller overlaps it with the engine's VM list)."""
+        return self._background.submit(self.poll, list(hosts))
+
     def _status(self, host: HostInfo) -> tuple[HostStatus | None, str]:
         try:
             status = self.client(host).host_status()
@@ -105,6 +110,7 @@ class Agents:
         return status, ""
 
     def close(self) -> None:
+        self._background.shutdown(wait=False)
         self._pool.shutdown(wait=False)
         for c in self._clients.values():
             c.close()

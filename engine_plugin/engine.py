@@ -122,15 +122,21 @@ class Engine:
 
     # ---------------------------------------------------------------- reads
 
-    def inventory(self) -> Inventory:
-        """All hosts (hooks inlined) and all VMs: two calls, whatever the sizes."""
+    def inventory(self, hosts_listed: Callable[[Inventory], None] | None = None) -> Inventory:
+        """All hosts (hooks inlined) and all VMs: two calls, whatever the sizes.
+
+        `hosts_listed(inv)` runs between the two calls, with `inv.hosts` filled, so the
+        caller can start asking the agents while the (much longer) VM list loads.
+        """
         hosts = self._call("list hosts", lambda c: c.system_service().hosts_service()
                            .list(follow="hooks"))
-        vms = self._call("list VMs", lambda c: c.system_service().vms_service().list())
         inv = Inventory()
         for h in hosts:
             info = self._host(h)
             inv.hosts[info.id] = info
+        if hosts_listed is not None:
+            hosts_listed(inv)
+        vms = self._call("list VMs", lambda c: c.system_service().vms_service().list())
         for v in vms:
             info = _vm(v)
             inv.vms[info.id] = info

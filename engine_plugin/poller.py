@@ -95,8 +95,10 @@ class Poller:
             if not self._seeded:
                 self.events.seed(self.engine.recent_event_ids())
                 self._seeded = True
-            inv = self.engine.inventory()
-            view = self.agents.poll(inv.hosts.values())
+            polling: list = []
+            inv = self.engine.inventory(
+                lambda partial: polling.append(self.agents.poll_async(partial.hosts.values())))
+            view = polling[0].result()
             plan = reconcile.plan(inv, view, self.settings.poller.limits,
                                   self.engine.affinity_groups)
         except EngineError as e:

@@ -254,7 +254,9 @@ class VmStatus:
             raise BadRequest(f"VM {self.vm_id}: state 'Not Protected' needs a reason")
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        # Not dataclasses.asdict: it deep-copies, and an agent serializes every VM of its
+        # host on each poll.
+        data = dict(self.__dict__)
         data["state"] = self.state.value
         data["role"] = self.role.value
         data["last_failover"] = self.last_failover.to_dict() if self.last_failover else None
