@@ -49,7 +49,7 @@ def serve(n_vms: int, n_hosts: int, workdir: str, conn) -> None:
     port = free_port_on(addresses[:20])
     engine = FakeEngine(users={USER: PASSWORD}, workdir=Path(workdir) / "engine")
     info = engine.start()
-    hook = [Hook("before_vm_start", "50_vdsm_ft", "0" * 32)]
+    hook = [Hook("before_vm_start", "50_ft", "0" * 32)]
     hosts = [engine.add_host(f"host{i:03d}", address=addresses[i], memory=1024 * GiB,
                              hooks=hook) for i in range(n_hosts)]
     backends = [ScriptedBackend(h.id, f"10.9.{i // 250}.{i % 250}") for i, h in enumerate(hosts)]

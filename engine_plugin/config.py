@@ -21,7 +21,7 @@ printed (`EngineSettings.__repr__` hides it).
     [placement]
     max_vms_per_host = 4
     max_vcpus_per_host = 8
-    hook_name = 50_vdsm_ft
+    hook_name = 50_ft
 
     [poller]
     interval = 10
@@ -83,7 +83,7 @@ class AgentSettings:
 @dataclass(frozen=True)
 class PollerSettings:
     interval: float = 10.0
-    hook_name: str = "50_vdsm_ft"
+    hook_name: str = "50_ft"
     limits: Limits = Limits()
     etcd_endpoints: tuple[str, ...] = ()
     lease_ttl: int = 15

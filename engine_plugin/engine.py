@@ -90,7 +90,7 @@ def _fault(e: Exception, text: str) -> str:
 class Engine:
     """One engine connection; not thread-safe (the SDK serializes it anyway)."""
 
-    def __init__(self, settings: EngineSettings, hook_name: str = "50_vdsm_ft"):
+    def __init__(self, settings: EngineSettings, hook_name: str = "50_ft"):
         self.settings = settings
         self.hook_name = hook_name
         self._conn: sdk.Connection | None = None

@@ -27,8 +27,11 @@ class LabAgent:
     def __init__(self, host: LabHost, etcd_endpoints: list[str], tls: TlsFiles,
                  client_tls: TlsFiles, heartbeat_interval: float = 0.05,
                  heartbeat_timeout: float = 0.15,
-                 reach: Callable[..., Any] = lambda fn, *a: fn(*a)):
+                 reach: Callable[..., Any] = lambda fn, *a: fn(*a), host_id: str = ""):
         self.host = host
+        # The engine's id of this host: the poller ignores an agent answering for
+        # another id. Tests without an engine use the lab host's name.
+        self.host_id = host_id or host.name
         self.etcd_endpoints = etcd_endpoints
         self.tls = tls
         self.client_tls = client_tls
@@ -51,7 +54,7 @@ class LabAgent:
 
     def write_config(self) -> str:
         cfg = configparser.ConfigParser(interpolation=None)
-        cfg["host"] = {"id": self.host.name, "replication_address": self.host.address}
+        cfg["host"] = {"id": self.host_id, "replication_address": self.host.address}
         cfg["agent"] = {"api_port": str(API_PORT), "hook_socket": self.hook_socket,
                         "run_dir": self.run_dir, "state_dir": self.host.path("ft", "state"),
                         "heartbeat_interval": str(self.heartbeat_interval),

@@ -18,7 +18,7 @@ from tests.integration.scripted_agents import AgentFleet, primary_status
 from vdsm_ft.api import Role, VmState, VmStatus
 
 USER, PASSWORD = "admin@internal", "cli-pass-8f2"
-HOOK = [Hook("before_vm_start", "50_vdsm_ft", "0" * 32)]
+HOOK = [Hook("before_vm_start", "50_ft", "0" * 32)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

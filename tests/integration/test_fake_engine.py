@@ -179,7 +179,7 @@ def test_unknown_vm_is_not_found(conn):
 
 def test_hosts_report_memory_status_and_hooks(engine, conn):
     h1 = engine.add_host("h1", memory=16 * GiB, reserved_memory=1 * GiB,
-                         hooks=[Hook("before_vm_start", "50_vdsm_ft", "0f1e")])
+                         hooks=[Hook("before_vm_start", "50_ft", "0f1e")])
     engine.add_vm("big", host="h1", memory=4 * GiB)
     host = conn.system_service().hosts_service().host_service(h1.id)
     got = host.get()
@@ -187,7 +187,7 @@ def test_hosts_report_memory_status_and_hooks(engine, conn):
     assert got.max_scheduling_memory == 11 * GiB
     hooks = host.hooks_service().list()
     assert [(k.event_name, k.name, k.md5) for k in hooks] == \
-        [("before_vm_start", "50_vdsm_ft", "0f1e")]
+        [("before_vm_start", "50_ft", "0f1e")]
     engine.set_host_hooks("h1", [])
     assert host.hooks_service().list() == []
 
@@ -290,12 +290,12 @@ def test_start_refused_by_memory_and_negative_affinity(engine, conn):
 
 
 def test_hosts_list_can_inline_hooks_and_affinity_labels_work(engine, conn):
-    h1 = engine.add_host("h1", hooks=[Hook("before_vm_start", "50_vdsm_ft", "aa")])
+    h1 = engine.add_host("h1", hooks=[Hook("before_vm_start", "50_ft", "aa")])
     engine.add_host("h2")
     vm = engine.add_vm("vm1")
     hosts = conn.system_service().hosts_service().list(follow="hooks")
     by_name = {h.name: h for h in hosts}
-    assert [k.name for k in by_name["h1"].hooks] == ["50_vdsm_ft"]
+    assert [k.name for k in by_name["h1"].hooks] == ["50_ft"]
     assert not by_name["h2"].hooks
     labels = conn.system_service().affinity_labels_service()
     label = labels.add(types.AffinityLabel(name="ft-capable"))

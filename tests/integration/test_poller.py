@@ -23,7 +23,7 @@ from tests.integration.scripted_agents import AgentFleet, primary_status
 from vdsm_ft.api import Failover, Role, VmState, VmStatus
 
 USER, PASSWORD = "ft-poller@internal", "s3cret-poller"
-FT_HOOK = [Hook("before_vm_start", "50_vdsm_ft", "0" * 32)]
+FT_HOOK = [Hook("before_vm_start", "50_ft", "0" * 32)]
 HOSTS = ["h1", "h2", "h3", "h4"]
 
 
