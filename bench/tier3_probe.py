@@ -89,7 +89,7 @@ def _serial_tail(path: str) -> str:
             if lines else "no serial output at all")
 
 
-def probe_boot(lab, xml: str, serial_log: str, client_ns: str):
+def probe_boot(lab, xml: str, serial_log: str, client_ns: str, kvm_kind: str = "KVM"):
     """Start the Linux guest under KVM; (pair, primary, seconds to ready) or exit."""
     from ftlab import guest, netns
     from ftlab.colopair import ColoPair
@@ -114,7 +114,7 @@ def probe_boot(lab, xml: str, serial_log: str, client_ns: str):
     if ready_at is None:
         not_measurable(f"the Linux test guest under KVM did not print "
                        f"{guest.READY_LINE} within {BOOT_TIMEOUT_S:.0f} s of domain start "
-                       f"({tail}); nested KVM here cannot run a Linux guest at speed")
+                       f"({tail}); {kvm_kind} here does not run a Linux guest at speed")
     not_measurable(f"the guest printed {guest.READY_LINE} after {ready_at:.1f} s but its "
                    f"HTTP counter did not answer the client by {BOOT_TIMEOUT_S:.0f} s")
 
@@ -186,7 +186,9 @@ def main() -> None:
             xml = guest.engine_domain_xml(guest.EngineVm(
                 name=f"b3-{vm_id[:8]}", disk=disk, vm_id=vm_id, mac=guest.guest_mac(1),
                 memory_mib=256, domain_type="kvm", serial_log=serial_log))
-            pair, primary, boot_s = probe_boot(lab, xml, serial_log, client_ns)
+            kvm_kind = ("nested KVM" if info["virtualization"].startswith("virtualized")
+                        else "KVM")
+            pair, primary, boot_s = probe_boot(lab, xml, serial_log, client_ns, kvm_kind)
             print(f"tier 3 probe: Linux guest under KVM served its counter {boot_s:.1f} s "
                   "after domain start")
             try:
