@@ -1,0 +1,148 @@
+"""Where a lab keeps its files, and `lab.json`, the state that every `vdsm-ft lab`
+command reads.
+
+The supervisor writes `lab.json` (atomically, mode 0644: it names files but holds no
+secret). The engine password lives only in `engine-password` (0600) and in the
+poller's 0600 settings file.
+
+    <lab dir>/lab.json            state: endpoints, pids, paths (LabState)
+    <lab dir>/supervisor.pid      the supervisor process (fake engine, VDSM stand-ins)
+    <lab dir>/poller.pid          the poller process
+    <lab dir>/control.sock        the supervisor's control socket (0600)
+    <lab dir>/engine-password     the engine admin password (0600)
+    <lab dir>/hosts/<host>/       each lab host (ftlab.host.LabHost)
+    <lab dir>/pki/                the lab CA, host and poller certificates
+    <lab dir>/etcd/  engine/  cache/  logs/
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_LAB_DIR = "/var/lib/vdsm-ft-lab"
+LAB_DIR_ENV = "VDSM_FT_LAB_DIR"
+HOST_PREFIX = "host"                 # lab hosts are host1, host2, ... (netns ftlab-host1 ...)
+DEFAULT_HOSTS = 3
+MAX_HOSTS = 9
+DEFAULT_ENGINE_PORT = 8443
+ENGINE_USER = "admin@internal"
+HOOK_NAME = "50_ft"                  # the script name in hooks/<point>/ that VDSM reports
+
+
+class LabStateError(RuntimeError):
+    """No lab here, or its state file is unreadable."""
+
+
+def lab_dir(explicit: str | None = None) -> str:
+    return os.path.abspath(explicit or os.environ.get(LAB_DIR_ENV) or DEFAULT_LAB_DIR)
+
+
+def host_name(index: int) -> str:
+    return f"{HOST_PREFIX}{index}"
+
+
+@dataclass
+class HostInfo:
+    name: str
+    index: int
+    address: str
+    netns: str
+    uri: str
+    dir: str
+    agent_config: str
+    run_dir: str
+
+
+@dataclass
+class LabState:
+    state: str                       # starting | ready | failed
+    lab_dir: str
+    error: str = ""
+    hosts: list[HostInfo] = field(default_factory=list)
+    engine_url: str = ""
+    engine_user: str = ENGINE_USER
+    engine_ca: str = ""              # the engine's CA, for ovirtsdk4's ca_file
+    password_file: str = ""
+    lab_ca: str = ""                 # the lab CA (agents' mutual TLS)
+    client_cert: str = ""            # a client certificate of the lab CA (the poller's)
+    client_key: str = ""
+    etcd_endpoints: list[str] = field(default_factory=list)
+    supervisor_pid: int = 0
+    poller_pid: int = 0
+    control_socket: str = ""
+    started_at: float = 0.0
+
+    def host(self, name: str) -> HostInfo:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise LabStateError(f"no lab host {name!r}; the lab has "
+                            f"{', '.join(h.name for h in self.hosts)}")
+
+
+class LabPaths:
+    """The files of the lab in `root` (see the module docstring)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        j = lambda name: os.path.join(root, name)  # noqa: E731
+        self.state = j("lab.json")
+        self.supervisor_pid = j("supervisor.pid")
+        self.poller_pid = j("poller.pid")
+        self.control = j("control.sock")
+        self.password = j("engine-password")
+        self.poller_conf = j("poller.conf")
+        self.hosts = j("hosts")
+        self.pki = j("pki")
+        self.etcd = j("etcd")
+        self.engine = j("engine")
+        self.cache = j("cache")
+        self.logs = j("logs")
+
+
+def write_state(state: LabState) -> None:
+    paths = LabPaths(state.lab_dir)
+    tmp = paths.state + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(asdict(state), f, indent=2)
+    os.replace(tmp, paths.state)
+
+
+def read_state(root: str) -> LabState:
+    path = LabPaths(root).state
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise LabStateError(f"no lab in {root} (no {path}); run `vdsm-ft lab up` first") \
+            from None
+    except (OSError, ValueError) as e:
+        raise LabStateError(f"cannot read {path}: {e}; run `vdsm-ft lab down` to clear "
+                            "the remains") from None
+    hosts = [HostInfo(**h) for h in data.pop("hosts", [])]
+    return LabState(hosts=hosts, **data)
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_pid(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{pid}\n")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # A zombie has exited; only its parent has not reaped it yet.
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
