@@ -1,0 +1,248 @@
+"""The security rules vdsm-ft enforces (docs/security.md), each against the real part:
+settings files with secrets refused unless private, the hook socket's mode and who can
+connect, QEMU option escaping checked by QEMU's own parser, and mutual TLS on the agent
+API refusing certificates from another CA."""
+from __future__ import annotations
+
+import grp
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from engine_plugin import cli, config as poller_config
+from ftlab.pki import issue, make_ca
+from vdsm_ft import api, domxml, hookapi, hostconfig
+from vdsm_ft.agent.store import Store, VmRecord
+from vdsm_ft.api import AgentClient, AgentServer, AgentUnreachable, Backend, NotFound, Role
+
+SECRET = "s3cr3t-Pa55word"
+TIMEOUT = 30
+
+
+# ------------------------------------------------------------ files holding secrets
+
+def _poller_conf(tmp_path: Path, mode: int) -> Path:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    path = tmp_path / "poller.conf"
+    path.write_text("[engine]\nurl = https://engine.example.com/ovirt-engine/api\n"
+                    f"username = ft@internal\npassword = {SECRET}\nca_file = {ca}\n")
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o666])
+def test_poller_conf_refused_unless_0600(tmp_path, mode):
+    path = _poller_conf(tmp_path, mode)
+    with pytest.raises(poller_config.ConfigError, match=f"chmod 600 {path}") as err:
+        poller_config.load(str(path), env={})
+    assert SECRET not in str(err.value)
+
+
+def test_poller_conf_0600_is_accepted_and_the_password_never_shown(tmp_path):
+    settings = poller_config.load(str(_poller_conf(tmp_path, 0o600)), env={})
+    assert settings.engine.password == SECRET
+    assert SECRET not in repr(settings)
+
+
+def test_cli_has_no_password_option():
+    """Secrets never go on a command line, where `ps` shows them."""
+    def options(p):
+        for action in p._actions:
+            yield from action.option_strings
+            for sub in (getattr(action, "choices", None) or {}).values():
+                if hasattr(sub, "_actions"):
+                    yield from options(sub)
+    found = list(options(cli.parser()))
+    assert "--config" in found and "--to" in found
+    assert not [o for o in found if "pass" in o or "secret" in o or "token" in o]
+
+
+def _agent_conf(tmp_path: Path, mode: int, password: bool) -> Path:
+    path = tmp_path / "agent.conf"
+    text = ("[host]\nid = host-a\nreplication_address = 192.0.2.11\n"
+            "[etcd]\nendpoints = https://etcd1:2379\n")
+    if password:
+        text += f"username = vdsm-ft\npassword = {SECRET}\n"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o660, 0o604])
+def test_agent_conf_with_an_etcd_password_refused_unless_0600(tmp_path, mode):
+    path = _agent_conf(tmp_path, mode, password=True)
+    with pytest.raises(hostconfig.ConfigError, match=rf"\[etcd\] password.*chmod 600") as err:
+        hostconfig.load(str(path))
+    assert SECRET not in str(err.value)
+
+
+def test_agent_conf_0600_with_password_and_0640_without_are_accepted(tmp_path):
+    cfg = hostconfig.load(str(_agent_conf(tmp_path, 0o600, password=True)))
+    assert cfg.etcd_password == SECRET and SECRET not in repr(cfg)
+    # The shipped mode: root:kvm 0640 so the hooks (vdsm:kvm) can read it, no secret in it.
+    assert hostconfig.load(str(_agent_conf(tmp_path, 0o640, password=False))).host_id == "host-a"
+
+
+def test_agent_records_are_private(tmp_path):
+    """The persisted records hold each VM's engine XML (disks, networks)."""
+    store = Store(str(tmp_path / "vms"))
+    vm_id = str(uuid.uuid4())
+    store.save(VmRecord(vm_id=vm_id, name="vm", role=Role.PRIMARY, engine_xml="<domain/>"))
+    assert stat.S_IMODE(os.stat(tmp_path / "vms").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "vms" / f"{vm_id}.json").st_mode) == 0o600
+
+
+# --------------------------------------------------------------------- hook socket
+
+class _NoHooks(hookapi.HookBackend):
+    def register(self, vm_id, engine_xml, primary_xml):
+        raise hookapi.AgentRefused("test")
+
+    def started(self, vm_id, live_xml):
+        pass
+
+    def stopping(self, vm_id):
+        pass
+
+    def destroyed(self, vm_id):
+        pass
+
+
+CONNECT = ("import socket, sys\n"
+           "s = socket.socket(socket.AF_UNIX)\n"
+           "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n")
+
+
+def test_hook_socket_is_0660_and_only_its_group_can_connect():
+    if os.geteuid() != 0:
+        pytest.fail("this test switches users to connect, so it must run as root")
+    group = grp.getgrnam("kvm")
+    directory = tempfile.mkdtemp(prefix="vdsm-ft-sock-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "agent.sock")
+    server = hookapi.serve_hooks(path, _NoHooks(), group.gr_gid)
+    try:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == hookapi.SOCKET_MODE == 0o660
+        assert (st.st_uid, st.st_gid) == (0, group.gr_gid)
+
+        def connect_as(user: str, grp_name: str) -> int:
+            return subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT, path],
+                                  user=user, group=grp_name, extra_groups=[],
+                                  timeout=TIMEOUT).returncode
+
+        assert connect_as("nobody", "nogroup") == 13     # neither owner nor group
+        assert connect_as("nobody", group.gr_name) == 0  # the group VDSM's hooks run in
+    finally:
+        server.close()
+        shutil.rmtree(directory)
+
+
+# ------------------------------------------------------------- QEMU option escaping
+
+def test_escaped_path_cannot_inject_options_qemu_parses_it_back(tmp_path):
+    """A comma in a path must not start a new option: QEMU's own keyval parser (through
+    qemu-img --image-opts) opens exactly the file named."""
+    if shutil.which("qemu-img") is None:
+        pytest.fail("qemu-img is not installed (.ci/run installs qemu-utils)")
+    evil = tmp_path / "disk,driver=null-co,size=1G"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(evil), "3M"], check=True,
+                   timeout=TIMEOUT)
+    opts = f"driver=file,filename={domxml.qemu_escape(str(evil))}"
+    assert opts.count(",,") == 2
+    proc = subprocess.run(["qemu-img", "info", "--output=json", "--image-opts", opts],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert '"virtual-size": 3145728' in proc.stdout and '"format": "file"' in proc.stdout
+    # Unescaped, the same path would have been three options (the control).
+    raw = subprocess.run(["qemu-img", "info", "--output=json", "--image-opts",
+                          f"driver=file,filename={evil}"],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert raw.returncode != 0 or '"virtual-size": 3145728' not in raw.stdout
+
+
+# ------------------------------------------------------------------- mutual TLS
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    engine_ca = make_ca(d / "engine", "engine CA")
+    rogue_ca = make_ca(d / "rogue", "rogue CA")
+    return {
+        "agent": issue(d / "engine", engine_ca, "agent", addresses=["127.0.0.1"]),
+        "poller": issue(d / "engine", engine_ca, "poller"),
+        # Same names as the real ones, signed by another CA.
+        "rogue_poller": issue(d / "rogue", rogue_ca, "poller"),
+        "rogue_agent": issue(d / "rogue", rogue_ca, "agent", addresses=["127.0.0.1"]),
+    }
+
+
+class _Recorder(Backend):
+    """Every endpoint records the call and answers 404: enough to see who got through."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+
+for _name in Backend.__abstractmethods__:
+    def _method(self, *args, _name=_name):
+        self.calls.append(_name)
+        raise NotFound("nothing here")
+    setattr(_Recorder, _name, _method)
+_Recorder.__abstractmethods__ = frozenset()
+
+
+@pytest.fixture
+def agent(pki):
+    backend = _Recorder()
+    server = AgentServer(("127.0.0.1", 0), backend, pki["agent"])
+    server.start()
+    yield server, backend
+    server.shutdown()
+    server.server_close()
+
+
+def _client(files: api.TlsFiles, port: int, ca: str | None = None) -> AgentClient:
+    tls = api.TlsFiles(cert=files.cert, key=files.key, ca=ca or files.ca)
+    return AgentClient("127.0.0.1", port, api.client_context(tls), timeout=3)
+
+
+def test_engine_signed_client_reaches_the_backend(pki, agent):
+    server, backend = agent
+    with pytest.raises(api.NotFound):
+        _client(pki["poller"], server.port).host_status()
+    assert backend.calls == ["host_status"]
+
+
+def test_client_cert_from_another_ca_is_rejected_by_the_agent(pki, agent):
+    server, backend = agent
+    # The intruder trusts the engine CA, so only the agent's check can stop it.
+    client = _client(pki["rogue_poller"], server.port, ca=pki["agent"].ca)
+    with pytest.raises(AgentUnreachable):
+        client.host_status()
+    with pytest.raises(AgentUnreachable):
+        client.protect("vm-1", api.PeerSpec("host-b", "127.0.0.2", 54329, "127.0.0.2"))
+    assert backend.calls == []
+
+
+def test_agent_cert_from_another_ca_is_rejected_by_the_client(pki):
+    backend = _Recorder()
+    impostor = AgentServer(("127.0.0.1", 0), backend,
+                           api.TlsFiles(cert=pki["rogue_agent"].cert, key=pki["rogue_agent"].key,
+                                        ca=pki["agent"].ca))
+    impostor.start()
+    try:
+        with pytest.raises(AgentUnreachable, match="TLS"):
+            _client(pki["poller"], impostor.port).host_status()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert backend.calls == []
