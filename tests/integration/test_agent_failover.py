@@ -5,10 +5,12 @@ libvirt's own monitor (the agent holds the VM's private QMP socket).
 """
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sysconfig
 import shutil
+import ssl
 import tempfile
 import time
 import uuid
@@ -26,7 +28,7 @@ from ftlab.monitor import LibvirtMonitor
 from ftlab.vdsm import Vdsm
 from ftlab.pki import issue, make_ca
 from vdsm_ft import domains, domxml
-from vdsm_ft.api import PeerSpec, Role, VmState, VmStatus
+from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, VmStatus, client_context
 from vdsm_ft.arbiter import Arbiter
 from vdsm_ft.layout import Disk, VmLayout
 
@@ -464,3 +466,41 @@ def test_vm_started_while_agent_down_is_protected_when_it_returns(lab):
         lab.agent("ag-c").start()
     protect(lab, vm, "ag-c", "ag-a")
     assert monitor(lab, "ag-c", vm, False).execute("query-colo-status")["mode"] == "primary"
+
+
+def test_real_agent_rejects_malformed_requests_and_foreign_certificates(lab, tmp_path):
+    host = lab.agent("ag-a").host
+    good = lab.agent("ag-a").client_tls
+
+    def post(tls, body: bytes) -> tuple[int, bytes]:
+        ctx = client_context(tls)
+        conn = http.client.HTTPSConnection(host.address, API_PORT, context=ctx, timeout=5)
+        try:
+            conn.request("POST", f"/v1/vms/{uuid.uuid4()}/protect", body=body,
+                         headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, reply.read()
+        finally:
+            conn.close()
+
+    status_code, body = lab.net.call(post, good, b"{not json")
+    assert status_code == 400 and b"JSON" in body
+    status_code, body = lab.net.call(post, good, b'{"peer": {"host_id": 7}}')
+    assert status_code == 400 and b"host_id" in body
+
+    other_ca = make_ca(tmp_path / "other")
+    stranger = issue(tmp_path / "other", other_ca, "stranger")
+    stranger = TlsFiles(cert=stranger.cert, key=stranger.key, ca=good.ca)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        lab.net.call(post, stranger, b"{}")
+    assert lab.call("ag-a", "host_status").host_id == "ag-a"   # still serving
+
+
+def test_status_reports_replication_traffic_while_protected(lab):
+    vm = start_vm(lab, "ag-a", data_mib=16)
+    protect(lab, vm, "ag-a", "ag-b")
+    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    now = status(lab, "ag-a", vm.vm_id)
+    # The resync alone carried the 16 MiB written before protection.
+    assert now.replication_bytes >= 16 * MiB, now
+    assert now.checkpoints_per_minute > 0 and now.last_checkpoint_pause_ms is not None

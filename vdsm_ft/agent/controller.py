@@ -19,6 +19,7 @@ from vdsm_ft import colo, domains, domxml
 from vdsm_ft.agent import states
 from vdsm_ft.agent.checkpoints import CheckpointStats
 from vdsm_ft.agent.store import VmRecord
+from vdsm_ft.agent.traffic import TrafficMeter
 from vdsm_ft.api import AgentError, Failover, PrepareSecondary, Role, VmState, VmStatus
 from vdsm_ft.arbiter import ArbiterError
 from vdsm_ft.layout import Disk, Endpoints, Nic, VmLayout
@@ -42,6 +43,7 @@ class VmController:
         self._removed = threading.Event()
         self.qmp: Qmp | None = None
         self.stats = CheckpointStats()
+        self.traffic = TrafficMeter()
         self._pid: int | None = None
         self._peer_lost_at: float | None = None
         self._peer_lost_why = ""
@@ -246,6 +248,7 @@ class VmController:
                 disks=tuple((d.index, d.size) for d in layout.disks),
                 nics=tuple((n.index, n.netdev, n.mac) for n in layout.nics),
                 mirror_ports=tuple(ports[0::2]), compare_ports=tuple(ports[1::2])))
+            self.update(peer_ports=(ready.migration_port, ready.nbd_port))
             ep = ready.endpoints(self.agent.config.replication_address,
                                  peer.replication_address, tuple(ports[0::2]),
                                  tuple(ports[1::2]))
@@ -370,12 +373,17 @@ class VmController:
         reason = rec.reason
         if rec.state is VmState.NOT_PROTECTED and not reason:
             reason = "unknown"
+        sent = 0
+        if rec.role is Role.PRIMARY and rec.peer is not None and rec.peer_ports:
+            sent = self.traffic.read(rec.peer.replication_address, rec.peer_ports)
         return VmStatus(vm_id=rec.vm_id, name=rec.name, state=rec.state, role=rec.role,
                         reason=reason, primary_host=primary, secondary_host=secondary,
                         generation=rec.generation, suspended=rec.suspended,
                         checkpoints_per_minute=self.stats.per_minute(),
                         last_checkpoint_pause_ms=self.stats.last_pause_ms(),
                         lag_seconds=self.stats.lag_seconds(),
+                        replication_bytes=sent,
+                        replication_bytes_per_second=self.traffic.rate if sent else 0.0,
                         failovers=rec.failovers, last_failover=rec.last_failover)
 
 

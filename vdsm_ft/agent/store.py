@@ -31,6 +31,7 @@ class VmRecord:
     generation: int = 0
     peer: PeerSpec | None = None  # the other member (secondary of a primary and back)
     ports: dict[str, list[int]] = field(default_factory=dict)
+    peer_ports: tuple[int, ...] = ()  # the secondary's migration and NBD ports
     disk_sizes: tuple[int, ...] = ()
     was_secondary: bool = False   # its NICs carry a filter-rewriter (colo.md §9.2)
     suspended: bool = False
@@ -49,6 +50,7 @@ class VmRecord:
         data["peer"] = self.peer.to_dict() if self.peer else None
         data["last_failover"] = self.last_failover.to_dict() if self.last_failover else None
         data["disk_sizes"] = list(self.disk_sizes)
+        data["peer_ports"] = list(self.peer_ports)
         return data
 
     @classmethod
@@ -60,6 +62,7 @@ class VmRecord:
         data["last_failover"] = (Failover.from_dict(data["last_failover"])
                                  if data.get("last_failover") else None)
         data["disk_sizes"] = tuple(data.get("disk_sizes", ()))
+        data["peer_ports"] = tuple(data.get("peer_ports", ()))
         return cls(**data)
 
 
