@@ -367,6 +367,10 @@ class VmController:
 
     def status(self) -> VmStatus:
         rec = self.record
+        if rec.state is VmState.STARTING and rec.role is Role.SECONDARY:
+            # The primary polls this while it waits for COLO to begin: look now rather
+            # than at the next tick.
+            self.wake()
         me = self.agent.config.host_id
         peer = rec.peer.host_id if rec.peer else None
         primary, secondary = (me, peer) if rec.role is Role.PRIMARY else (peer, me)
