@@ -378,3 +378,13 @@ def test_poller_conf_template_loads_and_names_the_shipped_hook(rpms, tmp_path):
     assert f"{HOOKS_DIR}/before_vm_start/{hook}" in rpms[HOST_RPM].files
     assert settings.agents is not None and settings.agents.port == hostconfig.DEFAULT_API_PORT
     assert len(settings.poller.etcd_endpoints) == 3
+
+
+def test_pip_sites_can_build_without_the_python_library_requires(tmp_path):
+    proc = _run([str(PACKAGING / "build-rpms"), str(tmp_path), "--without",
+                 "python_deps_rpms"])
+    assert proc.returncode == 0, proc.stderr
+    for path in proc.stdout.split():
+        requires = _run(["rpm", "-qp", "--requires", path]).stdout
+        assert "python3dist(" not in requires and "python3-libvirt" in requires \
+            if "vdsm-hook-ft" in path else "python3-ovirt-engine-sdk4" in requires
