@@ -109,6 +109,7 @@ class Vm:
     vm_id: str
     name: str
     engine_xml: str
+    vdsm: Vdsm
 
 
 def start_vm(lab: Lab, host_name: str, data_mib: int = 0) -> Vm:
@@ -130,7 +131,7 @@ def start_vm(lab: Lab, host_name: str, data_mib: int = 0) -> Vm:
     vdsm = Vdsm(HOOKS, host.uri, env=dict(os.environ, VDSM_FT_CONFIG=agent.config_path),
                 pythonpath=HOOK_PYTHONPATH, hook_timeout=60, wrap=host.nsenter)
     vdsm.start_vm(xml)
-    return Vm(vm_id, name, xml)
+    return Vm(vm_id, name, xml, vdsm)
 
 
 def status(lab: Lab, host_name: str, vm_id: str) -> VmStatus:
@@ -504,3 +505,52 @@ def test_status_reports_replication_traffic_while_protected(lab):
     # The resync alone carried the 16 MiB written before protection.
     assert now.replication_bytes >= 16 * MiB, now
     assert now.checkpoints_per_minute > 0 and now.last_checkpoint_pause_ms is not None
+
+
+def test_admin_stop_tears_the_pair_down_and_is_never_a_failover(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    generation = status(lab, "ag-a", vm.vm_id).generation
+
+    vm.vdsm.destroy_vm(vm.vm_id)         # before_vm_destroy, destroy, after_vm_destroy
+
+    deadline = time.monotonic() + 15
+    while qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is not None:
+        assert time.monotonic() < deadline, "the secondary outlived an admin stop\n" + \
+            agent_logs(lab)
+        time.sleep(0.1)
+    arbiter = Arbiter(lab.etcd.endpoints)
+    assert lab.net.call(arbiter.live_holder, vm.vm_id, generation) == "ag-a", \
+        "the stopping primary holds its generation, so the secondary cannot take over"
+    record = lab.net.call(arbiter.get_pair, vm.vm_id)
+    assert record.state == "Down" and "stopped" in record.reason
+    for host in ("ag-a", "ag-b"):
+        assert vm.vm_id not in {v.vm_id for v in lab.call(host, "host_status").vms}
+
+
+def test_admin_operations_suspend_resume_migrate_secondary_and_test_failover(lab):
+    vm = start_vm(lab, "ag-a")
+    protect(lab, vm, "ag-a", "ag-b")
+    sec_name = domxml.secondary_name(vm.name)
+
+    lab.call("ag-a", "suspend", vm.vm_id)
+    off = wait_status(lab, "ag-a", vm.vm_id, VmState.DISABLED)
+    assert off.suspended and off.failovers == 0
+    assert qemu_pid(lab, "ag-b", sec_name) is None
+    assert monitor(lab, "ag-a", vm, False).execute("query-status")["status"] == "running"
+
+    lab.call("ag-a", "resume", vm.vm_id)
+    protect(lab, vm, "ag-a", "ag-b")
+
+    lab.call("ag-a", "migrate_secondary", vm.vm_id, lab.peer("ag-c"))
+    wait_status(lab, "ag-c", vm.vm_id, VmState.PROTECTED)
+    moved = wait_status(lab, "ag-a", vm.vm_id, VmState.PROTECTED)
+    assert moved.secondary_host == "ag-c" and moved.failovers == 0
+    assert qemu_pid(lab, "ag-b", sec_name) is None
+
+    write(monitor(lab, "ag-a", vm, False), 0, 0xE1)
+    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.call("ag-a", "test_failover", vm.vm_id)
+    after = wait_status(lab, "ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    assert after.role is Role.PRIMARY and after.failovers == 1
+    assert holds(lab, "ag-c", vm, monitor(lab, "ag-c", vm, True), 0, 0xE1)

@@ -206,19 +206,41 @@ class VmController:
         if rec.role is Role.SECONDARY:
             self.agent.forget(self, reason="stopped")
             return VmState.DOWN
-        self._leave_colo()
-        self._drop_peer_secondary()
+        self._end_pair()
         self.update(reason="stopped by the admin or the guest", peer=None)
         if rec.generation:
             self.agent.pair_down(rec, "stopped by the admin or the guest")
         return VmState.DOWN
 
     def _do_unprotect(self) -> VmState:
-        self._leave_colo()
-        self._drop_peer_secondary()
+        if not self._end_pair():
+            self.kill_qemu()
+            self.update(peer=None, reason="the secondary had already taken over; this copy "
+                        "stopped to avoid two live copies")
+            return VmState.DOWN
         self.update(peer=None, reason="suspended by the admin" if self.record.suspended
                     else "protection turned off")
         return VmState.DISABLED
+
+    def _end_pair(self) -> bool:
+        """End protection on purpose, so that the secondary never mistakes it for a loss.
+
+        The primary first wins the generation itself (the secondary can then only lose
+        and kill itself), then drops the secondary, then leaves COLO. Returns False when
+        the secondary had already won: this side must not run on.
+        """
+        rec = self.record
+        if rec.peer is not None and rec.generation:
+            try:
+                if not self.agent.arbiter.claim_live(rec.vm_id, rec.generation,
+                                                     self.agent.config.host_id,
+                                                     timeout=self.agent.arbiter_bound):
+                    return False
+            except ArbiterError as exc:
+                log.warning("%s: ending protection without the arbiter: %s", rec.name, exc)
+        self._drop_peer_secondary()
+        self._leave_colo()
+        return True
 
     def _do_abandon(self) -> VmState:
         qmp = self._ensure_qmp()

@@ -92,7 +92,7 @@ TABLE: tuple[Row, ...] = (
     _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
          S.DOWN),
-    _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED),
+    _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED, S.DOWN),
 
     _row(S.FAILING_OVER,   "qemu gone",           "mark_down",        S.DOWN),
     _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,
