@@ -119,8 +119,8 @@ class BenchLab:
             if os.path.exists(path):
                 os.unlink(path)
 
-    def protected(self, generation: int, delay_ms: int = 2000, disk_size: int = 64 * MiB,
-                  ) -> tuple[ColoPair, Member, Member]:
+    def protected(self, generation: int, delay_ms: int = 2000,
+                  disk_size: int = 64 * MiB) -> tuple[ColoPair, Member, Member]:
         """A fresh pair protected from host a onto host b, through `vdsm_ft.colo`."""
         pair = self.new_pair(disk_size)
         primary = pair.start_primary(self.hosts[0])

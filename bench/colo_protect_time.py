@@ -15,8 +15,8 @@ The guest is the idle KVM guest (128 MiB RAM, one NIC). Before each VM starts, t
 first half of its qcow2 disk is written with a pattern (`qemu-io write -P 0x5a`), so the
 resync mirror copies real data blocks: 32 MiB of 64, 128 of 256, 512 of 1024. The
 secondary's replica starts blank. Each run is a fresh pair; ours and raw alternate.
-One warm-up run of each (64 MiB) is made first and not counted: the first protection
-in a fresh lab took 2-3x longer here than every later one.
+One warm-up run of each (64 MiB) is made first and not counted: in two of three
+invocations here the first protection in a fresh lab took 2-3x longer than later ones.
 
     /tmp/venv/bin/python bench/colo_protect_time.py [--runs 6] [--runs-1g 3] [--json out.json]
 """

@@ -31,7 +31,11 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from colo_lab import BenchLab
+    from ftlab.colopair import ColoPair, Member
 
 GUEST_IP = "10.78.0.10"
 CLIENT_IP = "10.78.0.200"
@@ -89,7 +93,8 @@ def _serial_tail(path: str) -> str:
             if lines else "no serial output at all")
 
 
-def probe_boot(lab, xml: str, serial_log: str, client_ns: str, kvm_kind: str = "KVM"):
+def probe_boot(lab: "BenchLab", xml: str, serial_log: str, client_ns: str,
+               kvm_kind: str = "KVM") -> tuple["ColoPair", "Member", float]:
     """Start the Linux guest under KVM; (pair, primary, seconds to ready) or exit."""
     from ftlab import guest, netns
     from ftlab.colopair import ColoPair
@@ -119,7 +124,8 @@ def probe_boot(lab, xml: str, serial_log: str, client_ns: str, kvm_kind: str = "
                    f"HTTP counter did not answer the client by {BOOT_TIMEOUT_S:.0f} s")
 
 
-def measure_gap(lab, pair, primary, client_ns: str) -> dict[str, Any]:
+def measure_gap(lab: "BenchLab", pair: "ColoPair", primary: "Member",
+                client_ns: str) -> dict[str, Any]:
     from vdsm_ft import colo
 
     secondary, ep = pair.start_secondary(lab.hosts[1], primary, generation=1)
