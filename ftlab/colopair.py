@@ -138,5 +138,7 @@ class ColoPair:
             except Exception:  # a crashed host has no libvirtd left to ask
                 pass
         for host in {m.host.name: m.host for m in self.members}.values():
-            replica.remove_secondary_disks(self.vm_id, host.path("replica"),
-                                           os.path.join("/dev/shm", f"ftlab-{host.name}"))
+            overlays = os.path.join("/dev/shm", f"ftlab-{host.name}")
+            replica.remove_secondary_disks(self.vm_id, host.path("replica"), overlays)
+            if os.path.isdir(overlays) and not os.listdir(overlays):
+                os.rmdir(overlays)

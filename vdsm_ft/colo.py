@@ -249,8 +249,7 @@ def start_colo(pri: Qmp, secondary: "SecondarySide", ep: Endpoints,
                         f"{info.get('error-desc', 'no error given')}")
     # The primary enters COLO first; the secondary follows once it has loaded the
     # first checkpoint.
-    _wait("secondary in COLO", lambda: secondary.mode() == "secondary", timeout,
-          interval=0.02)
+    _wait("secondary in COLO", lambda: secondary.mode() == "secondary", timeout)
     mode = colo_status(pri)["mode"]
     if mode != "primary":
         raise VerificationFailed(f"primary left COLO right after it began (mode {mode})")
