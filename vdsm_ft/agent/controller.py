@@ -184,6 +184,7 @@ class VmController:
                      row.condition, row.action)
             self.update(state=result)
             self.agent.state_changed(self)
+            self.wake()  # the new state may have a row to take right away
 
     # -- actions (each returns the next state) ----------------------------------------
 

@@ -285,7 +285,10 @@ class Agent(Backend, HookBackend):
             raise BadRequest("the peer must be another host")
         if rec.peer is not None and rec.peer.host_id != peer.host_id:
             raise Conflict(f"VM {vm_id} is already paired with {rec.peer.host_id}")
-        if rec.state in (VmState.NEED_SECONDARY, VmState.NOT_PROTECTED, VmState.STARTING):
+        if rec.suspended:
+            raise Conflict(f"protection of VM {vm_id} is suspended by an admin; resume it")
+        if rec.state in (VmState.NEED_SECONDARY, VmState.NOT_PROTECTED, VmState.STARTING,
+                         VmState.DISABLED):
             ctl.update(peer=peer, disabled=False)
             ctl.wake()
         return ctl.status()
