@@ -51,7 +51,8 @@ def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if args and args[0].endswith(b"qemu-system-x86_64") and \
+        # Debian runs qemu-system-x86_64, EL /usr/libexec/qemu-kvm.
+        if args and os.path.basename(args[0]).startswith(b"qemu") and \
                 any(a.startswith(wanted) for a in args):
             return int(entry)
     return None

@@ -67,6 +67,9 @@ class HostConfig:
     replication_address: str                    # IP on the replication network (COLO, NBD, heartbeat)
     etcd_endpoints: tuple[str, ...]             # http(s)://host:port of each etcd member
     api_port: int = DEFAULT_API_PORT            # the agent's HTTPS API (mutual TLS)
+    # Where the API listens: the poller dials the engine's address for the host, peers
+    # the replication address, so by default every address (mutual TLS guards it).
+    api_address: str = "0.0.0.0"
     tls_ca: str = "/etc/pki/vdsm/certs/cacert.pem"      # the engine CA (VDSM's copy)
     tls_cert: str = "/etc/pki/vdsm/certs/vdsmcert.pem"
     tls_key: str = "/etc/pki/vdsm/keys/vdsmkey.pem"
@@ -191,6 +194,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("host", "id"): ("host_id", _host_id),
     ("host", "replication_address"): ("replication_address", _address),
     ("agent", "api_port"): ("api_port", _port),
+    ("agent", "api_address"): ("api_address", _address),
     ("agent", "hook_socket"): ("hook_socket", _path),
     ("agent", "run_dir"): ("run_dir", _path),
     ("agent", "state_dir"): ("state_dir", _path),

@@ -74,13 +74,14 @@ class Agent(Backend, HookBackend):
             ctl.wake()
         self.discover()
         self.heartbeat.start()
-        self.api = AgentServer((self.config.replication_address, self.config.api_port),
-                               self, self.tls)
+        self.api = AgentServer((self.config.api_address, self.config.api_port), self,
+                               self.tls)
         self.api.start()
         self.hooks = serve_hooks(self.config.hook_socket, self, kvm_gid())
         self._monitor.start()
-        log.info("agent %s up: %d VMs, API %s:%d", self.config.host_id, len(self._vms),
-                 self.config.replication_address, self.config.api_port)
+        log.info("agent %s up: %d VMs, API %s:%d, replication %s", self.config.host_id,
+                 len(self._vms), self.config.api_address, self.config.api_port,
+                 self.config.replication_address)
         return self
 
     def stop(self) -> None:
