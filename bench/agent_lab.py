@@ -10,6 +10,7 @@ exception, Ctrl-C or SIGTERM, kills and removes everything it made.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,22 @@ HOOKS = os.path.join(REPO, "hooks")
 HOOK_PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
 MiB = 1 << 20
 CLIENT_INDEX = 90
+
+
+def _leader(endpoints: list[str], timeout: float = 2.0) -> int | None:
+    ids: dict[str, int] = {}
+    leader = None
+    for i, url in enumerate(endpoints):
+        req = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status = json.load(r)
+        except (OSError, ValueError):
+            continue
+        ids[status["header"]["member_id"]] = i
+        leader = leader or status.get("leader")
+    return ids.get(leader) if leader else None
 
 
 class AgentBenchError(RuntimeError):
@@ -197,6 +215,17 @@ class AgentLab:
             if time.monotonic() > deadline:
                 raise AgentBenchError(f"{vm_id}: no checkpoint within {timeout}s")
             time.sleep(poll)
+
+    def etcd_leader(self) -> int | None:
+        """Index of the etcd member that leads, asked from the client namespace."""
+        assert self.etcd is not None and self.net is not None
+        return self.net.call(_leader, self.etcd.endpoints)
+
+    def cut_link(self, host_name: str) -> None:
+        """Set the host's port on the wire's replication bridge down: from then on the
+        host is silent, as a powered-off one (revive() sets it up again)."""
+        host = self.host(host_name)
+        netns.ip("link", "set", f"r{host.index}", "down", netns=host.wire)
 
     def revive(self, host_name: str) -> None:
         """Bring a crashed host back: libvirtd, its etcd member, its agent."""
