@@ -301,8 +301,12 @@ def story(lab: Lab, tl: Timeline, res: Results, down: list[str]) -> None:
     t_start = time.monotonic()
     tl.say(f"SDK: start {name} (engine -> VDSM stand-in -> before_vm_start hook -> libvirt)")
     svc.start()
-    up = wait_for(f"{name} Up in the engine", lambda: (lambda v: v if v.status ==
-                  types.VmStatus.UP else None)(svc.get()), START_TIMEOUT)
+    def started() -> types.Vm | None:
+        v = svc.get()
+        if v.status == types.VmStatus.DOWN and v.stop_reason:
+            raise DemoFailed(f"the engine could not start {name}: {v.stop_reason}")
+        return v if v.status == types.VmStatus.UP else None
+    up = wait_for(f"{name} Up in the engine", started, START_TIMEOUT)
     primary = up.host.id
     tl.say(f"engine: {name} is Up on {primary}; waiting for the poller to protect it")
     st = wait_protected(lab, primary, vm.id, PROTECT_TIMEOUT)

@@ -153,12 +153,29 @@ def check(root: str, engine_port: int, hosts: int) -> list[Problem]:
     if port_busy(engine_port):
         problems.append(Problem(f"port {engine_port} on 127.0.0.1 (the fake engine's HTTPS) is "
                                 "in use", "free it, or pass --engine-port PORT"))
+    blocked = _untraversable(root)
+    if blocked:
+        problems.append(Problem(f"{blocked} is not searchable by other users, so QEMU "
+                                f"(user {QEMU_USER}) cannot reach the lab's disk images",
+                                f"chmod o+x {blocked}, or choose another --lab-dir"))
     leftovers = lab_leftovers(root)
     if leftovers:
         problems.append(Problem("a previous lab is still here (or its remains after a crash): "
                                 + ", ".join(leftovers),
                                 f"run `vdsm-ft lab down{_dir_arg(root)}` first"))
     return problems
+
+
+def _untraversable(root: str) -> str | None:
+    """The first existing ancestor of `root` that others may not search, if any."""
+    path = os.path.dirname(root)
+    while True:
+        if os.path.isdir(path) and not os.stat(path).st_mode & 0o001:
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def _dir_arg(root: str) -> str:
