@@ -114,19 +114,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"poller: {st['poller']}   engine: {'OUTAGE' if st['engine_outage'] else 'up'}")
-    print(f"{'HOST':8} {'PROCESSES':10} {'ENGINE':15} AGENT")
-    for h in st["hosts"]:
-        print(f"{h['name']:8} {'running' if h['running'] else 'down':10} "
-              f"{h['engine_status']:15} {h['agent']}")
+    _table(["HOST", "PROCESSES", "ENGINE", "AGENT"],
+           [[h["name"], "running" if h["running"] else "down", h["engine_status"], h["agent"]]
+            for h in st["hosts"]])
     print()
-    print(f"{'VM':28} {'ENGINE':10} {'ON':7} FT (agents)")
+    rows = []
     for vm in st["vms"]:
         ft = [f"{h['name']}: {v['role']} {v['state']}"
               + (f" ({v['reason']})" if v["reason"] else "")
               for h in st["hosts"] for v in h["vms"] if v["vm_id"] == vm["id"]]
-        print(f"{vm['name']:28} {vm['status']:10} {vm['host'] or '-':7} "
-              f"{'; '.join(ft) or '-'}")
+        rows.append([vm["name"], vm["status"], vm["host"] or "-", "; ".join(ft) or "-"])
+    _table(["VM", "ENGINE", "ON", "FT (as the agents report it)"], rows)
     return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header) - 1)]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
 def cmd_fault(args: argparse.Namespace) -> int:

@@ -12,8 +12,13 @@
    reports it runs outside COLO (polled every POLL_S);
 5. every covered block is read back on the survivor;
 6. the poller re-protects onto the third host by itself;
-7. again: writes, crash, failover, every covered block (both rounds) checked.
-PASS only if every check held. The crashed hosts are brought back at the end.
+7. the crashed host comes back repaired (one etcd member per host: a second crash with
+   the first host still down would leave the arbiter without quorum, and rightly no
+   failover);
+8. again: writes, crash, failover, every covered block (both rounds) checked.
+PASS only if every check held. Then, beyond the story, whether the poller re-protects
+onto the host that came back is shown (not part of PASS), and the crashed host is
+brought back.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ poller's 0600 settings file.
     <lab dir>/engine-password     the engine admin password (0600)
     <lab dir>/hosts/<host>/       each lab host (ftlab.host.LabHost)
     <lab dir>/pki/                the lab CA, host and poller certificates
+    <lab dir>/poller.conf         the poller's settings (0600: it holds the password)
     <lab dir>/etcd/  engine/  cache/  logs/
 """
 from __future__ import annotations
@@ -86,19 +87,18 @@ class LabPaths:
 
     def __init__(self, root: str):
         self.root = root
-        j = lambda name: os.path.join(root, name)  # noqa: E731
-        self.state = j("lab.json")
-        self.supervisor_pid = j("supervisor.pid")
-        self.poller_pid = j("poller.pid")
-        self.control = j("control.sock")
-        self.password = j("engine-password")
-        self.poller_conf = j("poller.conf")
-        self.hosts = j("hosts")
-        self.pki = j("pki")
-        self.etcd = j("etcd")
-        self.engine = j("engine")
-        self.cache = j("cache")
-        self.logs = j("logs")
+        self.state = os.path.join(root, "lab.json")
+        self.supervisor_pid = os.path.join(root, "supervisor.pid")
+        self.poller_pid = os.path.join(root, "poller.pid")
+        self.control = os.path.join(root, "control.sock")
+        self.password = os.path.join(root, "engine-password")
+        self.poller_conf = os.path.join(root, "poller.conf")
+        self.hosts = os.path.join(root, "hosts")
+        self.pki = os.path.join(root, "pki")
+        self.etcd = os.path.join(root, "etcd")
+        self.engine = os.path.join(root, "engine")
+        self.cache = os.path.join(root, "cache")
+        self.logs = os.path.join(root, "logs")
 
 
 def write_state(state: LabState) -> None:

@@ -37,7 +37,7 @@ from ftlab.labstate import (DEFAULT_HOSTS, ENGINE_USER, HOOK_NAME, HostInfo, Lab
 from ftlab.pki import issue, make_ca
 from ftlab.vdsmdriver import HOOKS_DIR, REPO, HostVdsm, VdsmFleet
 from vdsm_ft import domains
-from vdsm_ft.api import AgentError, Role, TlsFiles
+from vdsm_ft.api import AgentError, Role, TlsFiles, VmState
 
 log = logging.getLogger("ftlab.supervisor")
 
@@ -238,9 +238,10 @@ class Supervisor:
         return f"agent on {host} killed (SIGKILL); its QEMUs go on"
 
     def op_qemu_crash(self, vm: str, host: str | None = None) -> str:
-        """SIGKILL the QEMU of `vm` (name or id): on `host`, else where it is primary."""
+        """SIGKILL the QEMU of `vm` (name or id): on `host`, else where it runs as the
+        primary of the newest generation."""
         assert self.fleet is not None
-        name, where = vm, host
+        name, primaries = vm, []
         for h, a in zip(self.hosts, self.agents):
             if h.name in self.fleet.dead:
                 continue
@@ -249,22 +250,24 @@ class Supervisor:
                 for st in client.host_status().vms:
                     if vm in (st.vm_id, st.name):
                         name = st.name
-                        if where is None and st.role is Role.PRIMARY:
-                            where = h.name
+                        if st.role is Role.PRIMARY and st.state is not VmState.DOWN:
+                            primaries.append((st.generation, h.name))
             except AgentError:
                 continue
             finally:
                 client.close()
-        if where is None:
-            raise ValueError(f"no agent reports VM {vm!r} as a primary; name a host: "
-                             "qemu-crash VM --host HOST")
-        h = self.host(where)
-        found = vmlocate.vm_domain(h.uri, name)
-        pid = domains.qemu_pid(found, among=h.pids()) if found else None
-        if pid is None:
-            raise ValueError(f"no running QEMU of VM {name!r} on {where}")
-        os.kill(pid, signal.SIGKILL)
-        return f"QEMU of {found} on {where} (pid {pid}) killed"
+        where = [host] if host else [h for _, h in sorted(primaries, reverse=True)]
+        for candidate in where:
+            h = self.host(candidate)
+            found = vmlocate.vm_domain(h.uri, name)
+            pid = domains.qemu_pid(found, among=h.pids()) if found else None
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                return f"QEMU of {found} on {candidate} (pid {pid}) killed"
+        if host:
+            raise ValueError(f"no running QEMU of VM {name!r} on {host}")
+        raise ValueError(f"no agent reports a running primary of VM {vm!r}; name a host: "
+                         "qemu-crash VM --host HOST")
 
     def op_partition(self, a: str, b: str, heal: bool = False) -> str:
         ha, hb = self.host(a), self.host(b)

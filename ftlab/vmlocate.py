@@ -13,6 +13,8 @@ from vdsm_ft import domxml
 
 def vm_domain(uri: str, vm_name: str) -> str | None:
     """The name of the running domain of `vm_name` on the libvirtd at `uri`, if any."""
+    # A missing name is an answer here, not an error for libvirt to print on stderr.
+    libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open(uri)
     try:
         for name in (vm_name, domxml.secondary_name(vm_name)):
