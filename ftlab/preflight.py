@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass
 
 from ftlab import netns
+from ftlab.vdsmdriver import HOOKS_DIR
 from ftlab.labstate import (DEFAULT_LAB_DIR, HOST_PREFIX, MAX_HOSTS, LabPaths, pid_alive,
                             read_pid)
 
@@ -142,6 +143,10 @@ def check(root: str, engine_port: int, hosts: int) -> list[Problem]:
     except KeyError:
         problems.append(Problem(f"no user {QEMU_USER} (QEMU's user under libvirtd)",
                                 "apt-get install -y libvirt-daemon-system"))
+    if not os.path.isdir(HOOKS_DIR):
+        problems.append(Problem(f"the VDSM hook scripts are not at {HOOKS_DIR}: the lab runs "
+                                "from a source checkout",
+                                "install with `pip install -e '.[test]'` from the checkout"))
     if not 2 <= hosts <= MAX_HOSTS:
         problems.append(Problem(f"{hosts} hosts asked", f"use 2..{MAX_HOSTS} hosts (3 for "
                                 "the demo: a crash, then re-protection onto a third host)"))
