@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, preflight.PreflightFailed, LabStateError, labcontrol.ControlError) as e:
+    except (CliError, preflight.PreflightFailed, LabStateError, labcontrol.ControlError,
+            teardown.NotALabDir) as e:
         print(f"vdsm-ft lab {args.action}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

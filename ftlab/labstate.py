@@ -101,6 +101,12 @@ class LabPaths:
         self.logs = os.path.join(root, "logs")
 
 
+def is_lab_dir(root: str) -> bool:
+    """True if `root` was made by `lab up` (so `lab down` may remove it)."""
+    paths = LabPaths(root)
+    return any(os.path.exists(p) for p in (paths.state, paths.supervisor_pid, paths.logs))
+
+
 def write_state(state: LabState) -> None:
     paths = LabPaths(state.lab_dir)
     tmp = paths.state + ".tmp"

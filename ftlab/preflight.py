@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from ftlab import netns
 from ftlab.vdsmdriver import HOOKS_DIR
-from ftlab.labstate import (DEFAULT_LAB_DIR, HOST_PREFIX, MAX_HOSTS, LabPaths, pid_alive,
-                            read_pid)
+from ftlab.labstate import (DEFAULT_LAB_DIR, HOST_PREFIX, MAX_HOSTS, LabPaths, is_lab_dir,
+                            pid_alive, read_pid)
 
 MIN_FREE_MEMORY = 4 << 30
 
@@ -80,7 +80,7 @@ def lab_leftovers(root: str) -> list[str]:
     for pidfile in (paths.supervisor_pid, paths.poller_pid):
         if pid_alive(read_pid(pidfile)):
             found.append(f"process {read_pid(pidfile)} ({os.path.basename(pidfile)})")
-    if os.path.exists(root):
+    if os.path.exists(root) and is_lab_dir(root):
         found.append(root)
     found += [os.path.join("/dev/shm", n) for n in shm_dirs()]
     return found
@@ -163,6 +163,10 @@ def check(root: str, engine_port: int, hosts: int) -> list[Problem]:
         problems.append(Problem(f"{blocked} is not searchable by other users, so QEMU "
                                 f"(user {QEMU_USER}) cannot reach the lab's disk images",
                                 f"chmod o+x {blocked}, or choose another --lab-dir"))
+    if os.path.exists(root) and not is_lab_dir(root):
+        problems.append(Problem(f"{root} exists and is not a lab directory",
+                                "choose a new path with --lab-dir (lab up makes it; lab down "
+                                "removes it)"))
     leftovers = lab_leftovers(root)
     if leftovers:
         problems.append(Problem("a previous lab is still here (or its remains after a crash): "

@@ -13,10 +13,14 @@ import signal
 import time
 
 from ftlab import netns
-from ftlab.labstate import LabPaths, pid_alive, read_pid
+from ftlab.labstate import LabPaths, is_lab_dir, pid_alive, read_pid
 from ftlab.preflight import is_lab_namespace, shm_dirs
 
 KILL_WAIT = 5.0
+
+
+class NotALabDir(RuntimeError):
+    """`lab down` was pointed at a directory that `lab up` did not make."""
 
 
 def _stop(pid: int | None) -> bool:
@@ -39,6 +43,9 @@ def _stop(pid: int | None) -> bool:
 
 def lab_down(root: str) -> list[str]:
     """Remove the lab in `root`; returns what was removed, one item each."""
+    if os.path.exists(root) and not is_lab_dir(root):
+        raise NotALabDir(f"{root} is not a lab directory (no lab.json, supervisor.pid or "
+                         "logs/); nothing was touched")
     removed: list[str] = []
     paths = LabPaths(root)
     # The supervisor first, so nothing restarts what is being removed.
