@@ -35,13 +35,16 @@ def destroy(conn: libvirt.virConnect, name: str) -> bool:
 
 
 def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
-    """The pid of the QEMU that libvirt runs for domain `name`, if any.
+    """The pid of the QEMU that libvirt runs for domain `name` on this host, if any.
 
-    libvirt names its guests `-name guest=<name>,...` (commas doubled); scanning /proc works for every
-    libvirtd on the machine, including the lab hosts' private ones. `among` limits the
-    search to some pids (one host's, where several hosts run a domain of that name).
+    libvirt names its guests `-name guest=<name>,...` (commas doubled). Only processes in
+    this process's network namespace count: on a real host that is every QEMU, and lab
+    hosts share one machine's pids but each has its own namespace (a secondary domain
+    has the same name on every host it ever ran on). `among` replaces that scope with
+    the caller's own list of pids (a lab host's, looked at from outside).
     """
     wanted = ("guest=" + name.replace(",", ",,") + ",").encode()
+    own_net = _net_ns("self") if among is None else None
     candidates = [str(p) for p in among] if among is not None else os.listdir("/proc")
     for entry in candidates:
         if not entry.isdigit():
@@ -53,6 +56,15 @@ def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
             continue
         # Debian runs qemu-system-x86_64, EL /usr/libexec/qemu-kvm.
         if args and os.path.basename(args[0]).startswith(b"qemu") and \
-                any(a.startswith(wanted) for a in args):
+                any(a.startswith(wanted) for a in args) and \
+                (own_net is None or _net_ns(entry) == own_net):
             return int(entry)
     return None
+
+
+def _net_ns(pid: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)

@@ -270,6 +270,10 @@ def test_whole_primary_host_lost(lab):
         assert not holds(lab, "ag-b", vm, survivor, 2 * MiB, 0x61)
     finally:
         revive(lab, "ag-a")
+    # The revived host remembers a dead primary; it must say so, and take the VM back
+    # as a secondary when asked.
+    assert status(lab, "ag-a", vm.vm_id).state is not VmState.PROTECTED
+    protect(lab, vm, "ag-b", "ag-a")
 
 
 def test_secondary_lost_primary_carries_on_and_writes_land(lab):

@@ -357,9 +357,11 @@ class Agent(Backend, HookBackend):
         with self._lock:
             existing = self._vms.get(request.vm_id)
         if existing is not None:
-            if existing.record.role is Role.PRIMARY:
+            if existing.record.role is Role.PRIMARY and existing.qemu_alive():
                 raise Conflict(f"VM {request.vm_id} runs as primary on "
                                f"{self.config.host_id}; it cannot be its own secondary")
+            # A secondary of an older generation, or a primary that died here (a host
+            # that came back after a crash): the new pairing replaces it.
             self.forget(existing, reason="replaced by a new generation")
         try:
             domxml.layout_from_domxml(request.domain_xml, "/")
