@@ -20,7 +20,8 @@ from vdsm_ft.agent import states
 from vdsm_ft.agent.checkpoints import CheckpointStats
 from vdsm_ft.agent.store import VmRecord
 from vdsm_ft.agent.traffic import TrafficMeter
-from vdsm_ft.api import AgentError, Failover, PrepareSecondary, Role, VmState, VmStatus
+from vdsm_ft.api import (AgentClient, AgentError, Failover, PrepareSecondary, Role,
+                         VmState, VmStatus)
 from vdsm_ft.arbiter import ArbiterError
 from vdsm_ft.layout import Disk, Endpoints, Nic, VmLayout
 from vdsm_ft.qmp import Event, Qmp, QmpError
@@ -256,7 +257,10 @@ class VmController:
         self.agent.state_changed(self)
         qmp = self._ensure_qmp()
         if qmp is None:
-            return self._protect_failed("the VM's QMP socket does not answer")
+            # This side is the problem, not the peer: another peer would not help.
+            self.update(peer=None, reason="the VM's private QMP socket does not answer; "
+                        "check the VM's QEMU log, then turn FT off and on again")
+            return VmState.NOT_PROTECTED
         peer = rec.peer
         layout = self.layout()
         try:
@@ -397,14 +401,11 @@ class VmController:
         me = self.agent.config.host_id
         peer = rec.peer.host_id if rec.peer else None
         primary, secondary = (me, peer) if rec.role is Role.PRIMARY else (peer, me)
-        reason = rec.reason
-        if rec.state is VmState.NOT_PROTECTED and not reason:
-            reason = "unknown"
         sent = 0
         if rec.role is Role.PRIMARY and rec.peer is not None and rec.peer_ports:
             sent = self.traffic.read(rec.peer.replication_address, rec.peer_ports)
         return VmStatus(vm_id=rec.vm_id, name=rec.name, state=rec.state, role=rec.role,
-                        reason=reason, primary_host=primary, secondary_host=secondary,
+                        reason=rec.reason, primary_host=primary, secondary_host=secondary,
                         generation=rec.generation, suspended=rec.suspended,
                         checkpoints_per_minute=self.stats.per_minute(),
                         last_checkpoint_pause_ms=self.stats.last_pause_ms(),
@@ -417,7 +418,7 @@ class VmController:
 class _RemoteSecondary:
     """The secondary behind the peer agent (it prepared it in prepare-secondary)."""
 
-    def __init__(self, client, vm_id: str):
+    def __init__(self, client: AgentClient, vm_id: str):
         self.client = client
         self.vm_id = vm_id
 
