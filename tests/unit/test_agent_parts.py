@@ -1,0 +1,146 @@
+"""The agent's pure parts: the state table, persisted records, the port plan, heartbeats
+(real UDP on loopback) and checkpoint statistics from QMP events."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from vdsm_ft.agent import ports, states
+from vdsm_ft.agent.checkpoints import CheckpointStats
+from vdsm_ft.agent.heartbeat import Heartbeat, probe
+from vdsm_ft.agent.store import Store, StoreError, VmRecord
+from vdsm_ft.api import Failover, PeerSpec, Role, VmState
+from vdsm_ft.qmp import Event
+
+S = VmState
+VM = "0b6c1a43-8a47-4a53-9d6c-2c1fd1d4d9b1"
+
+
+def seen(**kw: bool) -> states.Observation:
+    base = dict(is_primary=True, launched=True, qemu_alive=True, in_colo=False,
+                stopping=False, disable_requested=False, peer_assigned=False,
+                peer_lost=False)
+    base.update(kw)
+    return states.Observation(**base)
+
+
+@pytest.mark.parametrize("state, observation, action, result", [
+    (S.STARTING, seen(launched=False, qemu_alive=False), None, None),
+    (S.STARTING, seen(), "none", S.NEED_SECONDARY),
+    (S.STARTING, seen(is_primary=False, in_colo=True), "none", S.PROTECTED),
+    (S.STARTING, seen(is_primary=False, peer_lost=True), "teardown", S.DOWN),
+    (S.NEED_SECONDARY, seen(peer_assigned=True), "protect", None),
+    (S.PROTECTED, seen(in_colo=True), None, None),
+    (S.PROTECTED, seen(in_colo=True, peer_lost=True), "fail_over", None),
+    # An intentional stop wins over a lost peer and over a dead QEMU.
+    (S.PROTECTED, seen(stopping=True, peer_lost=True, qemu_alive=False), "teardown", None),
+    (S.PROTECTED, seen(qemu_alive=False, peer_lost=True), "mark_down", None),
+    (S.SYNCING, seen(), "abandon", None),
+    (S.SYNCING, seen(in_colo=True), "none", S.PROTECTED),
+    (S.DISABLED, seen(), "none", S.NEED_SECONDARY),
+    (S.DISABLED, seen(disable_requested=True), None, None),
+])
+def test_table_picks_the_row_an_admin_would_expect(state, observation, action, result):
+    row = states.next_row(state, observation)
+    assert (row.action if row else None) == action
+    if result is not None:
+        assert row.leads_to == {result}
+
+
+def test_every_row_names_a_known_condition_and_action():
+    from vdsm_ft.agent.controller import VmController
+    for row in states.TABLE:
+        assert row.condition in states.CONDITIONS
+        assert row.action == "none" or hasattr(VmController, "_do_" + row.action)
+        assert row.leads_to, row
+        if row.action == "none":
+            assert len(row.leads_to) == 1
+
+
+def test_an_action_ending_outside_its_row_is_refused():
+    row = states.next_row(S.PROTECTED, seen(peer_lost=True))
+    assert states.check(row, S.DOWN) is S.DOWN
+    with pytest.raises(states.IllegalTransition, match="fail_over"):
+        states.check(row, S.PROTECTED)
+
+
+def test_records_round_trip_atomically_and_privately(tmp_path):
+    store = Store(str(tmp_path / "vms"))
+    peer = PeerSpec(host_id="h2", agent_address="10.0.0.2", agent_port=54329,
+                    replication_address="10.0.0.2")
+    rec = VmRecord(vm_id=VM, name="web", role=Role.PRIMARY, engine_xml="<domain/>",
+                   state=S.PROTECTED, generation=3, peer=peer, ports={"primary": [1, 2]},
+                   disk_sizes=(64 << 20,), peer_ports=(5, 6),
+                   last_failover=Failover(at=1.0, from_host="h1", to_host="h2",
+                                          duration_ms=40.0))
+    store.save(rec)
+    assert store.load_all() == [rec]
+    assert (tmp_path / "vms" / f"{VM}.json").stat().st_mode & 0o777 == 0o600
+    store.delete(VM)
+    assert store.load_all() == []
+
+
+def test_an_unreadable_record_says_what_to_do(tmp_path):
+    store = Store(str(tmp_path))
+    (tmp_path / f"{VM}.json").write_text("{truncated")
+    with pytest.raises(StoreError, match="move it away"):
+        store.load_all()
+
+
+def test_port_plan_skips_held_and_bound_ports():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        chosen = ports.allocate(2, (taken, taken + 3), held=[taken + 1],
+                                address="127.0.0.1")
+    assert chosen == [taken + 2, taken + 3]
+    with pytest.raises(ports.PortsExhausted, match="widen"):
+        ports.allocate(5, (taken, taken + 3), held=[], address="127.0.0.1")
+
+
+def test_heartbeats_carry_each_vms_qemu_liveness():
+    a = Heartbeat("a", "127.0.0.1", 0).start()
+    b = Heartbeat("b", "127.0.0.1", 0).start()
+    try:
+        b_port = b._sock.getsockname()[1]
+        assert b.silent_for("a") == float("inf")
+        a.send("127.0.0.1", b_port, {VM: (4, False)})
+        deadline = time.monotonic() + 2
+        while b.peer_vm("a", VM) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        vm = b.peer_vm("a", VM)
+        assert (vm.generation, vm.qemu_alive) == (4, False)
+        assert b.silent_for("a") < 1.0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_probe_counts_refused_and_accepted_connections_as_a_live_host():
+    """Silence (no answer at all) is covered by the partition tests, where a lab host's
+    route to its peer is a blackhole."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]      # bound, not listening: connect is refused
+        assert probe("127.0.0.1", port, 0.5) is True
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert probe("127.0.0.1", listening.getsockname()[1], 0.5) is True
+
+
+def test_checkpoint_stats_from_stop_and_resume_timestamps():
+    stats = CheckpointStats()
+    t = time.monotonic()
+    for i, (stop, resume) in enumerate([(10.0, 10.040), (12.0, 12.060)]):
+        stats.on_event(Event("STOP", {}, stop, t, 2 * i))
+        stats.on_event(Event("RESUME", {}, resume, t, 2 * i + 1))
+    assert stats.total == 2
+    assert stats.last_pause_ms() == pytest.approx(60.0)
+    assert stats.pause_quantile_ms(0.5) == pytest.approx(60.0)
+    assert stats.per_minute() == 2.0
+    assert stats.lag_seconds() is not None and stats.lag_seconds() < 5
