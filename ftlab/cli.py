@@ -149,10 +149,10 @@ def cmd_fault(args: argparse.Namespace) -> int:
     elif kind == "partition":
         result = _control(args, "partition", a=args.host_a, b=args.host_b, heal=args.heal)
     elif kind == "slow-link":
-        if not args.clear and not (args.delay or args.loss):
-            raise CliError("slow-link needs --delay and/or --loss (or --clear)")
+        if not args.clear and not (args.delay or args.loss or args.rate):
+            raise CliError("slow-link needs --delay, --loss and/or --rate (or --clear)")
         result = _control(args, "slow-link", host=args.host, delay=args.delay or "",
-                          loss=args.loss or "", clear=args.clear)
+                          loss=args.loss or "", rate=args.rate or "", clear=args.clear)
     elif kind == "engine-down":
         result = _control(args, "engine-down", up=args.up)
     else:
@@ -205,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("host_a", metavar="HOST-A")
     f.add_argument("host_b", metavar="HOST-B")
     f.add_argument("--heal", action="store_true")
-    f = faults.add_parser("slow-link", help="netem delay/loss on a host's replication link")
+    f = faults.add_parser("slow-link", help="netem delay/loss/rate on a host's replication "
+                          "link (without sch_netem: loss by iptables, rate by tbf, no delay)")
     f.add_argument("host")
-    f.add_argument("--delay", help="e.g. 5ms")
+    f.add_argument("--delay", help="e.g. 5ms (needs the kernel's sch_netem)")
     f.add_argument("--loss", help="e.g. 1%%")
+    f.add_argument("--rate", help="e.g. 20mbit")
     f.add_argument("--clear", action="store_true")
     f = faults.add_parser("engine-down", help="the engine stops answering")
     f.add_argument("--up", action="store_true", help="bring it back")

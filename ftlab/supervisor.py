@@ -44,6 +44,10 @@ log = logging.getLogger("ftlab.supervisor")
 POLLER_INTERVAL = 1.0
 POLLER_START_TIMEOUT = 30.0
 REPLICA_FULL_SIZE = "1m"
+LINK_DEV = "eth0"                     # a lab host's replication link (ftlab.netns.join_rep)
+LOSS_CHAIN = "FTLAB-LOSS"
+TBF_BURST = "32kbit"
+TBF_LATENCY = "400ms"
 
 
 def _hook_list() -> list[Hook]:
@@ -276,24 +280,57 @@ class Supervisor:
             x.run(["ip", "route", verb, "blackhole", f"{y.address}/32"])
         return f"link {a} <-> {b} {'healed' if heal else 'cut (blackhole routes both ways)'}"
 
-    def op_slow_link(self, host: str, delay: str = "", loss: str = "",
+    def op_slow_link(self, host: str, delay: str = "", loss: str = "", rate: str = "",
                      clear: bool = False) -> str:
+        """netem delay/loss/rate on the host's replication link (eth0, egress). A kernel
+        without sch_netem still gets what it can run: loss through iptables' statistic
+        match, rate through tbf; a delay it cannot produce is refused, in words."""
         h = self.host(host)
         if clear:
-            h.run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+            h.run(["tc", "qdisc", "del", "dev", LINK_DEV, "root"], check=False)
+            self._drop_loss_rule(h)
             return f"{host}: link back to normal"
-        argv = ["tc", "qdisc", "replace", "dev", "eth0", "root", "netem"]
+        loss_pct = _percent(loss) if loss else None
+        netem = ["tc", "qdisc", "replace", "dev", LINK_DEV, "root", "netem"]
+        for key, value in (("delay", delay), ("loss", loss), ("rate", rate)):
+            if value:
+                netem += [key, value]
+        proc = h.run(netem, check=False)
+        if proc.returncode == 0:
+            self._drop_loss_rule(h)
+            return f"{host}: replication link now has netem {' '.join(netem[7:])}"
+        if not _no_qdisc(proc.stderr):
+            raise RuntimeError(f"tc netem on {host} failed: {proc.stderr.strip()}")
         if delay:
-            argv += ["delay", delay]
-        if loss:
-            argv += ["loss", loss]
-        proc = h.run(argv, check=False)
-        if proc.returncode != 0:
-            hint = (" (this kernel has no sch_netem qdisc: use a kernel with "
-                    "CONFIG_NET_SCH_NETEM, e.g. Debian's linux-image-amd64)"
-                    if "unknown" in proc.stderr.lower() else "")
-            raise RuntimeError(f"tc netem on {host} failed: {proc.stderr.strip()}{hint}")
-        return f"{host}: replication link now has netem {' '.join(argv[7:])}"
+            raise RuntimeError(
+                f"{host}: this kernel has no sch_netem qdisc (CONFIG_NET_SCH_NETEM), so a "
+                f"--delay cannot be produced here; --loss (iptables statistic match) and "
+                f"--rate (tbf) work without it. For delays use a kernel with netem, e.g. "
+                f"Debian's linux-image-amd64")
+        done = []
+        if rate:
+            tbf = ["tc", "qdisc", "replace", "dev", LINK_DEV, "root", "tbf", "rate", rate,
+                   "burst", TBF_BURST, "latency", TBF_LATENCY]
+            proc = h.run(tbf, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"tc tbf on {host} failed: {proc.stderr.strip()}")
+            done.append(f"rate {rate} (tbf: no sch_netem in this kernel)")
+        if loss_pct is not None:
+            self._drop_loss_rule(h)
+            h.run(["iptables", "-N", LOSS_CHAIN])
+            h.run(["iptables", "-A", LOSS_CHAIN, "-m", "statistic", "--mode", "random",
+                   "--probability", f"{loss_pct / 100:.6f}", "-j", "DROP"])
+            h.run(["iptables", "-I", "OUTPUT", "-o", LINK_DEV, "-j", LOSS_CHAIN])
+            done.append(f"loss {loss} (iptables statistic match: no sch_netem in this "
+                        f"kernel)")
+        return f"{host}: replication link now has {', '.join(done)}"
+
+    @staticmethod
+    def _drop_loss_rule(h: LabHost) -> None:
+        if h.run(["iptables", "-D", "OUTPUT", "-o", LINK_DEV, "-j", LOSS_CHAIN],
+                 check=False).returncode == 0:
+            h.run(["iptables", "-F", LOSS_CHAIN])
+            h.run(["iptables", "-X", LOSS_CHAIN])
 
     def op_engine_down(self, up: bool = False) -> str:
         assert self.engine is not None
@@ -320,6 +357,24 @@ class Supervisor:
                 "qemu-crash": self.op_qemu_crash, "partition": self.op_partition,
                 "slow-link": self.op_slow_link, "engine-down": self.op_engine_down,
                 "disk-full": self.op_disk_full}
+
+
+def _percent(text: str) -> float:
+    value = text[:-1] if text.endswith("%") else text
+    try:
+        pct = float(value)
+    except ValueError:
+        pct = -1.0
+    if not 0 < pct <= 100:
+        raise ValueError(f"loss {text!r}: give a percentage above 0 and at most 100, "
+                         "e.g. 1%")
+    return pct
+
+
+def _no_qdisc(stderr: str) -> bool:
+    """tc's words for a qdisc kind this kernel does not have."""
+    text = stderr.lower()
+    return "unknown qdisc" in text or "specified qdisc kind is unknown" in text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,17 @@ libvirt domains to the engine as VDSM does (docs/engine-view.md): the primary wi
 VM's own UUID and oVirt metadata, a COLO secondary under its derived UUID without
 metadata, so the engine imports it as an external VM. A domain that vanished runs
 after_vm_destroy, as VDSM's releaseVm does when it sees QEMU die.
+
+The fake engine has no disk model, so the guest's disk is the idle guest's 64 MiB one.
+A VM with the lab-only custom property `ftlab_data_mib=N` gets a disk of at least 2N MiB
+whose first N MiB hold real data (pattern DATA_PATTERN) before it starts, so that a
+resync has that much to copy and Syncing lasts (the fault tests crash hosts mid-sync).
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sysconfig
 import threading
 from collections.abc import Callable
@@ -34,6 +40,10 @@ HOOK_PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
 HOOK_TIMEOUT = 60.0
 REPORT_INTERVAL = 1.0
 GUEST_DISK_SIZE = 64 << 20
+DATA_PROPERTY = "ftlab_data_mib"
+DATA_PATTERN = 0x3C
+MAX_DATA_MIB = 4096
+PREFILL_TIMEOUT = 300.0
 _STATES = {libvirt.VIR_DOMAIN_RUNNING: "up", libvirt.VIR_DOMAIN_PAUSED: "paused",
            libvirt.VIR_DOMAIN_BLOCKED: "up"}
 
@@ -73,8 +83,17 @@ class VdsmFleet:
     def start_vm(self, request: StartRequest) -> None:
         hv = self._host(request.host_id)
         host = hv.host
-        disk = guest.install_disk(guest.build_idle_disk(GUEST_DISK_SIZE, self.cache_dir),
+        data_mib = _data_mib(request.custom_properties)
+        size = max(GUEST_DISK_SIZE, 2 * data_mib << 20)
+        disk = guest.install_disk(guest.build_idle_disk(size, self.cache_dir),
                                   host.path("images", f"{request.vm_id}.qcow2"))
+        if data_mib:
+            proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                                   f"write -P {DATA_PATTERN:#x} 0 {data_mib}M", disk],
+                                  capture_output=True, text=True, timeout=PREFILL_TIMEOUT)
+            if proc.returncode != 0:
+                raise VdsmError(f"cannot prefill {data_mib} MiB on {disk}: "
+                                f"{proc.stderr.strip() or proc.stdout.strip()}")
         xml = guest.idle_guest_xml(
             request.vm_name, disk, memory_mib=max(request.memory >> 20, 64),
             serial_log=host.path("images", f"{request.vm_id}.serial"), vm_id=request.vm_id,
@@ -163,3 +182,13 @@ class VdsmFleet:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _data_mib(custom: dict[str, str]) -> int:
+    value = custom.get(DATA_PROPERTY)
+    if value is None:
+        return 0
+    if not value.isdigit() or int(value) > MAX_DATA_MIB:
+        raise VdsmError(f"custom property {DATA_PROPERTY}={value!r}: give a whole number "
+                        f"of MiB from 0 to {MAX_DATA_MIB}")
+    return int(value)
