@@ -37,9 +37,7 @@ class LabCli:
 
 @pytest.fixture
 def lab_cli(kvm):
-    if any(is_lab_namespace(n) for n in netns.lab_namespaces()):
-        pytest.fail("a vdsm-ft lab is already running on this machine (ftlab-wire / "
-                    "ftlab-host* namespaces exist); run `vdsm-ft lab down` first")
+    _no_lab_running()
     parent = tempfile.mkdtemp(prefix="ftlab-e2e-", dir="/var/tmp")
     os.chmod(parent, 0o755)              # QEMU (libvirt-qemu) traverses into the lab dir
     cli = LabCli(os.path.join(parent, "lab"), _free_port())
@@ -96,3 +94,29 @@ def snapshot(lab_dir: str) -> Snapshot:
 @pytest.fixture
 def take_snapshot():
     return snapshot
+
+
+def _no_lab_running() -> None:
+    if any(is_lab_namespace(n) for n in netns.lab_namespaces()):
+        pytest.fail("a vdsm-ft lab is already running on this machine (ftlab-wire / "
+                    "ftlab-host* namespaces exist); run `vdsm-ft lab down` first")
+
+
+@pytest.fixture(scope="module")
+def lab_up(kvm):
+    """One lab for a whole test module, brought up with `vdsm-ft lab up` as a user does
+    and removed with `lab down` when the module ends. Module scope: pytest tears it down
+    before the next module's tests start, so it never runs beside `lab_cli`'s lab."""
+    _no_lab_running()
+    parent = tempfile.mkdtemp(prefix="ftlab-e2e-", dir="/var/tmp")
+    os.chmod(parent, 0o755)
+    cli = LabCli(os.path.join(parent, "lab"), _free_port())
+    try:
+        up = cli.run("up", timeout=700)
+        if up.returncode != 0:
+            pytest.fail(f"lab up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
+        yield cli
+    finally:
+        down = cli.run("down", timeout=180)
+        assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
+        os.rmdir(parent)
