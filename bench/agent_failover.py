@@ -279,10 +279,14 @@ def main() -> None:
                 ms = raw_run(lab, generation, killed)
                 raw[killed].append(ms)
                 print(f"  run {i + 1:2}  raw   {killed:9}  {ms:6.1f} ms", flush=True)
+        failures = list(lab.protect_failures)
     result: dict = {"machine": info, "heartbeat_interval_s": args.heartbeat_interval,
                     "heartbeat_timeout_s": args.heartbeat_timeout, "poll_s": POLL_S,
-                    "runs": runs, "raw_ms": raw, "summary": {}}
+                    "runs": runs, "raw_ms": raw, "summary": {},
+                    "protect_failures": failures}
     print()
+    for reason in failures:
+        print(f"a protect attempt failed and was asked again: {reason}")
     targets = {"qemu": 100.0, "host": 300.0, "host-silent": 300.0, "secondary": None}
     raw_kind = {"qemu": "primary", "host": "primary", "host-silent": "primary",
                 "secondary": "secondary"}

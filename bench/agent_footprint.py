@@ -91,8 +91,12 @@ def main() -> None:
         finally:
             for vm in vms:
                 lab.remove_vm(vm)
+        failures = list(lab.protect_failures)
     print()
-    result = {"machine": info, "window_s": args.window, "counts": results, "per_vm": {}}
+    result = {"machine": info, "window_s": args.window, "counts": results, "per_vm": {},
+              "protect_failures": failures}
+    for reason in failures:
+        print(f"  a protect attempt failed and was asked again: {reason}")
     for host, role in ((A, "primary"), (B, "secondary")):
         base = results[0][host]
         for count in COUNTS[1:]:

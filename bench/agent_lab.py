@@ -97,6 +97,7 @@ class AgentLab:
         self.net: netns.NetnsWorker | None = None
         self.client_ns = netns.netns_name(f"{prefix}-client")
         self.vdsm: dict[str, Vdsm] = {}
+        self.protect_failures: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -256,11 +257,32 @@ class AgentLab:
         return guest.install_disk(guest.build_idle_disk(64 * MiB),
                                   self.host(host_name).path("images", f"{vm_id}.qcow2"))
 
-    def protect(self, vm: LabVm, secondary: str, timeout: float = 60.0) -> None:
+    def protect(self, vm: LabVm, secondary: str, timeout: float = 60.0,
+                attempts: int = 3) -> None:
+        """Protect as the poller does: ask, wait for Protected on both sides; a failed
+        attempt (back to Need Secondary with a reason) is asked again, and noted in
+        `protect_failures`."""
         self.wait_status(vm.host, vm.vm_id, VmState.NEED_SECONDARY, timeout)
-        self.call(vm.host, "protect", vm.vm_id, self.peer(secondary))
-        self.wait_status(vm.host, vm.vm_id, VmState.PROTECTED, timeout)
-        self.wait_status(secondary, vm.vm_id, VmState.PROTECTED, timeout)
+        for attempt in range(attempts):
+            before = self.status(vm.host, vm.vm_id).reason
+            self.call(vm.host, "protect", vm.vm_id, self.peer(secondary))
+            synced = False
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                now = self.status(vm.host, vm.vm_id)
+                if now.state is VmState.PROTECTED:
+                    self.wait_status(secondary, vm.vm_id, VmState.PROTECTED, timeout)
+                    return
+                synced = synced or now.state is VmState.SYNCING
+                if now.state is VmState.NEED_SECONDARY and now.reason and (
+                        synced or now.reason != before):
+                    self.protect_failures.append(now.reason)
+                    break
+                time.sleep(0.1)
+            else:
+                raise AgentBenchError(f"{vm.vm_id} not Protected within {timeout}s: {now}")
+        raise AgentBenchError(f"{vm.vm_id}: protection failed {attempts} times: "
+                              f"{self.protect_failures[-attempts:]}")
 
     def qemu_pid(self, host_name: str, domain: str) -> int | None:
         return domains.qemu_pid(domain, among=self.host(host_name).pids())
