@@ -135,7 +135,8 @@ class ColoPoller:
         self.conn.close()
 
 
-def agent_run(lab: AgentLab, fault: str) -> dict[str, float | str]:
+def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
+              ) -> dict[str, float | str]:
     """One VM, protected a -> b by the agents, one fault; the numbers of that run."""
     vm = lab.start_vm(A)
     try:
@@ -146,6 +147,8 @@ def agent_run(lab: AgentLab, fault: str) -> dict[str, float | str]:
         else:
             survivor_host, survivor_dom, expect_role = B, vm.secondary_name, "secondary"
             victim_host, victim_dom = A, vm.name
+        if leader_on_victim and fault.startswith("host"):
+            lab.move_etcd_leader(0)
         lab.wait_checkpoint(A, vm.vm_id)
         leader = lab.etcd_leader() if fault.startswith("host") else None
         pid = lab.qemu_pid(victim_host, victim_dom)
@@ -250,6 +253,9 @@ def main() -> None:
                         help="comma-separated subset of " + ",".join(FAULTS))
     parser.add_argument("--heartbeat-interval", type=float, default=0.05)
     parser.add_argument("--heartbeat-timeout", type=float, default=0.15)
+    parser.add_argument("--etcd-leader-on-victim", action="store_true",
+                        help="host faults: make the lost host's etcd member the leader "
+                        "first (etcdctl move-leader)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     faults = [f for f in args.faults.split(",") if f]
@@ -267,7 +273,7 @@ def main() -> None:
         generation = 0
         for i in range(max(args.runs, args.raw_runs)):
             for fault in faults if i < args.runs else ():
-                r = agent_run(lab, fault)
+                r = agent_run(lab, fault, args.etcd_leader_on_victim)
                 runs[fault].append(r)
                 print(f"  run {i + 1:2}  agent {fault:9}  total {r['total_ms']:6.1f}  "
                       f"(poll step {r['poll_step_ms']:4.1f})  agent {r['agent_ms']:6.1f}  "

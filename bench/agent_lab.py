@@ -222,6 +222,30 @@ class AgentLab:
         assert self.etcd is not None and self.net is not None
         return self.net.call(_leader, self.etcd.endpoints)
 
+    def move_etcd_leader(self, index: int, timeout: float = 10.0) -> None:
+        """Make member `index` the etcd leader (etcdctl move-leader, from the client
+        namespace), so a benchmark can lose the leader with a host on purpose."""
+        assert self.etcd is not None
+        endpoint = self.etcd.endpoints[index]
+        status = netns.run_in(self.client_ns, [
+            "etcdctl", "--endpoints", endpoint, "endpoint", "status", "-w", "json"],
+            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}, timeout=timeout)
+        member = json.loads(status.stdout)[0]["Status"]["header"]["member_id"]
+        deadline = time.monotonic() + timeout
+        while self.etcd_leader() != index:
+            if time.monotonic() > deadline:
+                raise AgentBenchError(f"etcd member {index} did not become leader: "
+                                      f"{status.stderr.strip()}")
+            leader = self.etcd_leader()
+            if leader is None:
+                time.sleep(0.2)
+                continue
+            status = netns.run_in(self.client_ns, [
+                "etcdctl", "--endpoints", self.etcd.endpoints[leader], "move-leader",
+                f"{member:x}"], env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+                timeout=timeout)
+            time.sleep(0.2)
+
     def cut_link(self, host_name: str) -> None:
         """Set the host's port on the wire's replication bridge down: from then on the
         host is silent, as a powered-off one (revive() sets it up again)."""
