@@ -30,7 +30,8 @@ What is timed, per run:
   started right after the kill: detection and arbitration are off. Compared with
   **agent** (target: within +50 ms of raw).
 
-    /tmp/venv/bin/python bench/agent_failover.py [--runs 20] [--raw-runs 20] [--json out.json]
+    /tmp/venv/bin/python bench/agent_failover.py [--runs 20] [--raw-runs 20] [--faults ...]
+        [--etcd-leader-on-victim] [--heartbeat-interval S --heartbeat-timeout S] [--json F]
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import uuid
 import libvirt
 import libvirt_qemu
 
-from agent_lab import AgentBenchError, AgentLab, LabVm
+from agent_lab import AgentBenchError, AgentLab
 from colo_failover import raw_failover_primary, raw_failover_secondary
 from colo_rawqmp import RawQmp
 from colo_report import dump_json, machine, print_machine, summary
