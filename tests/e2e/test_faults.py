@@ -46,6 +46,7 @@ FAILOVER_TIMEOUT = 30.0
 # The poller backs off while the engine is away (1 s interval doubling per failed cycle).
 REPROTECT_AFTER_ENGINE_TIMEOUT = 150.0
 SYNC_DATA_MIB = 384              # real data for the resync mirror, so Syncing lasts
+WRITER_AREA_MIB = 16             # the writer's blocks (sequence numbers < 256) live below
 
 
 # ---------------------------------------------------------------- the lab as a test uses it
@@ -248,12 +249,14 @@ def survivor_holds(fl: FaultLab, host: str, vm: FtVm, covered: list[int]) -> Non
     assert not lost, f"covered blocks lost on {host}: {lost}"
 
 
-def data_holds(fl: FaultLab, host: str, vm: FtVm, data_mib: int) -> None:
-    """The prefilled data (ftlab_data_mib) is intact on `host`: first, middle, last MiB."""
+def data_holds(fl: FaultLab, host: str, vm: FtVm, data_mib: int,
+               first_mib: int = WRITER_AREA_MIB) -> None:
+    """The prefilled data (ftlab_data_mib) is intact on `host`, from `first_mib` (the
+    writer's blocks overwrite the start) to the middle and the last MiB."""
     dom = vmlocate.vm_domain(fl.lab.state.host(host).uri, vm.name)
     mon = LibvirtMonitor(fl.lab.state.host(host).uri, dom)
     layout, disk = probe_layout(fl.lab.state.host(host), vm.id, vm.name)
-    for mib in (0, data_mib // 2, data_mib - 1):
+    for mib in (first_mib, data_mib // 2, data_mib - 1):
         assert pattern_matches(mon, layout, disk, mib * MiB, MiB, DATA_PATTERN), \
             f"prefilled data lost at {mib} MiB on {host}"
 
@@ -313,6 +316,18 @@ def final_state(fl: FaultLab, vm: FtVm) -> dict[str, str]:
                                                             if st.reason else "")
     fl.tl.say(f"{vm.name} ends: " + "; ".join(f"{h}: {s}" for h, s in seen.items()))
     return seen
+
+
+def no_stale_records(fl: FaultLab, vm: FtVm, pair: set[str], timeout: float = 30) -> None:
+    """Only the pair's two hosts still know the VM: a host that crashed mid-sync and came
+    back must drop its half-made secondary (it counts against that host's FT capacity)."""
+    def clean() -> bool:
+        return {h for h in fl.hosts if fl.lab.vm_status(h, vm.id) is not None} <= pair
+    try:
+        wait_for(f"only {sorted(pair)} to know {vm.name}", clean, timeout, interval=0.5)
+    except Exception:
+        pytest.fail(f"{timeout:.0f} s after re-protection, hosts outside the pair still "
+                    f"report {vm.name}: {final_state(fl, vm)}")
 
 
 def third(fl: FaultLab, *used: str) -> str:
@@ -503,48 +518,96 @@ def test_engine_down_host_crash_still_fails_over_then_one_reprotection(fl, vms,
     final_state(fl, vm)
 
 
-def test_disk_full_on_every_peer_is_a_clear_refusal_then_protection_lands(fl, vms):
-    full = list(fl.hosts)                   # the VM's host is not known before it starts
+def _fill_every_replica_dir(fl: FaultLab) -> list[str]:
+    full = list(fl.hosts)               # the VM's host is not known before it starts
     for host in full:
         fl.fault("disk-full", host)
+    return full
+
+
+def _refusal(fl: FaultLab, vm: FtVm) -> VmStatus:
+    def refused() -> VmStatus | None:
+        st = fl.lab.vm_status(vm.primary, vm.id)
+        return st if st is not None and "replica" in st.reason else None
+    st = wait_for("a refusal that names the replica directory", refused, 60)
+    fl.tl.say(f"refused: {st.state.value}: {st.reason}")
+    assert st.state in (VmState.NEED_SECONDARY, VmState.NOT_PROTECTED), st
+    assert "free" in st.reason, st.reason
+    return st
+
+
+def _nothing_half_protected(fl: FaultLab, vm: FtVm, peers: list[str]) -> None:
+    seen = set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        seen |= _agent_states(fl, vm)
+        time.sleep(0.1)
+    assert VmState.PROTECTED not in seen, seen
+    assert [c.host for c in copies(fl, vm)] == [vm.primary]
+    assert fl.lab.monitor(vm.primary, vm.name).execute(
+        "query-colo-status")["mode"] == "none"
+    for peer in peers:                        # no overlays left behind on a peer
+        overlay = os.path.join("/dev/shm", f"ftlab-{peer}", vm.id)
+        assert not os.path.exists(overlay), overlay
+
+
+def _covered_failover(fl: FaultLab, vm: FtVm, secondary: str) -> None:
+    covered = write_round(fl.lab, fl.tl, vm.primary, vm.id, vm.name, 0)
+    after = fail_over(fl, vm, secondary, lambda: fl.fault("qemu-crash", vm.name))
+    assert after.failovers == 1
+    survivor_holds(fl, secondary, vm, covered)
+    assert_one_live_copy(fl, vm, running=1)
+
+
+def test_disk_full_on_every_peer_is_a_clear_refusal_until_freed(fl, vms):
+    full = _fill_every_replica_dir(fl)
     try:
         vm = start_ft_vm(fl)
         vms.append(vm)
         peers = [h for h in fl.hosts if h != vm.primary]
-
-        def refused() -> VmStatus | None:
-            st = fl.lab.vm_status(vm.primary, vm.id)
-            return st if st is not None and "replica" in st.reason else None
-        st = wait_for("a refusal that names the replica directory", refused, 60)
-        fl.tl.say(f"refused: {st.state.value}: {st.reason}")
-        assert st.state in (VmState.NEED_SECONDARY, VmState.NOT_PROTECTED), st
-        status_text = fl.show_status()
-        assert "replica" in status_text
-        seen = set()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:    # nothing half-protected, ever
-            seen |= _agent_states(fl, vm)
-            time.sleep(0.1)
-        assert VmState.PROTECTED not in seen, seen
-        assert [c.host for c in copies(fl, vm)] == [vm.primary]
-        assert fl.lab.monitor(vm.primary, vm.name).execute(
-            "query-colo-status")["mode"] == "none"
-        for peer in peers:                    # no overlays left behind on a peer
-            overlay = os.path.join("/dev/shm", f"ftlab-{peer}", vm.id)
-            assert not os.path.exists(overlay), overlay
-        freed = peers[-1]
-        fl.fault("disk-full", freed, "--undo")
-        full.remove(freed)
+        _refusal(fl, vm)
+        assert "replica" in fl.show_status()
+        _nothing_half_protected(fl, vm, peers)
+        for host in peers:
+            fl.fault("disk-full", host, "--undo")
+            full.remove(host)
         again = wait_protected(fl.lab, vm.primary, vm.id, PROTECT_TIMEOUT)
-        fl.tl.say(f"after freeing {freed}: Protected onto {again.secondary_host}")
-        assert again.secondary_host == freed
+        fl.tl.say(f"disks freed: Protected onto {again.secondary_host}")
     finally:
         for host in full:
             fl.fault("disk-full", host, "--undo")
-    covered = write_round(fl.lab, fl.tl, vm.primary, vm.id, vm.name, 0)
-    after = fail_over(fl, vm, freed, lambda: fl.fault("qemu-crash", vm.name))
-    assert after.failovers == 1
-    survivor_holds(fl, freed, vm, covered)
+    _covered_failover(fl, vm, again.secondary_host)
+    final_state(fl, vm)
+
+
+def test_disk_full_on_the_chosen_peer_protection_lands_on_the_other(fl, vms):
+    """Only the peer the poller picks is full: protection must land on the other peer,
+    which has room (the poller must not insist on the refusing host)."""
+    full = _fill_every_replica_dir(fl)
+    try:
+        vm = start_ft_vm(fl)
+        vms.append(vm)
+        st = _refusal(fl, vm)
+        chosen = re.search(r"protection onto (\S+) failed", st.reason)
+        assert chosen, st.reason
+        refusing = chosen.group(1)
+        other = third(fl, vm.primary, refusing)
+        for host in (other, vm.primary):
+            fl.fault("disk-full", host, "--undo")
+            full.remove(host)
+        try:
+            again = wait_protected(fl.lab, vm.primary, vm.id, 60)
+        except Exception:
+            now = fl.lab.vm_status(vm.primary, vm.id)
+            tried = [ln for ln in fl.poller_log().splitlines() if vm.name in ln][-6:]
+            pytest.fail(f"{other} has room, {refusing} is full, but {vm.name} was not "
+                        f"protected within 60 s: {now.state.value}: {now.reason}\n"
+                        f"poller: " + "\n".join(tried))
+        assert again.secondary_host == other, again
+    finally:
+        for host in full:
+            fl.fault("disk-full", host, "--undo")
+    _covered_failover(fl, vm, other)
     final_state(fl, vm)
 
 
@@ -583,7 +646,7 @@ def test_crash_of_the_secondary_host_during_syncing(fl, vms, revive_after):
               f"(secondary {st.secondary_host})")
     assert st.role is Role.PRIMARY and st.failovers == 0, st
     assert assert_one_live_copy(fl, vm).host == vm.primary
-    data_holds(fl, vm.primary, vm, SYNC_DATA_MIB)
+    data_holds(fl, vm.primary, vm, SYNC_DATA_MIB, first_mib=0)
 
     spare = third(fl, vm.primary, crashed)
     again = wait_reprotected(fl, vm.primary, vm, not_on={crashed})
@@ -593,6 +656,7 @@ def test_crash_of_the_secondary_host_during_syncing(fl, vms, revive_after):
     survivor_holds(fl, vm.primary, vm, covered)
     data_holds(fl, vm.primary, vm, SYNC_DATA_MIB)
     final_state(fl, vm)
+    no_stale_records(fl, vm, {vm.primary, spare})
 
 
 def test_crash_of_the_new_secondary_during_reprotection(fl, vms, revive_after):
@@ -624,4 +688,6 @@ def test_crash_of_the_new_secondary_during_reprotection(fl, vms, revive_after):
     fl.tl.say(f"both hosts back: protected again onto {again.secondary_host}")
     assert_one_live_copy(fl, vm, running=2)
     survivor_holds(fl, survivor, vm, covered)
+    data_holds(fl, survivor, vm, SYNC_DATA_MIB)
     final_state(fl, vm)
+    no_stale_records(fl, vm, {survivor, again.secondary_host})
