@@ -571,7 +571,9 @@ class AgentClient:
                     resp = conn.getresponse()
                     raw = resp.read()
                 except (http.client.RemoteDisconnected, BrokenPipeError,
-                        ConnectionResetError) as e:
+                        ConnectionResetError, ssl.SSLEOFError) as e:
+                    # A kept-alive connection the server has closed in the meantime
+                    # shows as any of these; an idempotent call is retried once.
                     self._drop()
                     if reused and attempt == 0:
                         continue

@@ -62,6 +62,17 @@ def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
     return None
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs. A dead QEMU stays in /proc as a zombie until its parent
+    (libvirtd, or init for a daemonized one) reaps it, which may take seconds."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
 def _net_ns(pid: str) -> tuple[int, int] | None:
     try:
         st = os.stat(f"/proc/{pid}/ns/net")

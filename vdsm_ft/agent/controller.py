@@ -95,7 +95,7 @@ class VmController:
         return self.agent.vm_run_dir(self.record.vm_id)
 
     def qemu_alive(self) -> bool:
-        if self._pid is not None and os.path.exists(f"/proc/{self._pid}"):
+        if self._pid is not None and domains.process_alive(self._pid):
             return True
         self._pid = domains.qemu_pid(self.record.domain)
         return self._pid is not None
