@@ -87,8 +87,8 @@ class HostConfig:
     etcd_username: str | None = None
     etcd_password: str | None = field(default=None, repr=False)
     colo_ports: tuple[int, int] = (49300, 49599)        # inclusive range for COLO/NBD/migration
-    heartbeat_interval: float = 0.1
-    heartbeat_timeout: float = 0.5
+    heartbeat_interval: float = 0.05
+    heartbeat_timeout: float = 0.2
     agent_unreachable: str = START_UNPROTECTED          # before_vm_start policy (docs/hooks.md)
     agent_timeout: float = 2.0                          # total bound of one hook -> agent call
 
