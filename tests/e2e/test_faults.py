@@ -530,7 +530,9 @@ def _fill_every_replica_dir(fl: FaultLab) -> list[str]:
 def _refusal(fl: FaultLab, vm: FtVm) -> VmStatus:
     def refused() -> VmStatus | None:
         st = fl.lab.vm_status(vm.primary, vm.id)
-        return st if st is not None and "replica" in st.reason else None
+        # While the poller retries, Syncing comes and goes: wait for the refusal itself.
+        return st if st is not None and "replica" in st.reason and st.state in (
+            VmState.NEED_SECONDARY, VmState.NOT_PROTECTED) else None
     st = wait_for("a refusal that names the replica directory", refused, 60)
     fl.tl.say(f"refused: {st.state.value}: {st.reason}")
     assert st.state in (VmState.NEED_SECONDARY, VmState.NOT_PROTECTED), st
