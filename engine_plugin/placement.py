@@ -109,12 +109,15 @@ def affinity_rules(vm: VmInfo, groups: Iterable[AffinityGroupInfo],
 def choose_peer(vm: VmInfo, primary_host_id: str | None, hosts: Sequence[HostInfo],
                 loads: Mapping[str, HostLoad], limits: Limits,
                 agent_problems: Mapping[str, str],
-                affinity: AffinityRules = AffinityRules()) -> Choice:
+                affinity: AffinityRules = AffinityRules(),
+                avoid: Mapping[str, str] | None = None) -> Choice:
     """Pick the secondary's host for `vm`, whose primary runs on `primary_host_id`.
 
     `agent_problems` maps host id -> why its agent is not usable this cycle (absent:
-    usable). `loads` is read, never changed: the caller records the choice.
+    usable). `avoid` maps host id -> why this VM should not go there for now (a peer
+    that just refused it). `loads` is read, never changed: the caller records the choice.
     """
+    avoid = avoid or {}
     rejected: dict[str, str] = {}
     ok: list[tuple[int, int, str, HostInfo]] = []
     need = 2 * vm.memory
@@ -129,6 +132,8 @@ def choose_peer(vm: VmInfo, primary_host_id: str | None, hosts: Sequence[HostInf
             reason = f"not Up ({h.status})"
         elif not h.hook_installed:
             reason = "FT hook not installed"
+        elif h.id in avoid:
+            reason = avoid[h.id]
         elif h.id in agent_problems:
             reason = f"agent not usable: {agent_problems[h.id]}"
         elif h.id in affinity.excluded:

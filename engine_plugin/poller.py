@@ -22,11 +22,13 @@ from engine_plugin.agents import Agents, AgentView
 from engine_plugin.engine import (Engine, EngineAuthFailed, EngineConflict, EngineError,
                                   EngineNotFound, EngineRejected, EngineUnavailable)
 from engine_plugin.events import Event, EventLog
-from vdsm_ft.api import AgentError
+from vdsm_ft.api import AgentError, Role, VmState
 
 log = logging.getLogger("ovirt-ft-poller")
 
 DUPLICATE_EVENT = "custom id already exists"
+# How long a peer that refused a VM is passed over for it.
+REFUSED_PEER_BACKOFF_S = 60.0
 
 
 class Lease(Protocol):
@@ -63,6 +65,10 @@ class Poller:
         self.failures = 0          # consecutive engine failures, for the backoff
         self._seeded = False
         self._first_cycle = True   # until one cycle completed with the engine reachable
+        # vm id -> peer host id of the last protect an agent accepted, and
+        # vm id -> {host id: (until, why)} for peers that then refused it.
+        self._asked: dict[str, str] = {}
+        self._refused: dict[str, dict[str, tuple[float, str]]] = {}
 
     def _leading(self) -> bool:
         if self.lease is None:
@@ -100,7 +106,7 @@ class Poller:
                 lambda partial: polling.append(self.agents.poll_async(partial.hosts.values())))
             view = polling[0].result()
             plan = reconcile.plan(inv, view, self.settings.poller.limits,
-                                  self.engine.affinity_groups)
+                                  self.engine.affinity_groups, self._avoid(view))
         except EngineError as e:
             self._engine_failed(e, result)
             return
@@ -116,6 +122,30 @@ class Poller:
             self.failures = 0
             self._first_cycle = False
 
+    def _avoid(self, view: AgentView) -> dict[str, dict[str, str]]:
+        """Peers that refused a VM recently, so placement tries another host first.
+
+        The agent drops a peer that failed (a full replica disk, an unreachable agent)
+        and reports Need Secondary with no secondary and the reason.
+        """
+        now = time.monotonic()
+        for hs in view.statuses.values():
+            for st in hs.vms:
+                asked = self._asked.get(st.vm_id)
+                if asked is None or st.role is not Role.PRIMARY:
+                    continue
+                if st.state is VmState.NEED_SECONDARY and not st.secondary_host:
+                    why = f"refused this VM recently: {st.reason or 'no reason given'}"
+                    self._refused.setdefault(st.vm_id, {})[asked] = (
+                        now + REFUSED_PEER_BACKOFF_S, why)
+                    del self._asked[st.vm_id]
+                elif st.state is VmState.PROTECTED:
+                    del self._asked[st.vm_id]
+        self._refused = {vm: kept for vm, hosts in self._refused.items()
+                         if (kept := {h: v for h, v in hosts.items() if v[0] > now})}
+        return {vm: {h: why for h, (_, why) in hosts.items()}
+                for vm, hosts in self._refused.items()}
+
     def _engine_failed(self, e: EngineError, result: CycleResult) -> None:
         result.engine_ok = False
         result.failures.append(str(e))
@@ -127,6 +157,7 @@ class Poller:
         try:
             if isinstance(action, reconcile.Protect):
                 st = self.agents.client(action.primary).protect(action.vm_id, action.peer_spec)
+                self._asked[action.vm_id] = action.peer.id
                 line = (f"{'re-' if action.reprotect else ''}protect {action.vm_name}: "
                         f"{action.primary.name} -> {action.peer.name} ({st.state.value})")
             elif isinstance(action, reconcile.Unprotect):

@@ -9,7 +9,7 @@ still shows the VM `unknown` on the dead host (docs/engine-view.md).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from engine_plugin.agents import AgentView
@@ -91,8 +91,10 @@ def _primary(reports: list[tuple[str, VmStatus]]) -> tuple[str, VmStatus] | None
 
 class _Planner:
     def __init__(self, inv: Inventory, view: AgentView, limits: Limits,
-                 groups_for: Callable[[str], list[AffinityGroupInfo]]):
+                 groups_for: Callable[[str], list[AffinityGroupInfo]],
+                 avoid: Mapping[str, Mapping[str, str]]):
         self.inv, self.view, self.limits, self.groups_for = inv, view, limits, groups_for
+        self.avoid = avoid
         self.plan = Plan()
         self.loads = loads_from(inv, view)
         self.hosts = sorted(inv.hosts.values(), key=lambda h: h.name)
@@ -205,8 +207,11 @@ class _Planner:
 
     def by_state(self, vm: VmInfo, host: HostInfo, st: VmStatus) -> None:
         gen = st.generation
-        if st.state is VmState.NEED_SECONDARY or (st.state is VmState.DISABLED
-                                                  and not st.suspended):
+        if st.state is VmState.NEED_SECONDARY and st.secondary_host:
+            # The agent accepted a peer and has not started Syncing yet.
+            self.reason(vm, f"protection onto {self.host_name(st.secondary_host)} pending")
+        elif st.state is VmState.NEED_SECONDARY or (st.state is VmState.DISABLED
+                                                    and not st.suspended):
             self.place(vm, host, st)
         elif st.state is VmState.DISABLED:
             self.reason(vm, "protection suspended by an admin")
@@ -234,7 +239,7 @@ class _Planner:
         rules = affinity_rules(vm, groups, self.vm_hosts() if groups else {})
         # The VM's cluster is the engine's; a survivor outside it is still placed there.
         choice = choose_peer(vm, primary.id, self.hosts, self.loads, self.limits,
-                             self.view.problems, rules)
+                             self.view.problems, rules, self.avoid.get(vm.id))
         if choice.host is None:
             self.reason(vm, choice.refusal)
             self.event(vm, "refused", st.generation, WARNING,
@@ -292,9 +297,13 @@ class _Planner:
 
 
 def plan(inv: Inventory, view: AgentView, limits: Limits,
-         groups_for: Callable[[str], list[AffinityGroupInfo]]) -> Plan:
-    """Decide this cycle's steps. VMs are visited by name, so placement is repeatable."""
-    p = _Planner(inv, view, limits, groups_for)
+         groups_for: Callable[[str], list[AffinityGroupInfo]],
+         avoid: Mapping[str, Mapping[str, str]] | None = None) -> Plan:
+    """Decide this cycle's steps. VMs are visited by name, so placement is repeatable.
+
+    `avoid` maps VM id -> {host id: why}: peers that refused that VM recently.
+    """
+    p = _Planner(inv, view, limits, groups_for, avoid or {})
     reported = view.vm_ids()
     for vm in sorted(inv.vms.values(), key=lambda v: (v.name, v.id)):
         if vm.ft is None and vm.id not in reported:

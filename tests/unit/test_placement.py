@@ -138,3 +138,13 @@ def test_affinity_applies_in_choice():
 def test_limits_reject_nonsense():
     with pytest.raises(ValueError, match="at least 1"):
         Limits(max_vms_per_host=0)
+
+
+def test_a_peer_that_just_refused_the_vm_is_passed_over():
+    hosts = [host("a"), host("b"), host("c")]
+    why = "refused this VM recently: replica directory full"
+    choice = choose_peer(VM, "a", hosts, {}, Limits(), {}, avoid={"b": why})
+    assert choice.host.id == "c"
+    assert choice.rejected["host-b"] == why
+    only = choose_peer(VM, "a", hosts[:2], {}, Limits(), {}, avoid={"b": why})
+    assert only.host is None and why in only.refusal

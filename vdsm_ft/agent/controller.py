@@ -196,8 +196,11 @@ class VmController:
             # A secondary's copy is only a replica; the primary decides what happens.
             self.agent.forget(self, reason="secondary QEMU exited")
             return VmState.DOWN
-        reason = (f"QEMU exited; the last copy of the data is on this host "
-                  f"({self.agent.config.host_id})")
+        if rec.peer is not None:
+            reason = f"QEMU exited; the secondary on {rec.peer.host_id} takes over"
+        else:
+            reason = (f"QEMU exited; the last copy of the data is on this host "
+                      f"({self.agent.config.host_id})")
         self.update(reason=reason)
         if rec.peer is None and rec.generation:
             self.agent.pair_down(rec, reason)

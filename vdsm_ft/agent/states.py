@@ -33,7 +33,9 @@ class Observation:
 
 CONDITIONS = {
     "always": lambda o: True,
-    "qemu gone": lambda o: o.launched and not o.qemu_alive,
+    # A secondary's record is written just before its domain starts, so one without a
+    # QEMU (its host crashed mid-start) is gone too.
+    "qemu gone": lambda o: (o.launched or not o.is_primary) and not o.qemu_alive,
     "stopping": lambda o: o.stopping,
     "disable requested": lambda o: o.disable_requested,
     "peer lost": lambda o: o.peer_lost,
