@@ -14,10 +14,9 @@ import pytest
 from lxml import etree
 
 from ftlab import guest
-from tests.unit.test_hooks_api import Recorder
 from vdsm_ft import hooking, hooks, hostconfig
 from vdsm_ft.arbiter import Arbiter
-from vdsm_ft.hookapi import HookClient, serve_hooks
+from vdsm_ft.hookapi import HookClient
 from vdsm_ft.hooks import HookContext, HookResult
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,16 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def agent(tmp_path):
-    backend = Recorder()
-    path = str(tmp_path / "agent.sock")
-    server = serve_hooks(path, backend, owner_gid=os.getgid())
-    yield backend, path
-    backend.stall.set()
-    server.close()
 
 
 @pytest.fixture

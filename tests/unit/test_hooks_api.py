@@ -50,16 +50,6 @@ class Recorder(HookBackend):
         self._do("destroyed", vm_id)
 
 
-@pytest.fixture
-def agent(tmp_path):
-    backend = Recorder()
-    path = str(tmp_path / "agent.sock")
-    server = serve_hooks(path, backend, owner_gid=os.getgid())
-    yield backend, path
-    backend.stall.set()
-    server.close()
-
-
 def _raw(path: str, request: bytes) -> tuple[int, dict]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
