@@ -27,7 +27,7 @@ from vdsm_ft.api import (AgentClient, AgentServer, Backend, BadRequest, Conflict
                          SecondaryReady, TlsFiles, Unavailable, VmState, VmStatus,
                          client_context)
 from vdsm_ft.arbiter import ARBITER_BOUND_S, Arbiter, ArbiterError, check_fencing_budget
-from vdsm_ft.hookapi import HookBackend, kvm_gid, serve_hooks
+from vdsm_ft.hookapi import AgentRefused, HookBackend, kvm_gid, serve_hooks
 from vdsm_ft.hooks import ENGINE_XML
 from vdsm_ft.layout import Disk, Endpoints
 from vdsm_ft.qmp import QmpError
@@ -432,14 +432,17 @@ class Agent(Backend, HookBackend):
     # -- hook backend ------------------------------------------------------------------
 
     def register(self, vm_id: str, engine_xml: str, primary_xml: str) -> None:
-        name = domxml.layout_from_domxml(engine_xml, "/").name
+        layout = domxml.layout_from_domxml(engine_xml, "/")
+        name = layout.name
         with self._lock:
             existing = self._vms.get(vm_id)
             if existing is not None and existing.record.role is Role.SECONDARY:
-                raise Conflict(f"VM {vm_id} is a secondary on this host")
+                # The hook protocol's refusal, so that the start is refused (rc 2)
+                # rather than taken for an unreachable agent.
+                raise AgentRefused(f"VM {vm_id} runs as a secondary on this host; a "
+                                   "second copy here would split its brain")
             if existing is not None:
                 existing.stop()
-        layout = domxml.layout_from_domxml(engine_xml, "/")
         sizes = tuple(replica.virtual_size(d.image, d.fmt if d.fmt != "raw" else None)
                       for d in layout.disks)
         record = VmRecord(vm_id=vm_id, name=name, role=Role.PRIMARY, engine_xml=engine_xml,
