@@ -19,15 +19,12 @@ as in colo_failover.py). Reported: the client-visible gap (last reply before the
 to the first reply after it), the longest gap between replies while protected, and
 whether the counter the client saw was lost or repeated.
 
-    /tmp/venv/bin/python bench/tier3_probe.py [--json out.json]
+    .venv/bin/python bench/tier3_probe.py [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -43,36 +40,6 @@ BOOT_TIMEOUT_S = 60.0
 CHECKPOINT_DELAY_MS = 2000
 PROTECTED_WINDOW_S = 10.0
 AFTER_FAILOVER_S = 10.0
-REQUEST_TIMEOUT_S = 5.0
-
-
-# -- the client, run inside the client namespace (`--client`) ------------------------
-
-def _get_counter(timeout: float) -> int:
-    with socket.create_connection((GUEST_IP, 80), timeout=timeout) as s:
-        s.sendall(f"GET /cgi-bin/counter HTTP/1.0\r\nHost: {GUEST_IP}\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0]
-    if b" 200 " not in status:
-        raise OSError(f"HTTP status {status!r}")
-    return int(body.strip())
-
-
-def client_loop(duration: float) -> None:
-    """Print one JSON line per request: completion time (monotonic, shared by every
-    process on the machine) and the counter value or the error."""
-    end = time.monotonic() + duration
-    while time.monotonic() < end:
-        try:
-            value: Any = _get_counter(REQUEST_TIMEOUT_S)
-            line = {"t": time.monotonic(), "value": value}
-        except (OSError, ValueError) as exc:
-            line = {"t": time.monotonic(), "error": str(exc)}
-            time.sleep(0.01)
-        print(json.dumps(line), flush=True)
 
 
 # -- the probe and the measurement ----------------------------------------------------
@@ -96,7 +63,7 @@ def _serial_tail(path: str) -> str:
 def probe_boot(lab: "BenchLab", xml: str, serial_log: str, client_ns: str,
                kvm_kind: str = "KVM") -> tuple["ColoPair", "Member", float]:
     """Start the Linux guest under KVM; (pair, primary, seconds to ready) or exit."""
-    from ftlab import guest, netns
+    from ftlab import counterclient, guest
     from ftlab.colopair import ColoPair
 
     pair = ColoPair(xml)
@@ -109,9 +76,7 @@ def probe_boot(lab: "BenchLab", xml: str, serial_log: str, client_ns: str,
                 if guest.READY_LINE.encode() in f.read():
                     ready_at = time.monotonic() - t0
         if ready_at is not None:
-            proc = netns.run_in(client_ns, [sys.executable, os.path.abspath(__file__),
-                                            "--client", "0.1"], timeout=20)
-            if '"value"' in proc.stdout:
+            if counterclient.ask_once(client_ns, GUEST_IP).value is not None:
                 return pair, primary, time.monotonic() - t0
         time.sleep(0.5)
     tail = _serial_tail(serial_log)
@@ -126,50 +91,40 @@ def probe_boot(lab: "BenchLab", xml: str, serial_log: str, client_ns: str,
 
 def measure_gap(lab: "BenchLab", pair: "ColoPair", primary: "Member",
                 client_ns: str) -> dict[str, Any]:
+    from ftlab import counterclient
     from vdsm_ft import colo
 
     secondary, ep = pair.start_secondary(lab.hosts[1], primary, generation=1)
     pair.protect(primary, secondary, ep, checkpoint_delay_ms=CHECKPOINT_DELAY_MS)
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", client_ns, sys.executable, os.path.abspath(__file__),
-         "--client", str(PROTECTED_WINDOW_S + AFTER_FAILOVER_S)],
-        stdout=subprocess.PIPE, text=True)
+    client = counterclient.CounterClient(client_ns, GUEST_IP)
     try:
         time.sleep(PROTECTED_WINDOW_S)
         primary.kill()
         t_kill = time.monotonic()
         colo.failover_secondary(secondary.qmp, secondary.layout)
         t_failover = time.monotonic() - t_kill
-        out, _ = client.communicate(timeout=AFTER_FAILOVER_S + 4 * REQUEST_TIMEOUT_S)
+        time.sleep(AFTER_FAILOVER_S)
     finally:
-        if client.poll() is None:
-            client.kill()
-    lines = [json.loads(ln) for ln in out.splitlines() if ln.strip()]
-    ok = [ln for ln in lines if "value" in ln]
-    before = [ln for ln in ok if ln["t"] < t_kill]
-    after = [ln for ln in ok if ln["t"] >= t_kill]
-    if not before or not after:
-        raise RuntimeError(f"client saw {len(before)} replies before the kill and "
-                           f"{len(after)} after: no gap to measure")
-    values = [ln["value"] for ln in ok]
-    steps = [b - a for a, b in zip(values, values[1:])]
-    protected = [b["t"] - a["t"] for a, b in zip(before, before[1:])]
-    return {"gap_ms": (after[0]["t"] - before[-1]["t"]) * 1000,
-            "failover_call_ms": t_failover * 1000,
+        replies = client.stop()
+    gap = counterclient.gap_ms(replies, t_kill)
+    if gap is None:
+        raise RuntimeError("the client saw no reply before the kill or none after it: "
+                           "no gap to measure")
+    ok = [r for r in replies if r.value is not None]
+    values = [r.value for r in ok]
+    before = [r.t for r in ok if r.t < t_kill]
+    protected = [b - a for a, b in zip(before, before[1:])]
+    return {"gap_ms": gap, "failover_call_ms": t_failover * 1000,
             "max_gap_protected_ms": max(protected, default=0.0) * 1000,
-            "requests_ok": len(ok), "errors": len(lines) - len(ok),
-            "repeated": sum(1 for s in steps if s <= 0),
-            "skipped": sum(s - 1 for s in steps if s > 1)}
+            "requests_ok": len(ok), "errors": len(replies) - len(ok),
+            "repeated": len(counterclient.forks(replies)),
+            "skipped": sum(b - a - 1 for a, b in zip(values, values[1:]) if b > a + 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--client", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
-    if args.client is not None:
-        client_loop(args.client)
-        return
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         not_measurable("/dev/kvm is missing or not usable")
 

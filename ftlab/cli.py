@@ -164,9 +164,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ftlab import demo
     root = lab_dir(args.lab_dir)
-    if args.guest == "linux":
-        return demo.linux_guest()
     _control(args, "status")               # the lab is up and its supervisor answers
+    if args.guest == "linux":
+        return demo.linux_guest(read_state(root))
     return demo.run(read_state(root))
 
 

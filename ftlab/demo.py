@@ -16,6 +16,11 @@
    the first host still down would leave the arbiter without quorum, and rightly no
    failover);
 8. again: writes, crash, failover, every covered block (both rounds) checked.
+With `--guest linux` (tier 3) the VM is the Linux test guest under KVM, the writer's
+blocks sit past its boot and counter partitions, and a client on the guest segment
+(`ftlab.counterclient`, in namespace ftlab-client) asks the guest's HTTP counter back to
+back throughout: after each failover the client must get replies again (the gap is
+printed) and the counter it saw must never fork (every value above the one before).
 PASS only if every check held. Then, beyond the story, whether the poller re-protects
 onto the host that came back is shown (not part of PASS), and the crashed host is
 brought back.
@@ -34,12 +39,14 @@ import libvirt
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 
-from ftlab import labcontrol, vmlocate
+from ftlab import counterclient, labcontrol, netns, vmlocate
+from ftlab.counterclient import CounterClient
 from ftlab.diskprobe import pattern_matches, write_pattern
+from ftlab.guest import MIN_LINUX_DISK
 from ftlab.hostagent import API_PORT
 from ftlab.labstate import HostInfo, LabState
 from ftlab.monitor import LibvirtMonitor
-from ftlab.vdsmdriver import REPO
+from ftlab.vdsmdriver import GUEST_IP_PROPERTY, GUEST_PROPERTY, REPO
 from vdsm_ft.api import (AgentClient, AgentError, Role, TlsFiles, VmState, VmStatus,
                          client_context)
 from vdsm_ft.layout import Disk, VmLayout
@@ -47,7 +54,6 @@ from vdsm_ft.layout import Disk, VmLayout
 MiB = 1 << 20
 BLOCK = 64 * 1024
 BLOCKS_PER_ROUND = 16
-GUEST_MEMORY = 128 * MiB
 DISK_SIZE = 64 * MiB
 POLL_S = 0.01
 COVER_CHECKPOINTS = 2
@@ -56,6 +62,31 @@ PROTECT_TIMEOUT = 120.0
 FAILOVER_TIMEOUT = 30.0
 CHECKPOINT_TIMEOUT = 30.0
 LAST_REPROTECT_WAIT = 20.0
+CLIENT_FIRST_REPLY_TIMEOUT = 60.0     # the Linux guest boots in seconds where KVM runs it
+CLIENT_RESUME_TIMEOUT = 30.0
+DEMO_GUEST_IP = f"{netns.GUEST_NET}.10"
+DEMO_CLIENT_IP = f"{netns.GUEST_NET}.200"
+CLIENT_LINK_INDEX = 200
+
+
+@dataclass(frozen=True)
+class DemoGuest:
+    kind: str                # the lab's ftlab_guest property
+    description: str
+    memory: int
+    data_offset: int         # the writer's blocks start here, clear of the guest's own data
+    address: str = ""        # where the Linux guest serves its counter; "" for the idle one
+
+    def properties(self) -> list[types.CustomProperty]:
+        props = {"ft": "true", GUEST_PROPERTY: self.kind}
+        if self.address:
+            props[GUEST_IP_PROPERTY] = self.address
+        return [types.CustomProperty(name=k, value=v) for k, v in props.items()]
+
+
+IDLE_GUEST = DemoGuest("idle", "idle KVM guest", 128 * MiB, 0)
+LINUX_GUEST = DemoGuest("linux", "Linux test guest under KVM, HTTP counter", 256 * MiB,
+                        -(-MIN_LINUX_DISK // MiB) * MiB, DEMO_GUEST_IP)
 
 
 class DemoFailed(RuntimeError):
@@ -79,6 +110,8 @@ class Results:
     to_protected_s: list[float] = field(default_factory=list)
     covered_lost: int = 0
     covered_checked: int = 0
+    client_gaps_ms: list[float] = field(default_factory=list)
+    client_replies: list[counterclient.Reply] = field(default_factory=list)
 
     def check(self, tl: Timeline, name: str, ok: bool, detail: str = "") -> bool:
         self.checks.append((name, ok, detail))
@@ -166,14 +199,23 @@ def pattern(seq: int) -> int:
     return 1 + seq % 255
 
 
+@dataclass
+class DemoVm:
+    id: str
+    name: str
+    guest: DemoGuest
+    client: CounterClient | None = None
+
+
 def write_round(lab: Lab, tl: Timeline, host: str, vm_id: str, vm_name: str,
-                first: int) -> list[int]:
-    """Write BLOCKS_PER_ROUND blocks; returns the ones a completed checkpoint covers."""
+                first: int, base: int = 0) -> list[int]:
+    """Write BLOCKS_PER_ROUND blocks from offset `base`; returns the ones a completed
+    checkpoint covers."""
     mon = lab.monitor(host, vm_name)
     disk = Disk(index=0, image="", size=DISK_SIZE)
     written: list[tuple[int, int]] = []           # (seq, checkpoint count after the write)
     for seq in range(first, first + BLOCKS_PER_ROUND):
-        write_pattern(mon, disk, seq * BLOCK, BLOCK, pattern(seq))
+        write_pattern(mon, disk, base + seq * BLOCK, BLOCK, pattern(seq))
         written.append((seq, lab.checkpoints(host, vm_id)))
     tl.say(f"writer: blocks {first}..{first + BLOCKS_PER_ROUND - 1} (64 KiB each, "
            f"pattern = sequence number) written through {host}'s quorum node; "
@@ -233,8 +275,9 @@ def live_copies(lab: Lab, vm_name: str) -> list[tuple[str, str]]:
 
 
 def crash_and_fail_over(lab: Lab, tl: Timeline, res: Results, primary: str, survivor: str,
-                        vm_id: str, vm_name: str, covered: list[int]) -> bool:
+                        vm: DemoVm, covered: list[int]) -> bool:
     """False when no failover happened (the story cannot go on)."""
+    vm_id, vm_name = vm.id, vm.name
     watch = FailoverWatch(lab, survivor, vm_id)
     watch.start()
     tl.say(f"CRASH {primary}: every process of the host SIGKILLed "
@@ -268,40 +311,91 @@ def crash_and_fail_over(lab: Lab, tl: Timeline, res: Results, primary: str, surv
     res.check(tl, "exactly one live copy", len(copies) == 1,
               ", ".join(f"{h}: {mode}" for h, mode in copies))
     layout, disk = probe_layout(host, vm_id, vm_name)
-    lost = [seq for seq in covered
-            if not pattern_matches(mon, layout, disk, seq * BLOCK, BLOCK, pattern(seq))]
+    base = vm.guest.data_offset
+    lost = [seq for seq in covered if not pattern_matches(
+        mon, layout, disk, base + seq * BLOCK, BLOCK, pattern(seq))]
     res.covered_checked += len(covered)
     res.covered_lost += len(lost)
     res.check(tl, f"all {len(covered)} covered blocks intact on {survivor}", not lost,
               f"lost: {lost}" if lost else "")
+    if vm.client is not None:
+        check_client(tl, res, vm.client, crash["at"])
     return True
 
 
-def run(state: LabState) -> int:
+def start_client(tl: Timeline, vm: DemoVm) -> CounterClient:
+    """The client on the guest segment, asking the guest's counter until the story ends."""
+    if netns.exists(netns.CLIENT_NS):
+        netns.delete(netns.CLIENT_NS)        # left by a demo that was killed
+    netns.add_client(netns.CLIENT_NS[len(netns.PREFIX):], DEMO_CLIENT_IP, CLIENT_LINK_INDEX)
+    client = CounterClient(netns.CLIENT_NS, vm.guest.address)
+    first = wait_for(f"the guest's counter at {vm.guest.address} to answer the client",
+                     lambda: client.values_after(0.0), CLIENT_FIRST_REPLY_TIMEOUT)
+    tl.say(f"client ({DEMO_CLIENT_IP}, namespace {netns.CLIENT_NS}): the guest's counter "
+           f"answers ({first[0]}); asking it back to back from now on")
+    return client
+
+
+def check_client(tl: Timeline, res: Results, client: CounterClient, crash_at: float) -> None:
+    try:
+        wait_for("the client's first reply after the crash",
+                 lambda: client.values_after(crash_at), CLIENT_RESUME_TIMEOUT, POLL_S)
+    except DemoFailed as e:
+        res.check(tl, "the client gets replies after the failover", False, str(e))
+        return
+    replies = client.snapshot()
+    gap = counterclient.gap_ms(replies, crash_at)
+    if gap is not None:
+        res.client_gaps_ms.append(gap)
+    res.check(tl, "the client gets replies after the failover", gap is not None,
+              f"client-visible gap {gap:.0f} ms" if gap is not None else
+              "no reply before the crash to measure from")
+    forked = counterclient.forks(replies)
+    values = [r.value for r in replies if r.value is not None]
+    res.check(tl, "the client's counter never forked", not forked,
+              f"{len(values)} replies, {values[0]}..{values[-1]}" if not forked else
+              f"went back at {forked[:5]}")
+
+
+def stop_client(res: Results, vm: DemoVm | None) -> None:
+    if vm is not None and vm.client is not None:
+        res.client_replies = vm.client.stop()
+    if netns.exists(netns.CLIENT_NS):
+        netns.delete(netns.CLIENT_NS)
+
+
+def run(state: LabState, guest: DemoGuest = IDLE_GUEST) -> int:
     tl = Timeline()
     res = Results()
     lab = Lab(state)
     down: list[str] = []                  # hosts crashed and not back yet
+    started: list[DemoVm] = []
     try:
-        story(lab, tl, res, down)
-    except (DemoFailed, sdk.Error, labcontrol.ControlError, AgentError) as e:
+        story(lab, tl, res, down, guest, started)
+    except (DemoFailed, sdk.Error, labcontrol.ControlError, AgentError,
+            netns.NetnsError) as e:
         res.check(tl, "the story ran to its end", False, str(e))
     finally:
+        stop_client(res, started[0] if started else None)
         revive(lab, tl, down)
         lab.close()
     return summary(tl, res)
 
 
-def story(lab: Lab, tl: Timeline, res: Results, down: list[str]) -> None:
+def story(lab: Lab, tl: Timeline, res: Results, down: list[str], guest: DemoGuest,
+          started: list[DemoVm]) -> None:
     hosts = [h.name for h in lab.state.hosts]
     if len(hosts) < 3:
         raise DemoFailed("the demo needs 3 hosts (crash, re-protect onto a third host)")
     vms = lab.conn.system_service().vms_service()
     name = f"demo-{uuid.uuid4().hex[:6]}"
-    tl.say(f"SDK: create VM {name} (128 MiB, idle KVM guest) with custom property ft=true")
+    tl.say(f"SDK: create VM {name} ({guest.memory // MiB} MiB, {guest.description}) with "
+           "custom property ft=true")
     vm = vms.add(types.Vm(name=name, cluster=types.Cluster(name="Default"),
-                          template=types.Template(name="Blank"), memory=GUEST_MEMORY,
-                          custom_properties=[types.CustomProperty(name="ft", value="true")]))
+                          template=types.Template(name="Blank"), memory=guest.memory,
+                          custom_properties=guest.properties()))
+    dvm = DemoVm(vm.id, name, guest)
+    started.append(dvm)
     svc = vms.vm_service(vm.id)
     t_start = time.monotonic()
     tl.say(f"SDK: start {name} (engine -> VDSM stand-in -> before_vm_start hook -> libvirt)")
@@ -314,6 +408,8 @@ def story(lab: Lab, tl: Timeline, res: Results, down: list[str]) -> None:
     up = wait_for(f"{name} Up in the engine", started, START_TIMEOUT)
     primary = up.host.id
     tl.say(f"engine: {name} is Up on {primary}; waiting for the poller to protect it")
+    if guest.address:
+        dvm.client = start_client(tl, dvm)
     st = wait_protected(lab, primary, vm.id, PROTECT_TIMEOUT)
     res.to_protected_s.append(time.monotonic() - t_start)
     tl.say(f"PROTECTED: primary {primary}, secondary {st.secondary_host}, generation "
@@ -323,10 +419,10 @@ def story(lab: Lab, tl: Timeline, res: Results, down: list[str]) -> None:
     for round_no in (1, 2):
         secondary = st.secondary_host
         assert secondary is not None
-        covered += write_round(lab, tl, primary, vm.id, name, first)
+        covered += write_round(lab, tl, primary, vm.id, name, first, guest.data_offset)
         first += BLOCKS_PER_ROUND
         down.append(primary)
-        if not crash_and_fail_over(lab, tl, res, primary, secondary, vm.id, name, covered):
+        if not crash_and_fail_over(lab, tl, res, primary, secondary, dvm, covered):
             return
         old, primary = primary, secondary
         spare = next(h for h in hosts if h not in down and h != primary)
@@ -396,6 +492,13 @@ def summary(tl: Timeline, res: Results) -> int:
                                    or "never") + " (first start, then re-protection)")
     print(f"covered blocks lost: {res.covered_lost} ({res.covered_checked} block checks on "
           "the survivors, each covered block checked after every later failover)")
+    if res.client_replies:
+        values = [r.value for r in res.client_replies if r.value is not None]
+        print("client-visible gaps across the failovers: "
+              + (", ".join(f"{ms:.0f} ms" for ms in res.client_gaps_ms) or "none measured")
+              + f"; the client got {len(values)} replies"
+              + (f", counter {values[0]}..{values[-1]}" if values else "")
+              + f", forks: {len(counterclient.forks(res.client_replies))}")
     failed = [c for c in res.checks if not c[1]]
     for name, _, detail in failed:
         print(f"FAILED: {name}{': ' + detail if detail else ''}")
@@ -404,7 +507,7 @@ def summary(tl: Timeline, res: Results) -> int:
     return 0 if ok else 1
 
 
-def linux_guest() -> int:
+def linux_guest(state: LabState) -> int:
     """Tier 3 needs a host where KVM runs the Linux guest at speed: probe, say what was
     found, and never pretend (non-zero exit unless the story really ran)."""
     print("lab demo --guest linux (tier 3: a client's counter across failovers) needs a "
@@ -431,7 +534,6 @@ def linux_guest() -> int:
               "probe gives above. The default demo (`vdsm-ft lab demo`) shows the same "
               "failovers with the idle KVM guest and block-level data checks.")
         return 2
-    print("The probe says KVM runs the Linux guest here, but the lab's Linux-guest story "
-          "is not built yet: only bench/tier3_probe.py measures the client-visible gap. "
-          "FAIL (not implemented), rather than a PASS for something that did not run.")
-    return 2
+    print("The probe says KVM runs the Linux guest here: the story follows, with a "
+          "client's counter.", flush=True)
+    return run(state, LINUX_GUEST)

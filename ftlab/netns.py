@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 PREFIX = "ftlab-"
 WIRE_NS = PREFIX + "wire"
+CLIENT_NS = PREFIX + "client"        # the demo's client on the guest segment
 ROOT_LINK = PREFIX + "root"          # root-namespace end of the management link
 REP_BRIDGE = "rep"                   # inside WIRE_NS
 GUEST_BRIDGE = "guest"               # inside WIRE_NS

@@ -87,8 +87,9 @@ def lab_leftovers(root: str) -> list[str]:
 
 
 def is_lab_namespace(ns: str) -> bool:
-    """The lab's own namespaces: ftlab-wire and ftlab-host<N> (tests use other names)."""
-    if ns == netns.WIRE_NS:
+    """The lab's own namespaces: ftlab-wire, ftlab-client and ftlab-host<N> (tests use
+    other names)."""
+    if ns in (netns.WIRE_NS, netns.CLIENT_NS):
         return True
     suffix = ns[len(netns.PREFIX + HOST_PREFIX):]
     return ns.startswith(netns.PREFIX + HOST_PREFIX) and suffix.isdigit() \

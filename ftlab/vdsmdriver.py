@@ -13,6 +13,12 @@ The fake engine has no disk model, so the guest's disk is the idle guest's 64 Mi
 A VM with the lab-only custom property `ftlab_data_mib=N` gets a disk of at least 2N MiB
 whose first N MiB hold real data (pattern DATA_PATTERN) before it starts, so that a
 resync has that much to copy and Syncing lasts (the fault tests crash hosts mid-sync).
+
+The lab-only custom property `ftlab_guest` picks the guest: `idle` (the default, under
+KVM), `linux` (the Linux test guest under KVM: tier 3, where KVM runs it at speed) or
+`linux-tcg` (the Linux guest under TCG: tier 2, which COLO cannot protect, so it is
+refused with ft=true). A Linux guest also needs `ftlab_guest_ip`, its address on the
+guest segment, where it serves its HTTP counter.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import subprocess
 import sysconfig
 import threading
+import uuid
 from collections.abc import Callable
 
 import libvirt
@@ -43,6 +50,10 @@ GUEST_DISK_SIZE = 64 << 20
 DATA_PROPERTY = "ftlab_data_mib"
 DATA_PATTERN = 0x3C
 MAX_DATA_MIB = 4096
+GUEST_PROPERTY = "ftlab_guest"
+GUEST_IP_PROPERTY = "ftlab_guest_ip"
+GUESTS = ("idle", "linux", "linux-tcg")
+LINUX_MEMORY_MIB = 256
 PREFILL_TIMEOUT = 300.0
 _STATES = {libvirt.VIR_DOMAIN_RUNNING: "up", libvirt.VIR_DOMAIN_PAUSED: "paused",
            libvirt.VIR_DOMAIN_BLOCKED: "up"}
@@ -85,8 +96,10 @@ class VdsmFleet:
         host = hv.host
         data_mib = _data_mib(request.custom_properties)
         size = max(GUEST_DISK_SIZE, 2 * data_mib << 20)
-        disk = guest.install_disk(guest.build_idle_disk(size, self.cache_dir),
-                                  host.path("images", f"{request.vm_id}.qcow2"))
+        kind, net = _guest(request.custom_properties)
+        cached = (guest.build_idle_disk(size, self.cache_dir) if net is None else
+                  guest.build_linux_disk(net, size, cache_dir=self.cache_dir))
+        disk = guest.install_disk(cached, host.path("images", f"{request.vm_id}.qcow2"))
         if data_mib:
             proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c",
                                    f"write -P {DATA_PATTERN:#x} 0 {data_mib}M", disk],
@@ -94,10 +107,13 @@ class VdsmFleet:
             if proc.returncode != 0:
                 raise VdsmError(f"cannot prefill {data_mib} MiB on {disk}: "
                                 f"{proc.stderr.strip() or proc.stdout.strip()}")
-        xml = guest.idle_guest_xml(
-            request.vm_name, disk, memory_mib=max(request.memory >> 20, 64),
-            serial_log=host.path("images", f"{request.vm_id}.serial"), vm_id=request.vm_id,
-            custom=tuple(sorted(request.custom_properties.items())))
+        memory_mib = max(request.memory >> 20, 64 if net is None else LINUX_MEMORY_MIB)
+        xml = guest.engine_domain_xml(guest.EngineVm(
+            name=request.vm_name, disk=disk, vm_id=request.vm_id, memory_mib=memory_mib,
+            mac="" if net is None else guest.guest_mac(uuid.UUID(request.vm_id).int & 0xFFFFFF),
+            domain_type="qemu" if kind == "linux-tcg" else "kvm",
+            serial_log=host.path("images", f"{request.vm_id}.serial"),
+            custom=tuple(sorted(request.custom_properties.items()))))
         with hv.lock:
             hv.vdsm.start_vm(xml)
         log.info("VM %s started on %s", request.vm_name, host.name)
@@ -192,3 +208,22 @@ def _data_mib(custom: dict[str, str]) -> int:
         raise VdsmError(f"custom property {DATA_PROPERTY}={value!r}: give a whole number "
                         f"of MiB from 0 to {MAX_DATA_MIB}")
     return int(value)
+
+
+def _guest(custom: dict[str, str]) -> tuple[str, guest.GuestNet | None]:
+    """The guest kind `ftlab_guest` asks for, and the Linux guest's network (None: idle)."""
+    kind = custom.get(GUEST_PROPERTY, "idle")
+    if kind not in GUESTS:
+        raise VdsmError(f"custom property {GUEST_PROPERTY}={kind!r}: give one of "
+                        + ", ".join(GUESTS))
+    if kind == "idle":
+        return kind, None
+    if kind == "linux-tcg" and custom.get("ft", "").strip().lower() == "true":
+        raise VdsmError(f"{GUEST_PROPERTY}=linux-tcg cannot have ft=true: QEMU 7.2's COLO "
+                        "deadlocks under TCG (DESIGN.md); use linux (KVM) or drop ft")
+    address = custom.get(GUEST_IP_PROPERTY, "")
+    try:
+        return kind, guest.GuestNet(address)
+    except ValueError as e:
+        raise VdsmError(f"{GUEST_PROPERTY}={kind} needs {GUEST_IP_PROPERTY}, the guest's "
+                        f"address on the guest segment: {e}") from None

@@ -28,7 +28,6 @@ import os
 import pwd
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
 import time

@@ -160,7 +160,7 @@ def test_paths_and_names_with_commas_and_quotes_are_escaped():
         "driver=file,filename=/rhev/data-center/mnt/srv:_ex,,ports/it's,,here/disk,node-name=")
     # Guest devices are JSON (see domxml._guest_device): the value goes in verbatim.
     assert devices(out)[0]["serial"] == "ser,ial"
-    assert options(out, "-chardev")[0] == f"socket,id=ftqmp,path=/run/ft,,vm'1/qmp.sock,server=on,wait=off"
+    assert options(out, "-chardev")[0] == "socket,id=ftqmp,path=/run/ft,,vm'1/qmp.sock,server=on,wait=off"
     disks = replicas()
     disks[0] = layout.Disk(index=0, image="/srv/re,p'l/d0", size=1, fmt="raw",
                            active="/dev/shm/a,0", hidden="/dev/shm/h,0")

@@ -78,7 +78,7 @@ def _agent_conf(tmp_path: Path, mode: int, password: bool) -> Path:
 @pytest.mark.parametrize("mode", [0o640, 0o644, 0o660, 0o604])
 def test_agent_conf_with_an_etcd_password_refused_unless_0600(tmp_path, mode):
     path = _agent_conf(tmp_path, mode, password=True)
-    with pytest.raises(hostconfig.ConfigError, match=rf"\[etcd\] password.*chmod 600") as err:
+    with pytest.raises(hostconfig.ConfigError, match=r"\[etcd\] password.*chmod 600") as err:
         hostconfig.load(str(path))
     assert SECRET not in str(err.value)
 
