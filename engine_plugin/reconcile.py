@@ -252,7 +252,9 @@ class _Planner:
                                          self.view.peer_spec(peer), reprotect))
         self.reason(vm, f"{'re-' if reprotect else ''}protecting onto {peer.name}")
         if reprotect:
-            self.event(vm, "reprotect", st.generation, NORMAL,
+            # Keyed on the failover, not the generation: each attempt takes a new
+            # generation, and a retried re-protection onto the same host is one event.
+            self.event(vm, "reprotect", st.failovers, NORMAL,
                        f"VM {vm.name} is being re-protected on host {peer.name} "
                        f"(primary on {primary.name}).", detail=peer.id)
 

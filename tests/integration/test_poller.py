@@ -193,6 +193,31 @@ def test_failover_is_reprotected_onto_a_third_host_with_no_human_step(lab):
     assert len(ids) == len(set(ids))
 
 
+def test_a_retried_reprotection_is_one_event(lab, monkeypatch):
+    # The refusing peer's pass-over, shortened so the retries land on h4 again.
+    monkeypatch.setattr("engine_plugin.poller.REFUSED_PEER_BACKOFF_S", 0.3)
+    h1, h3, h4 = (_host_id(lab, h) for h in ("h1", "h3", "h4"))
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+    b3 = lab.fleet.backends["h3"]
+    lab.fleet.kill("h1")
+    survivor = dict(vm_id=vm.id, name="web", state=VmState.NEED_SECONDARY, role=Role.PRIMARY,
+                    primary_host=h3, failovers=1)
+    b3.set_vm(VmStatus(generation=1, **survivor))
+    _cycle_until(poller, lambda: any("re-protected on host h4" in e.description
+                                     for e in lab.our_events()))
+    # Each attempt onto h4 fails after taking a new generation; the poller tries again.
+    for generation in (2, 3):
+        b3.set_vm(VmStatus(generation=generation, **survivor))
+        attempts = len(b3.calls_named("protect"))
+        _cycle_until(poller, lambda: len(b3.calls_named("protect")) > attempts)
+        assert b3.calls_named("protect")[-1][2].host_id == h4
+    time.sleep(1.2)                              # past the engine's flood window
+    poller.cycle()
+    told = [e for e in lab.our_events() if "re-protected on host" in e.description]
+    assert len(told) == 1, [e.description for e in told]
+
+
 def test_fence_is_withheld_without_the_arbiters_proof(lab):
     h1, h3 = _host_id(lab, "h1"), _host_id(lab, "h3")
     vm = _ft_vm(lab)
