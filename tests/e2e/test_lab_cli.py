@@ -49,6 +49,20 @@ def test_lab_up_demo_passes_and_down_leaves_nothing(lab_cli, take_snapshot):
     assert len(re.findall(r"ok   failover to host\d: \d+ ms", out)) == 2
     assert password not in out + demo.stderr
 
+    # Tier 3 runs where the probe says KVM runs a Linux guest at speed; elsewhere the
+    # demo must say why and fail, never pass.
+    linux = lab_cli.run("demo", "--guest", "linux", timeout=DEMO_BUDGET_S + 120)
+    print(linux.stdout)
+    if "tier 3: not measurable here:" in linux.stdout:
+        assert linux.returncode == 2, linux.stdout + linux.stderr
+        assert "cannot run on this machine" in linux.stdout
+        assert "PASS" not in linux.stdout
+    else:
+        out = _ok(linux, "lab demo --guest linux")
+        assert out.rstrip().splitlines()[-1] == "PASS"
+        assert re.search(r"client-visible gaps across the failovers: \d+ ms, \d+ ms;", out)
+        assert re.search(r"forks: 0$", out, re.M)
+
     status = _ok(lab_cli.run("status"), "lab status")
     assert re.search(r"^demo-\w+ ", status, re.M), status
 
