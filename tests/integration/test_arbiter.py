@@ -265,6 +265,25 @@ def test_losing_one_member_changes_nothing(fresh_etcd_cluster):
     _exercise(first_dead)
 
 
+def test_a_silent_first_member_costs_at_most_the_first_round_attempt(etcd_cluster):
+    """A member on a powered-off host accepts nothing and resets nothing; here: a
+    listener on loopback that never answers. The call moves on after the first-round
+    attempt, not after its share of the bound (1.5 s of 6 s here)."""
+    import socket
+    from vdsm_ft.arbiter import FIRST_ROUND_ATTEMPT_S
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)                     # the kernel completes handshakes; no reply
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        a = Arbiter([url] + list(etcd_cluster.endpoints), bound=6.0)
+        vm = new_vm()
+        t0 = time.monotonic()
+        g = a.begin_generation(vm, "hostA", "hostB")
+        elapsed = time.monotonic() - t0
+    assert a.get_pair(vm).generation == g
+    assert elapsed < FIRST_ROUND_ATTEMPT_S + 0.5, f"took {elapsed:.3f}s"
+
+
 def _assert_unavailable_within(bound, call):
     t0 = time.monotonic()
     with pytest.raises(ArbiterUnavailable):
