@@ -25,8 +25,16 @@ printed (`EngineSettings.__repr__` hides it).
 
     [poller]
     interval = 10
-    etcd_endpoints = http://etcd1:2379,http://etcd2:2379,http://etcd3:2379
+    etcd_endpoints = https://etcd1:2379,https://etcd2:2379,https://etcd3:2379
     lease_ttl = 15
+    etcd_ca = /etc/pki/ovirt-ft/etcd-ca.pem
+    etcd_cert = /etc/pki/ovirt-ft/etcd-client.pem
+    etcd_key = /etc/pki/ovirt-ft/etcd-client.key
+    etcd_username = ovirt-ft-poller
+    etcd_password = ...
+
+The etcd TLS and authentication keys are optional; cert and key go together, and so do
+username and password (docs/install.md, "etcd").
 """
 from __future__ import annotations
 
@@ -55,6 +63,11 @@ ENV_KEYS = {
     "OVIRT_FT_AGENT_CA": ("agents", "ca"),
     "OVIRT_FT_AGENT_TIMEOUT": ("agents", "timeout"),
     "OVIRT_FT_ETCD_ENDPOINTS": ("poller", "etcd_endpoints"),
+    "OVIRT_FT_ETCD_CA": ("poller", "etcd_ca"),
+    "OVIRT_FT_ETCD_CERT": ("poller", "etcd_cert"),
+    "OVIRT_FT_ETCD_KEY": ("poller", "etcd_key"),
+    "OVIRT_FT_ETCD_USERNAME": ("poller", "etcd_username"),
+    "OVIRT_FT_ETCD_PASSWORD": ("poller", "etcd_password"),
     "OVIRT_FT_POLLER_INTERVAL": ("poller", "interval"),
 }
 
@@ -86,6 +99,11 @@ class PollerSettings:
     hook_name: str = "50_ft"
     limits: Limits = Limits()
     etcd_endpoints: tuple[str, ...] = ()
+    etcd_ca: str | None = None             # CA of etcd's server certificates (https://)
+    etcd_cert: str | None = None           # client certificate for etcd --client-cert-auth
+    etcd_key: str | None = None
+    etcd_username: str | None = None       # etcd authentication (etcdctl user add)
+    etcd_password: str | None = field(default=None, repr=False)
     lease_ttl: int = 15
     lease_name: str = "ovirt-ft-poller"
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -187,10 +205,25 @@ def _settings(p: configparser.ConfigParser, where: str) -> Settings:
         max_vcpus_per_host=int(_number(p, "placement", "max_vcpus_per_host", where, 8, int, 1)))
     endpoints = tuple(e.strip() for e in
                       _get(p, "poller", "etcd_endpoints", where, "").split(",") if e.strip())
+    etcd_files = {"etcd_ca": _get(p, "poller", "etcd_ca", where, "") or None,
+                  "etcd_cert": _get(p, "poller", "etcd_cert", where, "") or None,
+                  "etcd_key": _get(p, "poller", "etcd_key", where, "") or None}
+    for name, value in etcd_files.items():
+        if value is not None and not os.path.isfile(value):
+            raise ConfigError(f"[poller] {name} {value} in {where} does not exist")
+    if bool(etcd_files["etcd_cert"]) != bool(etcd_files["etcd_key"]):
+        raise ConfigError(f"[poller] etcd_cert and etcd_key in {where} go together; set both "
+                          "or neither")
+    etcd_username = _get(p, "poller", "etcd_username", where, "") or None
+    etcd_password = _get(p, "poller", "etcd_password", where, "") or None
+    if bool(etcd_username) != bool(etcd_password):
+        raise ConfigError(f"[poller] etcd_username and etcd_password in {where} go together; "
+                          "set both or neither")
     poller = PollerSettings(
         interval=_number(p, "poller", "interval", where, 10.0, minimum=0.1),
         hook_name=_get(p, "placement", "hook_name", where, PollerSettings.hook_name),
-        limits=limits, etcd_endpoints=endpoints,
+        limits=limits, etcd_endpoints=endpoints, **etcd_files,
+        etcd_username=etcd_username, etcd_password=etcd_password,
         lease_ttl=int(_number(p, "poller", "lease_ttl", where, 15, int, 1)),
         max_events_per_cycle=int(_number(p, "poller", "max_events_per_cycle", where, 100,
                                          int, 1)))

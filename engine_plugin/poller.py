@@ -241,8 +241,10 @@ def make_lease(settings: config.Settings) -> Lease | None:
     if not endpoints:
         return None
     from vdsm_ft.arbiter import Arbiter, LeaderLease
-    return LeaderLease(Arbiter(list(endpoints)), settings.poller.lease_name,
-                       settings.poller.holder, settings.poller.lease_ttl)
+    p = settings.poller
+    arbiter = Arbiter(list(endpoints), ca_cert=p.etcd_ca, cert=p.etcd_cert, key=p.etcd_key,
+                      username=p.etcd_username, password=p.etcd_password)
+    return LeaderLease(arbiter, p.lease_name, p.holder, p.lease_ttl)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,10 @@ Members listen on loopback with free ports by default. In the lab each member ca
 its lab host's network namespace (``netns``), bound to that host's address; it is then
 launched through ``ip netns exec`` and checked with ``etcdctl`` from inside that namespace.
 Only processes started here are stopped here.
+
+With ``tls`` the members serve their clients https (and ``client_cert_auth`` makes them
+require a client certificate signed by ``tls.ca``); peers still talk http. The default is
+plain http, as the lab runs it.
 """
 from __future__ import annotations
 
@@ -12,12 +16,15 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+
+from vdsm_ft.api import TlsFiles
 
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "/usr/bin/etcdctl"
@@ -55,10 +62,11 @@ class _Member:
     data_dir: str
     log_path: str
     proc: subprocess.Popen | None = None
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.client_port}"
+        return f"{self.scheme}://{_url_host(self.host)}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -90,6 +98,11 @@ class EtcdCluster:
 
     specs: list[MemberSpec] = field(default_factory=lambda: [MemberSpec() for _ in range(3)])
     base_dir: str | None = None
+    # Server certificate and key (naming every member's address, and allowing client auth:
+    # etcd's JSON gateway dials the member with it) and the CA trusted for clients.
+    tls: TlsFiles | None = None
+    client_cert_auth: bool = False
+    extra_args: tuple[str, ...] = ()          # more etcd flags, for every member
     members: list[_Member] = field(default_factory=list, init=False)
     _own_base_dir: bool = field(default=False, init=False)
 
@@ -116,7 +129,8 @@ class EtcdCluster:
             self.members.append(_Member(
                 name=name, host=spec.host, client_port=client, peer_port=peer,
                 netns=spec.netns, data_dir=os.path.join(self.base_dir, f"{name}.data"),
-                log_path=os.path.join(self.base_dir, f"{name}.log")))
+                log_path=os.path.join(self.base_dir, f"{name}.log"),
+                scheme="https" if self.tls else "http"))
         try:
             for i in range(len(self.members)):
                 self._spawn(i, state="new")
@@ -134,6 +148,12 @@ class EtcdCluster:
                 "--initial-cluster", initial, "--initial-cluster-token", CLUSTER_TOKEN,
                 "--initial-cluster-state", state,
                 "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS)]
+        if self.tls:
+            argv += ["--cert-file", self.tls.cert, "--key-file", self.tls.key,
+                     "--trusted-ca-file", self.tls.ca]
+            if self.client_cert_auth:
+                argv.append("--client-cert-auth")
+        argv += list(self.extra_args)
         if m.netns:
             return [IP, "netns", "exec", m.netns] + argv
         return argv
@@ -157,6 +177,9 @@ class EtcdCluster:
             argv = [IP, "netns", "exec", m.netns, ETCDCTL, "--endpoints", m.client_url,
                     "--dial-timeout", f"{timeout}s", "--command-timeout", f"{timeout}s",
                     "endpoint", "health"]
+            if self.tls:
+                argv[-2:-2] = ["--cacert", self.tls.ca, "--cert", self.tls.cert,
+                               "--key", self.tls.key]
             try:
                 return subprocess.run(argv, capture_output=True, timeout=timeout + 2,
                                       env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
@@ -164,10 +187,19 @@ class EtcdCluster:
             except subprocess.TimeoutExpired:
                 return False
         try:
-            with urllib.request.urlopen(m.client_url + "/health", timeout=timeout) as r:
+            with urllib.request.urlopen(m.client_url + "/health", timeout=timeout,
+                                        context=self._ssl_context()) as r:
                 return json.load(r).get("health") == "true"
         except (OSError, ValueError, urllib.error.URLError):
             return False
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """For this module's own checks: trust the CA, present the server's certificate."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls.ca)
+        ctx.load_cert_chain(self.tls.cert, self.tls.key)
+        return ctx
 
     def _wait_members(self, indexes: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -234,7 +266,8 @@ class EtcdCluster:
             req = urllib.request.Request(m.client_url + "/v3/maintenance/status", data=b"{}",
                                          headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=timeout) as r:
+                with urllib.request.urlopen(req, timeout=timeout,
+                                            context=self._ssl_context()) as r:
                     status = json.load(r)
             except (OSError, ValueError, urllib.error.URLError):
                 continue

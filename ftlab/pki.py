@@ -36,8 +36,12 @@ def make_ca(directory: Path, name: str = "vdsm-ft lab CA") -> tuple[Path, Path]:
 
 
 def issue(directory: Path, ca: tuple[Path, Path], name: str,
-          addresses: Sequence[str] = (), hostnames: Sequence[str] = ()) -> TlsFiles:
-    """A leaf cert for `name`, usable as TLS server and client, SAN = hostnames+addresses."""
+          addresses: Sequence[str] = (), hostnames: Sequence[str] = (),
+          common_name: bool = True) -> TlsFiles:
+    """A leaf cert for `name`, usable as TLS server and client, SAN = hostnames+addresses.
+
+    ``common_name=False`` leaves CN out of the subject (O=vdsm-ft lab, OU=name): etcd's JSON
+    gateway refuses a client certificate with a CN when it also checks passwords."""
     ca_cert, ca_key = ca
     cert, key, csr = (directory / f"{name}.pem", directory / f"{name}.key",
                       directory / f"{name}.csr")
@@ -50,7 +54,8 @@ def issue(directory: Path, ca: tuple[Path, Path], name: str,
     old = os.umask(0o077)
     try:
         _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+                 "-keyout", str(key), "-out", str(csr),
+                 "-subj", f"/CN={name}" if common_name else f"/O=vdsm-ft lab/OU={name}")
         _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
                  "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
     finally:

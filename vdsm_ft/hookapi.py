@@ -1,27 +1,30 @@
 """The hook <-> agent protocol on the agent's unix socket: the one place that speaks it.
 
-HTTP/1.1 with JSON bodies over AF_UNIX. There is no TLS: the socket is local, mode 0660,
-group `kvm`, so the hooks (which VDSM runs as vdsm:kvm) and root reach it and nobody
-else does. Endpoints, all under /v1/hooks/vms/<vm id>/:
+HTTP/1.1 with JSON bodies over AF_UNIX, one request per connection (the agent closes it
+after answering). There is no TLS: the socket is local, mode 0660, group `kvm`, so the
+hooks (which VDSM runs as vdsm:kvm) and root reach it and nobody else does. Endpoints,
+all under /v1/hooks/vms/<vm id>/:
 
-| request | from hook point | body |
-|---|---|---|
-| POST register  | before_vm_start, after the XML is rewritten | {"engine_xml": str, "primary_xml": str} |
-| POST started   | after_vm_start   | {"live_xml": str or null} |
-| POST stopping  | before_vm_destroy: an intentional stop; tear the pair down | none |
-| POST destroyed | after_vm_destroy: stopped, or QEMU died (the agent decides) | none |
+| request | from hook point | body | 200 answer |
+|---|---|---|---|
+| POST prepare   | before_vm_start, ft=true | {"engine_xml": str} | {"primary_xml": str} |
+| POST started   | after_vm_start   | {"live_xml": str or null} | {} |
+| POST stopping  | before_vm_destroy: an intentional stop; tear the pair down | none | {} |
+| POST destroyed | after_vm_destroy: stopped, or QEMU died (the agent decides) | none | {} |
 
-Answers: 200 `{}` when done; 4xx/5xx `{"error": {"code", "message"}}`.
+`prepare` is the whole of before_vm_start's work, done by the agent, which has lxml, the
+etcd client and QEMU's version warm (docs/hooks.md). Errors: 4xx/5xx
+`{"error": {"code", "message"}}`.
 
+The HTTP framing is written here, not with http.client and http.server: the hooks import
+this module at every VM start, and those two (with email and ssl) cost ~30 ms there.
 VDSM gives hooks no timeout and a stuck hook freezes the VM start, so every client call
 has a total bound (connect + send + read), 2 s by default.
 """
 from __future__ import annotations
 
 import grp
-import http.client
 import json
-import logging
 import os
 import re
 import socket
@@ -29,24 +32,28 @@ import socketserver
 import stat
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
-from http.server import BaseHTTPRequestHandler
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 PREFIX = "/v1/hooks/vms/"
 DEFAULT_TIMEOUT = 2.0
 # An engine domain XML is tens of KiB; two of them fit easily.
 MAX_BODY = 8 << 20
+# The request line and each header line; the hooks' requests have five short headers.
+MAX_LINE = 8192
+MAX_HEADERS = 32
 # A client that stalls its request loses its server thread after this.
 SERVER_SOCKET_TIMEOUT = 10.0
 JSON_TYPE = "application/json"
 SOCKET_MODE = 0o660
-ACTIONS = ("register", "started", "stopping", "destroyed")
+ACTIONS = ("prepare", "started", "stopping", "destroyed")
+REFUSED = "refused"
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 500: "Internal Server Error"}
 
 _PATH_RE = re.compile(re.escape(PREFIX) + r"([^/]+)/([a-z]+)")
+# A UUID in its canonical form (a regex, not the uuid module: faster to import).
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -56,14 +63,15 @@ class HookApiError(Exception):
 
 
 class AgentUnreachable(HookApiError):
-    """No answer from the agent within the bound (not running, socket missing, stuck,
-    crashed mid-request, or an internal error on its side)."""
+    """No usable answer from the agent within the bound (not running, socket missing,
+    stuck, crashed mid-request, an internal error on its side, or an answer that is not
+    this protocol)."""
 
 
 class AgentRefused(HookApiError):
     """The agent answered and refused the request; `message` is its reason."""
 
-    def __init__(self, message: str, status: int = 409, code: str = "refused"):
+    def __init__(self, message: str, status: int = 409, code: str = REFUSED):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -79,31 +87,12 @@ class BadHookRequest(AgentRefused):
 
 def check_vm_id(vm_id: Any) -> str:
     """VDSM's vmId is the engine's VM UUID; anything else is refused."""
-    try:
-        if isinstance(vm_id, str) and str(uuid.UUID(vm_id)) == vm_id.lower():
-            return vm_id.lower()
-    except ValueError:
-        pass
+    if isinstance(vm_id, str) and _UUID_RE.fullmatch(vm_id.lower()):
+        return vm_id.lower()
     raise BadHookRequest(f"VM id {vm_id!r} is not a UUID")
 
 
 # ---------------------------------------------------------------------------- client
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
 
 class HookClient:
     """What the hooks call. One short connection per call, each bounded by `timeout` in total."""
@@ -114,8 +103,15 @@ class HookClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def register(self, vm_id: str, engine_xml: str, primary_xml: str) -> None:
-        self._post(vm_id, "register", {"engine_xml": engine_xml, "primary_xml": primary_xml})
+    def prepare(self, vm_id: str, engine_xml: str) -> str:
+        """before_vm_start, ft=true: the agent checks the VM, prepares it as the COLO
+        primary, takes it on, and returns the primary XML for VDSM to start."""
+        answer = self._post(vm_id, "prepare", {"engine_xml": engine_xml})
+        primary_xml = answer.get("primary_xml")
+        if not isinstance(primary_xml, str) or not primary_xml.strip():
+            raise AgentUnreachable(f"{self._what} answered prepare for VM {vm_id} without "
+                                   "a primary_xml")
+        return primary_xml
 
     def started(self, vm_id: str, live_xml: str | None = None) -> None:
         self._post(vm_id, "started", {"live_xml": live_xml})
@@ -126,44 +122,78 @@ class HookClient:
     def destroyed(self, vm_id: str) -> None:
         self._post(vm_id, "destroyed", None)
 
-    def _post(self, vm_id: str, action: str, body: dict | None) -> None:
+    @property
+    def _what(self) -> str:
+        return f"the vdsm-ft agent at {self.socket_path}"
+
+    def _post(self, vm_id: str, action: str, body: dict | None) -> dict:
         vm_id = check_vm_id(vm_id)
         data = b"" if body is None else json.dumps(body).encode()
+        request = (f"POST {PREFIX}{vm_id}/{action} HTTP/1.1\r\nHost: localhost\r\n"
+                   f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(data)}\r\n"
+                   "Connection: close\r\n\r\n").encode() + data
         deadline = time.monotonic() + self.timeout
-        conn = _UnixConnection(self.socket_path, self.timeout)
-        what = f"the vdsm-ft agent at {self.socket_path}"
         try:
-            conn.connect()
-            headers = {"Content-Length": str(len(data))}
-            if body is not None:
-                headers["Content-Type"] = JSON_TYPE
-            conn.request("POST", f"{PREFIX}{vm_id}/{action}", body=data, headers=headers)
-            # The socket timeout bounds each read; the deadline bounds them all.
-            conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
-            resp = conn.getresponse()
-            raw = resp.read(MAX_BODY + 1)
-            status = resp.status
-        except (socket.timeout, TimeoutError):
-            raise AgentUnreachable(f"{what} did not answer {action} for VM {vm_id} within "
-                                   f"{self.timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise AgentUnreachable(f"{what} is not reachable ({action} for VM {vm_id}): "
-                                   f"{e}") from None
-        finally:
-            conn.close()
-        if time.monotonic() > deadline:
-            raise AgentUnreachable(f"{what} answered {action} for VM {vm_id} only after "
-                                   f"{self.timeout:g} s")
-        if status == 200:
-            return
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+                sock.sendall(request)
+                raw = _read_to_end(sock, deadline)
+        except TimeoutError:
+            raise AgentUnreachable(f"{self._what} did not answer {action} for VM {vm_id} "
+                                   f"within {self.timeout:g} s") from None
+        except OSError as e:
+            raise AgentUnreachable(f"{self._what} is not reachable ({action} for VM "
+                                   f"{vm_id}): {e}") from None
+        status, payload = _parse_answer(raw)
+        if status is None:
+            raise AgentUnreachable(f"{self._what} gave no valid answer to {action} for VM "
+                                   f"{vm_id}: {raw[:100]!r}")
+        if status == 200 and isinstance(payload, dict):
+            return payload
         try:
-            err = json.loads(raw)["error"]
+            err = payload["error"]
             code, message = str(err["code"]), str(err["message"])
-        except (ValueError, KeyError, TypeError):
-            code, message = "internal", raw[:200].decode("utf-8", "replace")
-        if status >= 500:
-            raise AgentUnreachable(f"{what} failed {action} for VM {vm_id}: {message}")
+        except (KeyError, TypeError):
+            code, message = "internal", repr(payload)[:200]
+        if status == 200 or status >= 500:
+            raise AgentUnreachable(f"{self._what} failed {action} for VM {vm_id}: {message}")
         raise AgentRefused(message, status=status, code=code)
+
+
+def _read_to_end(sock: socket.socket, deadline: float) -> bytes:
+    """Everything the agent sends before it closes; the deadline bounds all reads."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_BODY + MAX_LINE * MAX_HEADERS:
+            raise OSError("answer too large")
+        chunks.append(chunk)
+
+
+def _parse_answer(raw: bytes) -> tuple[int | None, Any]:
+    """(status, JSON body) of a whole answer, or (None, None) if it is not this protocol."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    headers = {name.strip().lower(): value for name, _, value in
+               (line.partition(":") for line in lines[1:])}
+    try:
+        if not sep or len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+            return None, None
+        if int(headers.get("content-length", -1)) != len(body):
+            return None, None       # cut short: the agent died mid-answer
+        return int(parts[1]), json.loads(body)
+    except ValueError:
+        return None, None
 
 
 # ---------------------------------------------------------------------------- server
@@ -171,11 +201,13 @@ class HookClient:
 class HookBackend(ABC):
     """What the agent implements for the hooks. Raise `AgentRefused` (or `BadHookRequest`)
     to refuse with a message the hook shows; anything else becomes a 500 and the hook treats
-    the agent as unreachable. Each call must return quickly: the hook waits at most 2 s."""
+    the agent as unreachable. Each call must return quickly: the hook waits at most
+    `[hooks] agent_timeout` (2 s)."""
 
     @abstractmethod
-    def register(self, vm_id: str, engine_xml: str, primary_xml: str) -> None:
-        """before_vm_start prepared `primary_xml` from `engine_xml`; the VM is about to start."""
+    def prepare(self, vm_id: str, engine_xml: str) -> str:
+        """before_vm_start, ft=true: check the VM, prepare it as the COLO primary, take it
+        on, and return the primary XML. The VM is about to start."""
 
     @abstractmethod
     def started(self, vm_id: str, live_xml: str | None) -> None:
@@ -199,43 +231,37 @@ def _text_field(body: dict, key: str, nullable: bool = False) -> str | None:
     return value
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(socketserver.StreamRequestHandler):
     server: "HookServer"
     timeout = SERVER_SOCKET_TIMEOUT
 
-    def address_string(self) -> str:       # unix peers have no address
-        return "hook"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("hook socket: " + fmt, *args)
-
-    def do_POST(self) -> None:
+    def handle(self) -> None:
         try:
-            self._send(200, self._dispatch())
+            vm_id, action, body = self._read_request()
         except AgentRefused as e:
             self._send(e.status, {"error": {"code": e.code, "message": e.message}})
+            return
+        except OSError:             # the client stalled past the timeout or went away
+            return
+        try:
+            status, payload = 200, self._dispatch(vm_id, action, body)
+        except AgentRefused as e:
+            status, payload = e.status, {"error": {"code": e.code, "message": e.message}}
         except Exception:
-            log.exception("hook request %s failed", self.path)
-            self._send(500, {"error": {"code": "internal",
-                                       "message": "internal error; see the agent log"}})
+            # Imported here: the hooks load this module at every VM start, and logging is
+            # a third of its import time there; only the agent ever logs from it.
+            import logging
+            logging.getLogger(__name__).exception("hook request %s for VM %s failed",
+                                                  action, vm_id)
+            status, payload = 500, {"error": {"code": "internal",
+                                              "message": "internal error; see the agent log"}}
+        self._send(status, payload)
 
-    def do_GET(self) -> None:
-        self.close_connection = True
-        self._send(405, {"error": {"code": "method_not_allowed", "message": "use POST"}})
-
-    def _dispatch(self) -> dict:
-        m = _PATH_RE.fullmatch(self.path)
-        if not m or m.group(2) not in ACTIONS:
-            self.close_connection = True
-            raise AgentRefused(f"no such endpoint: {self.path}", status=404, code="not_found")
-        vm_id, action = check_vm_id(m.group(1)), m.group(2)
-        body = self._body()
+    def _dispatch(self, vm_id: str, action: str, body: dict) -> dict:
         backend = self.server.backend
-        if action == "register":
-            backend.register(vm_id, _text_field(body, "engine_xml"),
-                             _text_field(body, "primary_xml"))
-        elif action == "started":
+        if action == "prepare":
+            return {"primary_xml": backend.prepare(vm_id, _text_field(body, "engine_xml"))}
+        if action == "started":
             backend.started(vm_id, _text_field(body, "live_xml", nullable=True))
         elif action == "stopping":
             backend.stopping(vm_id)
@@ -243,18 +269,44 @@ class _Handler(BaseHTTPRequestHandler):
             backend.destroyed(vm_id)
         return {}
 
-    def _body(self) -> dict:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
+    def _read_request(self) -> tuple[str, str, dict]:
+        line = self.rfile.readline(MAX_LINE + 1)
+        parts = line.decode("latin-1").split()
+        if len(line) > MAX_LINE or len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise BadHookRequest("malformed request line")
+        method, path, _ = parts
+        headers = self._headers()
+        if method != "POST":
+            raise AgentRefused("use POST", status=405, code="method_not_allowed")
+        m = _PATH_RE.fullmatch(path)
+        if not m or m.group(2) not in ACTIONS:
+            raise AgentRefused(f"no such endpoint: {path}", status=404, code="not_found")
+        return check_vm_id(m.group(1)), m.group(2), self._body(headers)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {}
+        for _ in range(MAX_HEADERS):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return headers
+            name, sep, value = line.decode("latin-1").partition(":")
+            if len(line) > MAX_LINE or not sep:
+                raise BadHookRequest("malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        raise BadHookRequest(f"more than {MAX_HEADERS} header lines")
+
+    def _body(self, headers: dict[str, str]) -> dict:
+        if "transfer-encoding" in headers:
             raise BadHookRequest("chunked bodies are not accepted; send Content-Length")
         try:
-            n = int(self.headers.get("Content-Length", "0"))
+            n = int(headers.get("content-length", "0"))
         except ValueError:
             n = -1
         if not 0 <= n <= MAX_BODY:
-            self.close_connection = True
             raise BadHookRequest(f"Content-Length must be 0..{MAX_BODY}")
         raw = self.rfile.read(n)
+        if len(raw) < n:
+            raise OSError("the client closed its request early")
         if not raw:
             return {}
         try:
@@ -267,11 +319,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", JSON_TYPE)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {JSON_TYPE}"
+                f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+        try:
+            self.wfile.write(head.encode() + data)
+        except OSError:
+            pass                    # the hook gave up waiting and counts the agent unreachable
 
 
 class HookServer(socketserver.ThreadingUnixStreamServer):

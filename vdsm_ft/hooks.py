@@ -6,8 +6,10 @@ the exit code, the new domain XML or None (unchanged), and a message for vdsm.lo
 codes and their effect per hook point: research/ovirt.md §1.3; decisions: docs/hooks.md.
 
 A VM without `ft=true` costs nothing: no config is read, no agent or etcd is asked, and
-the heavy modules (lxml, the etcd client) are imported only for FT VMs. VDSM gives hooks
-no timeout, so every call out of the process here has its own bound.
+the heavy modules (lxml, the etcd client) are not imported. For an ft=true VM the start
+hook hands its work (`prepare_primary`) to the agent, which has them warm; the hook does
+it itself only when the agent is unreachable. VDSM gives hooks no timeout, so every call
+out of the process here has its own bound.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import grp
 import os
 import pwd
 import re
+import stat
 import subprocess
 import sys
 from functools import cached_property
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
 from vdsm_ft import hooking
 
 if TYPE_CHECKING:
-    from vdsm_ft.hookapi import HookClient
+    from vdsm_ft.hookapi import AgentUnreachable, HookClient
     from vdsm_ft.hostconfig import HostConfig
 
 FT_ENV = "ft"
@@ -61,27 +64,58 @@ class HookError(Exception):
     """A hook cannot do its job; the message says why and what to do."""
 
 
+class StartRefused(Exception):
+    """before_vm_start must refuse the start; the message says why and what to do."""
+
+
+def _qemu_binary(emulator: str | None) -> str:
+    if emulator:
+        return emulator
+    for path in QEMU_BINARIES:
+        if os.path.exists(path):
+            return path
+    raise HookError("no QEMU binary found (looked for " + ", ".join(QEMU_BINARIES) + ")")
+
+
 def qemu_version(emulator: str | None = None, timeout: float = QEMU_VERSION_TIMEOUT
                  ) -> tuple[int, int, int]:
     """The version of the QEMU that will run the VM, from `<emulator> --version`."""
-    candidates = [emulator] if emulator else [p for p in QEMU_BINARIES if os.path.exists(p)]
-    if not candidates:
-        raise HookError("no QEMU binary found (looked for " + ", ".join(QEMU_BINARIES) + ")")
+    binary = _qemu_binary(emulator)
     try:
-        proc = subprocess.run([candidates[0], "--version"], capture_output=True, text=True,
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True,
                               timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise HookError(f"cannot ask {candidates[0]} for its version: {e}") from None
+        raise HookError(f"cannot ask {binary} for its version: {e}") from None
     m = _QEMU_VERSION_RE.search(proc.stdout)
     if proc.returncode != 0 or not m:
-        raise HookError(f"{candidates[0]} --version gave no version: "
+        raise HookError(f"{binary} --version gave no version: "
                         f"{(proc.stdout + proc.stderr).strip()[:200]!r}")
     return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
 
 
+class CachedQemuVersion:
+    """`qemu_version` for the agent, which prepares every start: QEMU is asked again only
+    when its binary changed (an upgrade replaces the file)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+
+    def __call__(self, emulator: str | None) -> tuple[int, int, int]:
+        binary = _qemu_binary(emulator)
+        try:
+            st = os.stat(binary)
+        except OSError:
+            return qemu_version(binary)         # fails, saying why
+        key = (binary, st.st_ino, st.st_mtime_ns)
+        if key not in self._known:
+            self._known[key] = qemu_version(binary)
+        return self._known[key]
+
+
 class HookContext:
     """The outside parts a hook talks to, each made on first use (so a VM without FT never
-    reads the config or touches the network). Tests pass real ones in."""
+    reads the config or touches the network). The agent passes its own (warm) ones in for
+    `prepare_primary`; so do tests."""
 
     def __init__(self, env: Mapping[str, str], *, config: "HostConfig | None" = None,
                  agent: "HookClient | None" = None, arbiter: LiveCheck | None = None,
@@ -126,6 +160,19 @@ def _ft_quiet(env: Mapping[str, str]) -> bool:
         return domxml.parse_ft_value(env.get(FT_ENV))
     except domxml.InvalidProperty:
         return False
+
+
+def _invalid_ft(env: Mapping[str, str]) -> HookResult | None:
+    """The refusal of an ft value other than unset, `false` or `true`, else None. Only an
+    invalid value imports domxml (lxml), whose parse_ft_value says what is accepted."""
+    if env.get(FT_ENV) in (None, "false", "true"):
+        return None
+    from vdsm_ft import domxml
+    try:
+        domxml.parse_ft_value(env.get(FT_ENV))
+    except domxml.InvalidProperty as e:
+        return _refuse(str(e))
+    return None
 
 
 def _vm_id(env: Mapping[str, str]) -> str:
@@ -182,12 +229,15 @@ def _owned_run_dir(config: "HostConfig", vm_id: str) -> str:
                         f"{config.path}) does not exist on this host") from None
     try:
         os.makedirs(path, mode=0o770, exist_ok=True)
+        # VDSM runs hooks as vdsm:kvm: the directory is shared through its group, which
+        # the setgid parent (root:kvm 2770, made by the agent) hands down. The agent (root)
+        # keeps that group too, so that a hook run without the agent can use it later.
+        parent_setgid = os.stat(os.path.dirname(path)).st_mode & stat.S_ISGID
         if os.geteuid() == 0:
-            os.chown(path, user.pw_uid, user.pw_gid)
-        else:
-            # VDSM runs hooks as vdsm:kvm: the directory is shared through its group,
-            # which the setgid parent (root:kvm 2770, made by the agent) hands down.
-            os.chmod(path, 0o2770)
+            os.chown(path, user.pw_uid, -1 if parent_setgid else user.pw_gid)
+        if stat.S_IMODE(os.stat(path).st_mode) != 0o2770:
+            os.chmod(path, 0o2770)              # only its owner may; vdsm owns what it made
+        if os.geteuid() != 0:
             gid = os.stat(path).st_gid
             groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall()
                                       if config.qemu_user in g.gr_mem}
@@ -201,93 +251,117 @@ def _owned_run_dir(config: "HostConfig", vm_id: str) -> str:
 
 
 def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
-    """Prepare an ft=true VM as a COLO primary and tell the local agent; see docs/hooks.md."""
+    """Prepare an ft=true VM as a COLO primary: the agent does it, or this process when
+    the agent is unreachable; see docs/hooks.md."""
     if _no_ft(env):
         return HookResult(hooking.OK, None, "")
-    from vdsm_ft import domxml, hostconfig
+    from vdsm_ft import hookapi, hostconfig
+    refusal = _invalid_ft(env)
+    if refusal:
+        return refusal
     try:
-        domxml.parse_ft_value(env.get(FT_ENV))
         vm_id = _vm_id(env)
-        problem = _check_engine_xml(xml, vm_id)
-        if problem:
-            return _refuse(f"VM {vm_id} cannot start with ft=true: {problem}")
         config = ctx.config
-    except (HookError, domxml.DomXmlError) as e:
+    except HookError as e:
         return _refuse(str(e))
     except hostconfig.ConfigError as e:
         return _refuse(f"VM {vm_id} cannot start with ft=true: {e}")
     try:
-        # Local refusals first: they need neither etcd nor the agent.
+        new_xml = ctx.agent.prepare(vm_id, xml)
+    except hookapi.AgentRefused as e:
+        if e.code != hookapi.REFUSED:       # the request itself, not the VM, was refused
+            return _refuse(f"VM {vm_id} not started: the vdsm-ft agent refused it: "
+                           f"{e.message}")
+        return _refuse(e.message)
+    except hookapi.AgentUnreachable as e:
+        return _prepare_here(ctx, config, vm_id, xml, e)
+    return HookResult(hooking.OK, new_xml, f"vdsm-ft: VM {vm_id} prepared as COLO primary "
+                                           "and registered with the agent")
+
+
+def _prepare_here(ctx: HookContext, config: "HostConfig", vm_id: str, xml: str,
+                  unreachable: "AgentUnreachable") -> HookResult:
+    """The agent's work done here (cold: lxml, the etcd client, a QEMU subprocess), then
+    `[hooks] agent_unreachable` decides whether the VM starts unprotected."""
+    from vdsm_ft import hostconfig
+    try:
+        new_xml = prepare_primary(ctx, vm_id, xml)
+    except StartRefused as e:
+        return _refuse(str(e))
+    if config.agent_unreachable == hostconfig.REFUSE:
+        return HookResult(hooking.FAILED_CONTINUE, None,
+                          f"vdsm-ft: VM {vm_id} not started: {unreachable}; this host refuses "
+                          f"FT starts without the agent ([hooks] agent_unreachable = refuse "
+                          f"in {config.path}). Start vdsm-ft-agent, then start again")
+    return HookResult(hooking.OK, new_xml,
+                      f"vdsm-ft: WARNING: VM {vm_id} starts prepared for protection but "
+                      f"unprotected: {unreachable}. Protection begins when the agent is back "
+                      "(it finds the VM by itself)")
+
+
+def prepare_primary(ctx: HookContext, vm_id: str, xml: str) -> str:
+    """before_vm_start's work for an ft=true VM: check the engine XML, rewrite it as the
+    COLO primary, ask the arbiter, make the run dir and keep the engine XML there. Returns
+    the primary XML; raises `StartRefused`. The agent runs it for the hook (warm), the hook
+    itself only when the agent is unreachable."""
+    from vdsm_ft import domxml
+    try:
+        problem = _check_engine_xml(xml, vm_id)
+    except domxml.DomXmlError as e:
+        raise StartRefused(str(e)) from None
+    if problem:
+        raise StartRefused(f"VM {vm_id} cannot start with ft=true: {problem}")
+    config = ctx.config
+    try:
+        # Local refusals first: they need no etcd.
         new_xml = domxml.primary_xml(xml, config.vm_run_dir(vm_id),
                                      ctx.qemu_version(_emulator(xml)))
     except domxml.Unsupported as e:
-        return _refuse(f"VM {vm_id}: {e}")
+        raise StartRefused(f"VM {vm_id}: {e}") from None
     except (HookError, domxml.DomXmlError) as e:
-        return _refuse(f"VM {vm_id} cannot be prepared for fault tolerance: {e}")
-    refusal = _check_arbiter(ctx, vm_id, config.host_id)
-    if refusal:
-        return refusal
+        raise StartRefused(f"VM {vm_id} cannot be prepared for fault tolerance: {e}") from None
+    _check_arbiter(ctx, vm_id, config.host_id)
     try:
         run_dir = _owned_run_dir(config, vm_id)
         _keep_engine_xml(run_dir, xml)
     except HookError as e:
-        return _refuse(f"VM {vm_id} cannot be prepared for fault tolerance: {e}")
-    return _register(ctx, config, vm_id, xml, new_xml)
+        raise StartRefused(f"VM {vm_id} cannot be prepared for fault tolerance: {e}") from None
+    return new_xml
 
 
 def _keep_engine_xml(run_dir: str, xml: str) -> None:
     """The engine's XML beside the VM's sockets: an agent that was down at start time
     finds the VM there, and needs this XML to derive its secondary."""
     path = os.path.join(run_dir, ENGINE_XML)
+    # Per process: a hook that gave up waiting may write while the agent still does.
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(xml)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     except OSError as e:
         raise HookError(f"cannot keep the engine XML in {run_dir}: {e}") from None
 
 
-def _check_arbiter(ctx: HookContext, vm_id: str, host: str) -> HookResult | None:
+def _check_arbiter(ctx: HookContext, vm_id: str, host: str) -> None:
     """Refuse when another member of the pair is live, or when etcd cannot tell us."""
     try:
         from vdsm_ft import arbiter as arb
         live = ctx.arbiter.other_member_live(vm_id, host)
     except ImportError as e:
-        return _refuse(f"VM {vm_id} not started: the etcd client is not installed ({e}); "
-                       "install the vdsm-ft host package's dependencies")
+        raise StartRefused(f"VM {vm_id} not started: the etcd client is not installed "
+                           f"({e}); install the vdsm-ft host package's dependencies") from None
     except arb.ArbiterError as e:
-        return _refuse(f"VM {vm_id} not started: cannot ask the arbiter (etcd) whether "
-                       f"another copy of it is live, and starting blind could make two: "
-                       f"{e}. Fix etcd (or this host's [etcd] endpoints in "
-                       f"{ctx.config.path}), then start again")
+        raise StartRefused(f"VM {vm_id} not started: cannot ask the arbiter (etcd) whether "
+                           f"another copy of it is live, and starting blind could make two: "
+                           f"{e}. Fix etcd (or this host's [etcd] endpoints in "
+                           f"{ctx.config.path}), then start again") from None
     if live is not None:
-        return _refuse(f"VM {vm_id} not started: its live copy runs on host {live} (per "
-                       "the arbiter), and a second copy would split the VM's brain. If host "
-                       f"{live} is really down, wait until the poller has fenced it and "
-                       "marked the pair Down, then start again")
-    return None
-
-
-def _register(ctx: HookContext, config: "HostConfig", vm_id: str, engine_xml: str,
-              new_xml: str) -> HookResult:
-    from vdsm_ft import hookapi, hostconfig
-    try:
-        ctx.agent.register(vm_id, engine_xml, new_xml)
-    except hookapi.AgentRefused as e:
-        return _refuse(f"VM {vm_id} not started: the vdsm-ft agent refused it: {e.message}")
-    except hookapi.AgentUnreachable as e:
-        if config.agent_unreachable == hostconfig.REFUSE:
-            return HookResult(hooking.FAILED_CONTINUE, None,
-                              f"vdsm-ft: VM {vm_id} not started: {e}; this host refuses FT "
-                              f"starts without the agent ([hooks] agent_unreachable = refuse "
-                              f"in {config.path}). Start vdsm-ft-agent, then start again")
-        return HookResult(hooking.OK, new_xml,
-                          f"vdsm-ft: WARNING: VM {vm_id} starts prepared for protection but "
-                          f"unprotected: {e}. Protection begins when the agent is back (it "
-                          "finds the VM by itself)")
-    return HookResult(hooking.OK, new_xml, f"vdsm-ft: VM {vm_id} prepared as COLO primary "
-                                           "and registered with the agent")
+        raise StartRefused(f"VM {vm_id} not started: its live copy runs on host {live} (per "
+                           "the arbiter), and a second copy would split the VM's brain. If "
+                           f"host {live} is really down, wait until the poller has fenced it "
+                           "and marked the pair Down, then start again")
 
 
 # ------------------------------------------------------------------ other hook points
@@ -325,12 +399,7 @@ def _refuse_for_ft(env: Mapping[str, str], message: str) -> HookResult:
     """Refuse for ft=true, and for an invalid ft value too (safer than guessing)."""
     if _no_ft(env):
         return HookResult(hooking.OK, None, "")
-    from vdsm_ft import domxml
-    try:
-        domxml.parse_ft_value(env.get(FT_ENV))
-    except domxml.InvalidProperty as e:
-        return _refuse(str(e))
-    return HookResult(hooking.FAILED_STOP, None, message)
+    return _invalid_ft(env) or HookResult(hooking.FAILED_STOP, None, message)
 
 
 def before_vm_migrate_source(env: Mapping[str, str], xml: str,

@@ -1,7 +1,8 @@
 """The real hook scripts in hooks/, run by the VDSM stand-in exactly as VDSM runs them (own
 processes, `_hook_domxml`, custom properties and `vmId` as env vars, VDSM's rc rules),
 against the system libvirtd (KVM idle guest), a real 3-member etcd cluster and the real
-hook socket server of the agent protocol with a recording backend."""
+hook socket server of the agent protocol with a recording backend that does the agent's
+real `prepare` work (with the host's config and the real etcd)."""
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ import pytest
 from ftlab import guest
 from ftlab.vdsm import HookError, Vdsm
 from tests.unit.test_hooks_api import Recorder
-from vdsm_ft import layout
+from vdsm_ft import hostconfig, layout
 from vdsm_ft.arbiter import Arbiter
+from vdsm_ft.hooks import CachedQemuVersion, HookContext
 from vdsm_ft.hookapi import serve_hooks
 
 pytestmark = pytest.mark.kvm
@@ -85,8 +87,16 @@ agent_timeout = 1.0
 @pytest.fixture
 def host(base, etcd_cluster, agent, libvirtd, kvm):
     h = Host(base, etcd_cluster.endpoints, agent[1], "start_unprotected")
+    _prepares_for(agent[0], h)
     yield h
     _cleanup(h.vdsm)
+
+
+def _prepares_for(backend: Recorder, h: Host) -> None:
+    """The recording agent does the real agent's `prepare` work, with the host's config."""
+    config = hostconfig.load(h.config)
+    backend.parts = HookContext({}, config=config, qemu_probe=CachedQemuVersion(),
+                                arbiter=Arbiter(config.etcd_endpoints))
 
 
 def _cleanup(vdsm: Vdsm) -> None:
@@ -157,8 +167,10 @@ def test_ft_true_vm_starts_as_primary_and_its_qmp_answers(host, agent, base, cac
     qmp_sock = layout.VmLayout(vm_id=vm_id, name=record.name, run_dir=run_dir).qmp_socket
     assert _qmp(qmp_sock)["return"]["status"] in ("running", "paused")
     assert os.stat(run_dir).st_uid == pwd.getpwnam(guest.QEMU_USER).pw_uid
-    assert [c[0] for c in backend.calls] == ["register", "started"]
+    assert [c[0] for c in backend.calls] == ["prepare", "started"]
     assert backend.calls[0][1:] == (vm_id, xml, outcome.data)
+    with open(os.path.join(run_dir, "engine.xml")) as f:
+        assert f.read() == xml
     assert "ft-quorum0" in backend.calls[1][2]       # the live XML
     host.vdsm.destroy_vm(vm_id)
     assert [c[0] for c in backend.calls[2:]] == ["stopping", "destroyed"]
@@ -244,6 +256,7 @@ def test_failing_after_start_and_destroy_hooks_never_abort(base, etcd_cluster, a
                                   "before_vm_destroy": {"10_two": 2},
                                   "after_vm_destroy": {"10_two": 2}})
     h = Host(base, etcd_cluster.endpoints, agent[1], "start_unprotected", hooks_dir)
+    _prepares_for(agent[0], h)
     vm_id, xml = _vm_xml(base, cached_disk, "true")
     record, _ = h.vdsm.start_vm(xml)
     assert record.name in _domain_names()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from vdsm_ft import hookapi
+from vdsm_ft import hookapi, hooks
 from vdsm_ft.hookapi import (AgentRefused, AgentUnreachable, BadHookRequest, HookBackend,
                              HookClient, HookApiError, serve_hooks)
 
@@ -19,7 +19,9 @@ VM = "6a1f0c2e-4b7d-4e51-9a3c-2f8d7e6b5a41"
 
 
 class Recorder(HookBackend):
-    """Records every call; can refuse, crash or stall on demand."""
+    """Records every call it accepts; can refuse, crash or stall on demand. `prepare` does
+    the agent's real work (`hooks.prepare_primary`) when given `parts`, as the agent does
+    with its own, else answers a stand-in primary XML."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -27,18 +29,31 @@ class Recorder(HookBackend):
         self.crash = False
         self.stall = threading.Event()
         self.stalling = False
+        self.parts: hooks.HookContext | None = None
 
-    def _do(self, *call: object) -> None:
+    def _check(self) -> None:
         if self.stalling:
             self.stall.wait(10)
         if self.crash:
             raise RuntimeError("backend bug")
         if self.refuse:
             raise AgentRefused(self.refuse)
+
+    def _do(self, *call: object) -> None:
+        self._check()
         self.calls.append(call)
 
-    def register(self, vm_id: str, engine_xml: str, primary_xml: str) -> None:
-        self._do("register", vm_id, engine_xml, primary_xml)
+    def prepare(self, vm_id: str, engine_xml: str) -> str:
+        self._check()
+        if self.parts is None:
+            primary_xml = f"<domain>primary of {vm_id}</domain>"
+        else:
+            try:
+                primary_xml = hooks.prepare_primary(self.parts, vm_id, engine_xml)
+            except hooks.StartRefused as e:
+                raise AgentRefused(str(e)) from None
+        self.calls.append(("prepare", vm_id, engine_xml, primary_xml))
+        return primary_xml
 
     def started(self, vm_id: str, live_xml: str | None) -> None:
         self._do("started", vm_id, live_xml)
@@ -69,12 +84,12 @@ def _raw(path: str, request: bytes) -> tuple[int, dict]:
 def test_every_call_reaches_the_backend(agent):
     backend, path = agent
     client = HookClient(path)
-    client.register(VM, "<domain/>", "<domain>p</domain>")
+    assert client.prepare(VM, "<domain/>") == f"<domain>primary of {VM}</domain>"
     client.started(VM, "<domain>live</domain>")
     client.started(VM)
     client.stopping(VM)
     client.destroyed(VM)
-    assert backend.calls == [("register", VM, "<domain/>", "<domain>p</domain>"),
+    assert backend.calls == [("prepare", VM, "<domain/>", f"<domain>primary of {VM}</domain>"),
                              ("started", VM, "<domain>live</domain>"), ("started", VM, None),
                              ("stopping", VM), ("destroyed", VM)]
 
@@ -91,7 +106,7 @@ def test_refusal_carries_the_agents_message(agent):
     backend, path = agent
     backend.refuse = "VM is the secondary of a live pair here"
     with pytest.raises(AgentRefused) as e:
-        HookClient(path).register(VM, "<domain/>", "<domain/>")
+        HookClient(path).prepare(VM, "<domain/>")
     assert e.value.message == "VM is the secondary of a live pair here"
     assert e.value.status == 409
 
@@ -106,7 +121,7 @@ def test_backend_bug_is_unreachable_not_refused(agent):
 def test_no_agent_is_unreachable_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(AgentUnreachable, match="not reachable"):
-        HookClient(str(tmp_path / "none.sock")).register(VM, "<d/>", "<d/>")
+        HookClient(str(tmp_path / "none.sock")).prepare(VM, "<d/>")
     assert time.monotonic() - start < 0.5
 
 
@@ -115,7 +130,7 @@ def test_stuck_agent_costs_at_most_the_bound(agent):
     backend.stalling = True
     start = time.monotonic()
     with pytest.raises(AgentUnreachable, match="did not answer"):
-        HookClient(path, timeout=0.3).register(VM, "<d/>", "<d/>")
+        HookClient(path, timeout=0.3).prepare(VM, "<d/>")
     assert 0.3 <= time.monotonic() - start < 0.6
 
 
@@ -146,15 +161,22 @@ def test_client_refuses_a_bad_vm_id_before_sending(agent):
      400, "bad_request"),
     (f"POST /v1/hooks/vms/{VM}/explode HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode(),
      404, "not_found"),
-    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+    (f"POST /v1/hooks/vms/{VM}/prepare HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
      400, "bad_request"),
-    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{x".encode(),
+    (f"POST /v1/hooks/vms/{VM}/prepare HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{x".encode(),
      400, "bad_request"),
-    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 42\r\n\r\n"
-     '{"engine_xml": "<d/>", "primary_xml": " "}'.encode(), 400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/prepare HTTP/1.1\r\nContent-Length: 42\r\n\r\n"
+     '{"engine_xml": " ", "primary_xml": "<d/>"}'.encode(), 400, "bad_request"),
     (f"POST /v1/hooks/vms/{VM}/started HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]".encode(),
      400, "bad_request"),
     (f"GET /v1/hooks/vms/{VM}/started HTTP/1.1\r\n\r\n".encode(), 405, "method_not_allowed"),
+    (f"POST /v1/hooks/vms/{VM}/register HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode(),
+     404, "not_found"),
+    (b"HELLO\r\n\r\n", 400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/stopping HTTP/1.1\r\n".encode() + b"X-A: b\r\n" * 40 + b"\r\n",
+     400, "bad_request"),
+    (f"POST /v1/hooks/vms/{VM}/stopping HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+     .encode(), 400, "bad_request"),
     (f"POST /v1/hooks/vms/{VM}/stopping HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n".encode(),
      400, "bad_request"),
 ])
@@ -164,6 +186,38 @@ def test_server_validates_input(agent, request_bytes, status, code):
     assert (got_status, body["error"]["code"]) == (status, code)
     assert body["error"]["message"]
     assert backend.calls == []
+
+
+def _answer_once(path: str, answer: bytes) -> threading.Thread:
+    """A one-shot agent that reads a request and sends `answer` verbatim, then closes."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            conn.settimeout(5)
+            conn.recv(65536)
+            conn.sendall(answer)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("answer, match", [
+    (b"SSH-2.0-OpenSSH\r\n", "no valid answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{\"primary_xml\": ", "no valid answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "without a primary_xml"),
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 2\r\n\r\nno", "no valid answer"),
+])
+def test_an_answer_that_is_not_the_protocol_is_unreachable(tmp_path, answer, match):
+    # Unreachable, not refused: the start hook then does the work itself.
+    path = str(tmp_path / "odd.sock")
+    thread = _answer_once(path, answer)
+    with pytest.raises(AgentUnreachable, match=match):
+        HookClient(path, timeout=2).prepare(VM, "<domain/>")
+    thread.join(5)
 
 
 def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):

@@ -102,7 +102,7 @@ def test_agent_records_are_private(tmp_path):
 # --------------------------------------------------------------------- hook socket
 
 class _NoHooks(hookapi.HookBackend):
-    def register(self, vm_id, engine_xml, primary_xml):
+    def prepare(self, vm_id, engine_xml):
         raise hookapi.AgentRefused("test")
 
     def started(self, vm_id, live_xml):

@@ -28,7 +28,8 @@ from vdsm_ft.api import (AgentClient, AgentServer, Backend, BadRequest, Conflict
                          client_context)
 from vdsm_ft.arbiter import ARBITER_BOUND_S, Arbiter, ArbiterError, check_fencing_budget
 from vdsm_ft.hookapi import AgentRefused, HookBackend, kvm_gid, serve_hooks
-from vdsm_ft.hooks import ENGINE_XML
+from vdsm_ft.hooks import (ENGINE_XML, CachedQemuVersion, HookContext, StartRefused,
+                           prepare_primary)
 from vdsm_ft.layout import Disk, Endpoints
 from vdsm_ft.qmp import QmpError
 
@@ -50,6 +51,9 @@ class Agent(Backend, HookBackend):
         self.arbiter = Arbiter(config.etcd_endpoints, ca_cert=config.etcd_ca,
                                cert=config.etcd_cert, key=config.etcd_key)
         self.arbiter_bound = ARBITER_BOUND_S
+        # What the start hook's work needs, kept warm across starts (docs/hooks.md).
+        self._start_parts = HookContext({}, config=config, arbiter=self.arbiter,
+                                        qemu_probe=CachedQemuVersion())
         self.tls = TlsFiles(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca)
         self._client_ctx = client_context(self.tls)
         self._clients: dict[tuple[str, int], AgentClient] = {}
@@ -198,7 +202,7 @@ class Agent(Backend, HookBackend):
             if domains.qemu_pid(name) is None:
                 continue
             log.info("%s: found running without a record; adopting it", name)
-            self.register(vm_id, engine_xml, "")
+            self.register(vm_id, engine_xml)
             self.started(vm_id, None)
 
     # -- monitor: heartbeats out, liveness in ------------------------------------------
@@ -431,16 +435,32 @@ class Agent(Backend, HookBackend):
 
     # -- hook backend ------------------------------------------------------------------
 
-    def register(self, vm_id: str, engine_xml: str, primary_xml: str) -> None:
+    def prepare(self, vm_id: str, engine_xml: str) -> str:
+        """The start hook's work, done here with lxml, etcd and QEMU's version warm."""
+        self._refuse_beside_secondary(vm_id)    # before the run dir they share is touched
+        try:
+            primary_xml = prepare_primary(self._start_parts, vm_id, engine_xml)
+        except StartRefused as exc:
+            raise AgentRefused(str(exc)) from None
+        self.register(vm_id, engine_xml)
+        return primary_xml
+
+    def _refuse_beside_secondary(self, vm_id: str) -> None:
+        with self._lock:
+            existing = self._vms.get(vm_id)
+        if existing is not None and existing.record.role is Role.SECONDARY:
+            # The hook protocol's refusal, so that the start is refused (rc 2) rather
+            # than taken for an unreachable agent.
+            raise AgentRefused(f"VM {vm_id} not started: it runs as a secondary on this "
+                               "host, and a second copy here would split its brain")
+
+    def register(self, vm_id: str, engine_xml: str) -> None:
+        """Take on a primary that is about to start, or that `discover` found running."""
         layout = domxml.layout_from_domxml(engine_xml, "/")
         name = layout.name
         with self._lock:
+            self._refuse_beside_secondary(vm_id)
             existing = self._vms.get(vm_id)
-            if existing is not None and existing.record.role is Role.SECONDARY:
-                # The hook protocol's refusal, so that the start is refused (rc 2)
-                # rather than taken for an unreachable agent.
-                raise AgentRefused(f"VM {vm_id} runs as a secondary on this host; a "
-                                   "second copy here would split its brain")
             if existing is not None:
                 existing.stop()
         sizes = tuple(replica.virtual_size(d.image, d.fmt if d.fmt != "raw" else None)

@@ -1,0 +1,96 @@
+"""The etcd client settings: the poller's [poller] etcd_* keys and their environment
+overrides, and what Arbiter accepts (no etcd needed here; tests/integration/
+test_arbiter_auth.py runs them against a real one)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine_plugin import config
+from vdsm_ft.arbiter import Arbiter, InvalidArgument
+
+SECRET = "etcd-Pa55word-x"
+
+
+def _files(tmp_path: Path) -> dict[str, str]:
+    paths = {}
+    for name in ("engine-ca.pem", "etcd-ca.pem", "etcd.pem", "etcd.key"):
+        (tmp_path / name).write_text("")
+        paths[name] = str(tmp_path / name)
+    return paths
+
+
+def _load(tmp_path: Path, poller: dict[str, str], env: dict[str, str] | None = None
+          ) -> config.Settings:
+    path = str(tmp_path / "poller.conf")
+    config.write(path, {
+        "engine": {"url": "https://engine.example.com/ovirt-engine/api",
+                   "username": "ft@internal", "password": "engine-pw",
+                   "ca_file": _files(tmp_path)["engine-ca.pem"]},
+        "poller": {"etcd_endpoints": "https://etcd1:2379", **poller}})
+    return config.load(path, env=env or {})
+
+
+def test_etcd_tls_and_auth_keys_are_read(tmp_path):
+    f = _files(tmp_path)
+    p = _load(tmp_path, {"etcd_ca": f["etcd-ca.pem"], "etcd_cert": f["etcd.pem"],
+                         "etcd_key": f["etcd.key"], "etcd_username": "ovirt-ft-poller",
+                         "etcd_password": SECRET}).poller
+    assert (p.etcd_ca, p.etcd_cert, p.etcd_key, p.etcd_username, p.etcd_password) == \
+        (f["etcd-ca.pem"], f["etcd.pem"], f["etcd.key"], "ovirt-ft-poller", SECRET)
+    assert SECRET not in repr(p)
+
+
+def test_etcd_keys_are_optional(tmp_path):
+    p = _load(tmp_path, {}).poller
+    assert (p.etcd_ca, p.etcd_cert, p.etcd_key, p.etcd_username, p.etcd_password) == \
+        (None,) * 5
+
+
+def test_etcd_keys_from_the_environment(tmp_path):
+    f = _files(tmp_path)
+    p = _load(tmp_path, {}, env={"OVIRT_FT_ETCD_CA": f["etcd-ca.pem"],
+                                 "OVIRT_FT_ETCD_CERT": f["etcd.pem"],
+                                 "OVIRT_FT_ETCD_KEY": f["etcd.key"],
+                                 "OVIRT_FT_ETCD_USERNAME": "u",
+                                 "OVIRT_FT_ETCD_PASSWORD": SECRET}).poller
+    assert (p.etcd_ca, p.etcd_cert, p.etcd_key, p.etcd_username, p.etcd_password) == \
+        (f["etcd-ca.pem"], f["etcd.pem"], f["etcd.key"], "u", SECRET)
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"etcd_cert": "etcd.pem"}, "etcd_cert and etcd_key .* go together"),
+    ({"etcd_key": "etcd.key"}, "etcd_cert and etcd_key .* go together"),
+    ({"etcd_username": "u"}, "etcd_username and etcd_password .* go together"),
+    ({"etcd_password": SECRET}, "etcd_username and etcd_password .* go together"),
+    ({"etcd_ca": "missing.pem"}, r"etcd_ca .*missing\.pem .*does not exist"),
+    ({"etcd_cert": "missing.pem", "etcd_key": "etcd.key"}, "etcd_cert .* does not exist"),
+])
+def test_etcd_keys_checked(tmp_path, keys, message):
+    _files(tmp_path)
+    # File names are made absolute; etcd.pem and etcd.key exist, missing.pem does not.
+    values = {k: str(tmp_path / v) if v.endswith((".pem", ".key")) else v
+              for k, v in keys.items()}
+    with pytest.raises(config.ConfigError, match=message) as err:
+        _load(tmp_path, values)
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"cert": "/x.pem"}, "needs both cert and key"),
+    ({"key": "/x.key"}, "needs both cert and key"),
+    ({"username": "u"}, "needs both a username and a password"),
+    ({"password": SECRET}, "needs both a username and a password"),
+])
+def test_arbiter_refuses_half_credentials(kw, message):
+    with pytest.raises(InvalidArgument, match=message) as err:
+        Arbiter(["https://127.0.0.1:2379"], **kw)
+    assert SECRET not in str(err.value)
+
+
+def test_arbiter_warns_of_a_password_over_http(caplog):
+    caplog.set_level(logging.WARNING)
+    a = Arbiter(["http://127.0.0.1:2379"], username="u", password=SECRET)
+    assert "clear text" in caplog.text and SECRET not in caplog.text + repr(a) + repr(a._t)
