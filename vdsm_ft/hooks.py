@@ -143,7 +143,8 @@ class HookContext:
     def arbiter(self) -> LiveCheck:
         from vdsm_ft.arbiter import Arbiter
         c = self.config
-        return Arbiter(c.etcd_endpoints, ca_cert=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key)
+        return Arbiter(c.etcd_endpoints, ca_cert=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key,
+                       username=c.etcd_username, password=c.etcd_password)
 
 
 def _no_ft(env: Mapping[str, str]) -> bool:

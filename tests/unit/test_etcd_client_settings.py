@@ -94,3 +94,15 @@ def test_arbiter_warns_of_a_password_over_http(caplog):
     caplog.set_level(logging.WARNING)
     a = Arbiter(["http://127.0.0.1:2379"], username="u", password=SECRET)
     assert "clear text" in caplog.text and SECRET not in caplog.text + repr(a) + repr(a._t)
+
+
+def test_hooks_pass_the_host_etcd_credentials(tmp_path):
+    from vdsm_ft import hostconfig
+    from vdsm_ft.hooks import HookContext
+    path = tmp_path / "agent.conf"
+    path.write_text("[host]\nid = host-a\nreplication_address = 192.0.2.11\n"
+                    "[etcd]\nendpoints = https://127.0.0.1:2379\n"
+                    f"username = ft-agent\npassword = {SECRET}\n")
+    path.chmod(0o600)
+    t = HookContext({}, config=hostconfig.load(str(path))).arbiter._t
+    assert (t.username, t._password) == ("ft-agent", SECRET)

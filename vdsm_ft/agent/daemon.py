@@ -49,7 +49,8 @@ class Agent(Backend, HookBackend):
         check_fencing_budget(detection_ms, colo.COMPARE_TIMEOUT_MS)
         self.store = Store(os.path.join(config.state_dir, "vms"))
         self.arbiter = Arbiter(config.etcd_endpoints, ca_cert=config.etcd_ca,
-                               cert=config.etcd_cert, key=config.etcd_key)
+                               cert=config.etcd_cert, key=config.etcd_key,
+                               username=config.etcd_username, password=config.etcd_password)
         self.arbiter_bound = ARBITER_BOUND_S
         # What the start hook's work needs, kept warm across starts (docs/hooks.md).
         self._start_parts = HookContext({}, config=config, arbiter=self.arbiter,
