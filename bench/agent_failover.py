@@ -45,12 +45,13 @@ import uuid
 import libvirt
 import libvirt_qemu
 
-from agent_lab import AgentBenchError, AgentLab
 from colo_failover import raw_failover_primary, raw_failover_secondary
+from colo_lab import BenchError
 from colo_rawqmp import RawQmp
 from colo_report import dump_json, machine, print_machine, summary
 
 from ftlab import guest
+from ftlab.agentlab import AgentLab
 from ftlab.colopair import ColoPair
 from ftlab.monitor import LibvirtMonitor
 from vdsm_ft import colo
@@ -117,7 +118,7 @@ class ColoPoller:
         self._thread.start()
         self._ready.wait(10)
         if self.error:
-            raise AgentBenchError(f"poller: {self.error}")
+            raise BenchError(f"poller: {self.error}")
         return self
 
     def arm(self) -> None:
@@ -126,9 +127,9 @@ class ColoPoller:
 
     def wait(self, timeout: float) -> float:
         if not self._done.wait(timeout):
-            raise AgentBenchError(f"survivor still in COLO {timeout}s after the fault")
+            raise BenchError(f"survivor still in COLO {timeout}s after the fault")
         if self.error or self.none_at is None:
-            raise AgentBenchError(f"poller failed: {self.error}")
+            raise BenchError(f"poller failed: {self.error}")
         return self.none_at
 
     def close(self) -> None:
@@ -141,7 +142,7 @@ def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
     """One VM, protected a -> b by the agents, one fault; the numbers of that run."""
     vm = lab.start_vm(A)
     try:
-        lab.protect(vm, B)
+        lab.protect(vm, A, B, attempts=3)     # as the poller asks again
         if fault == "secondary":
             survivor_host, survivor_dom, expect_role = A, vm.name, "primary"
             victim_host, victim_dom = B, vm.secondary_name
@@ -150,17 +151,17 @@ def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
             victim_host, victim_dom = A, vm.name
         if leader_on_victim and fault.startswith("host"):
             lab.move_etcd_leader(0)
-        lab.wait_checkpoint(A, vm.vm_id)
+        lab.wait_checkpoints(A, vm.vm_id, count=1)
         leader = lab.etcd_leader() if fault.startswith("host") else None
         pid = lab.qemu_pid(victim_host, victim_dom)
         if pid is None:
-            raise AgentBenchError(f"no QEMU for {victim_dom} on {victim_host}")
+            raise BenchError(f"no QEMU for {victim_dom} on {victim_host}")
         poller = ColoPoller(lab.host(survivor_host).uri, survivor_dom)
         time.sleep(KILL_AFTER_CHECKPOINT_S - IDLE_POLL_S)
         poller.start()
         time.sleep(IDLE_POLL_S)
         if poller.first_mode != expect_role:
-            raise AgentBenchError(f"survivor in mode {poller.first_mode!r} before the fault")
+            raise BenchError(f"survivor in mode {poller.first_mode!r} before the fault")
         try:
             poller.arm()
             wall0, t0 = time.time(), time.monotonic()
@@ -178,11 +179,11 @@ def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
         last = after.last_failover
         if (after.role is not Role.PRIMARY or after.failovers != 1 or last is None
                 or last.to_host != survivor_host):
-            raise AgentBenchError(f"unexpected survivor status after {fault}: {after}")
+            raise BenchError(f"unexpected survivor status after {fault}: {after}")
         state = LibvirtMonitor(lab.host(survivor_host).uri, survivor_dom).execute(
             "query-status")["status"]
         if state != "running":
-            raise AgentBenchError(f"survivor is {state} after {fault}")
+            raise BenchError(f"survivor is {state} after {fault}")
         agent_total = (last.at - wall0) * 1000
         return {"total_ms": (none_at - t0) * 1000, "poll_step_ms": poller.step * 1000,
                 "polls": poller.polls, "idle_rtt_ms": _median(poller.rtts) * 1000,
@@ -228,7 +229,7 @@ def raw_run(lab: AgentLab, generation: int, killed: str) -> float:
         finally:
             raw.close()
         if status["mode"] != "none":
-            raise AgentBenchError(f"raw failover after {killed} kill ended in {status}")
+            raise BenchError(f"raw failover after {killed} kill ended in {status}")
         return elapsed
     finally:
         pair.destroy_all()

@@ -19,9 +19,9 @@ import argparse
 import os
 import time
 
-from agent_lab import AgentLab, LabVm
 from colo_report import dump_json, machine, print_machine
 
+from ftlab.agentlab import AgentLab, LabVm
 from vdsm_ft.api import VmState
 
 A, B = "bm-a", "bm-b"
@@ -79,7 +79,7 @@ def main() -> None:
                 while len(vms) < count:
                     vm = lab.start_vm(A)
                     vms.append(vm)
-                    lab.protect(vm, B)
+                    lab.protect(vm, A, B, attempts=3)    # as the poller asks again
                 time.sleep(SETTLE_S)
                 for vm in vms:      # every pair still protected: nothing failed over
                     lab.wait_status(A, vm.vm_id, VmState.PROTECTED, timeout=5)

@@ -27,11 +27,12 @@ import stat
 import time
 import uuid
 
-from agent_lab import HOOKS, HOOK_PYTHONPATH, AgentLab
 from colo_report import dump_json, machine, print_machine, summary
 
 from ftlab import guest
+from ftlab.agentlab import AgentLab
 from ftlab.vdsm import Vdsm
+from ftlab.vdsmdriver import HOOK_PYTHONPATH, HOOKS_DIR as HOOKS
 
 HOST = "bh-a"
 BASELINES = {

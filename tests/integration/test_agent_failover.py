@@ -7,176 +7,40 @@ from __future__ import annotations
 
 import http.client
 import os
-import subprocess
-import sysconfig
-import shutil
 import ssl
-import tempfile
+import subprocess
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from ftlab import guest, netns
+from ftlab.agentlab import MiB, AgentLab, LabVm
 from ftlab.diskprobe import pattern_matches, write_pattern
-from ftlab.etcd import EtcdCluster, MemberSpec
-from ftlab.host import LabHost
-from ftlab.hostagent import API_PORT, LabAgent
+from ftlab.hostagent import API_PORT
 from ftlab.monitor import LibvirtMonitor
-from ftlab.vdsm import Vdsm
 from ftlab.pki import issue, make_ca
-from vdsm_ft import domains, domxml
-from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, VmStatus, client_context
+from vdsm_ft import domxml
+from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, client_context
 from vdsm_ft.arbiter import Arbiter
 from vdsm_ft.layout import Disk, VmLayout
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
-WIRE = "ag-wire"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HOOKS = os.path.join(REPO, "hooks")
-# Hooks run on /usr/bin/python3 (D6); the repo and this interpreter's site-packages
-# stand in for the host package and its dependencies.
-HOOK_PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
-MiB = 1 << 20
 BLOCK = 64 * 1024
-
-
-CLIENT_INDEX = 90       # the test's own namespace on the wire, as the poller would be
-
-
-@dataclass
-class Lab:
-    hosts: list[LabHost]
-    agents: list[LabAgent]
-    etcd: EtcdCluster
-    net: netns.NetnsWorker  # the wire is not reachable from the root namespace
-
-    def call(self, host_name: str, method: str, *args: object) -> object:
-        def run() -> object:
-            client = self.agent(host_name).client()
-            try:
-                return getattr(client, method)(*args)
-            finally:
-                client.close()
-        return self.net.call(run)
-
-    def agent(self, name: str) -> LabAgent:
-        return next(a for a in self.agents if a.host.name == name)
-
-    def peer(self, name: str) -> PeerSpec:
-        host = self.agent(name).host
-        return PeerSpec(host_id=host.name, agent_address=host.address,
-                        agent_port=API_PORT, replication_address=host.address)
 
 
 @pytest.fixture(scope="module")
 def lab(kvm):
-    base = tempfile.mkdtemp(prefix="ftlab-ag-", dir="/tmp")
-    os.chmod(base, 0o755)
-    hosts = [LabHost(f"ag-{n}", i + 1, base, wire=WIRE).up() for i, n in enumerate("abc")]
-    etcd = EtcdCluster([MemberSpec(host=h.address, netns=h.netns) for h in hosts],
-                       base_dir=os.path.join(base, "etcd")).start()
-    pki = Path(base) / "pki"
-    ca = make_ca(pki)
-    client_tls = issue(pki, ca, "poller")
-    client_ns = netns.netns_name("ag-client")
-    netns.create(client_ns)
-    netns.join_rep(client_ns, CLIENT_INDEX, netns.netns_name(WIRE))
-    net = netns.NetnsWorker(client_ns)
-    agents = [LabAgent(h, etcd.endpoints, issue(pki, ca, h.name, addresses=[h.address]),
-                       client_tls, reach=net.call) for h in hosts]
-    for a in agents:
-        a.start()
-    yield Lab(hosts, agents, etcd, net)
-    net.close()
-    for a in agents:
-        a.crash()
-    netns.delete(client_ns)
-    etcd.stop()
-    for h in hosts:
-        h.down()
-    netns.delete(netns.netns_name(WIRE))
-    shutil.rmtree(base, ignore_errors=True)
-    for a in agents:
-        shutil.rmtree(a.overlay_dir, ignore_errors=True)
+    with AgentLab("ag") as lab:
+        yield lab
 
 
-@dataclass
-class Vm:
-    vm_id: str
-    name: str
-    engine_xml: str
-    vdsm: Vdsm
-
-
-def start_vm(lab: Lab, host_name: str, data_mib: int = 0) -> Vm:
-    """A VM start as VDSM does it on that host: the real hook scripts (run inside the
-    host), then libvirt, then after_vm_start."""
-    agent = lab.agent(host_name)
-    host = agent.host
-    vm_id = str(uuid.uuid4())
-    name = f"ag-{vm_id[:8]}"
-    disk = guest.install_disk(guest.build_idle_disk(max(64, 2 * data_mib) * MiB),
-                              host.path("images", f"{vm_id}.qcow2"))
-    if data_mib:
-        # Real blocks for the resync mirror to copy, so that it takes a while.
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x3c 0 {data_mib}M",
-                        disk], check=True, capture_output=True, timeout=120)
-    xml = guest.idle_guest_xml(name, disk, mac=guest.guest_mac(2),
-                               serial_log=host.path("images", f"{vm_id}.serial"),
-                               vm_id=vm_id)
-    vdsm = Vdsm(HOOKS, host.uri, env=dict(os.environ, VDSM_FT_CONFIG=agent.config_path),
-                pythonpath=HOOK_PYTHONPATH, hook_timeout=60, wrap=host.nsenter)
-    vdsm.start_vm(xml)
-    return Vm(vm_id, name, xml, vdsm)
-
-
-def status(lab: Lab, host_name: str, vm_id: str) -> VmStatus:
-    return lab.call(host_name, "vm_status", vm_id)
-
-
-def wait_status(lab: Lab, host_name: str, vm_id: str, state: VmState,
-                timeout: float = 60.0) -> VmStatus:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = status(lab, host_name, vm_id)
-        except Exception as exc:  # the VM may not be known there yet
-            last = exc
-        if isinstance(last, VmStatus) and last.state is state:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{vm_id} on {host_name} never reached {state.value}; last: {last}"
-                         f"\n{agent_logs(lab)}")
-
-
-def agent_logs(lab: Lab, lines: int = 40) -> str:
-    """The agents' last log lines, so a failure in CI says what the agents saw."""
-    out = []
-    for agent in lab.agents:
-        with open(agent.log_path, errors="replace") as f:
-            tail = f.readlines()[-lines:]
-        out.append(f"--- {agent.host.name} agent log ---\n" + "".join(tail))
-    return "\n".join(out)
-
-
-def protect(lab: Lab, vm: Vm, primary: str, secondary: str) -> None:
-    wait_status(lab, primary, vm.vm_id, VmState.NEED_SECONDARY)
-    lab.call(primary, "protect", vm.vm_id, lab.peer(secondary))
-    wait_status(lab, primary, vm.vm_id, VmState.PROTECTED)
-    wait_status(lab, secondary, vm.vm_id, VmState.PROTECTED)
-
-
-def monitor(lab: Lab, host_name: str, vm: Vm, secondary: bool) -> LibvirtMonitor:
+def monitor(lab: AgentLab, host_name: str, vm: LabVm, secondary: bool) -> LibvirtMonitor:
     name = domxml.secondary_name(vm.name) if secondary else vm.name
     return LibvirtMonitor(lab.agent(host_name).host.uri, name)
 
 
-def probe_layout(lab: Lab, host_name: str, vm: Vm) -> tuple[VmLayout, Disk]:
+def probe_layout(lab: AgentLab, host_name: str, vm: LabVm) -> tuple[VmLayout, Disk]:
     run_dir = os.path.join(lab.agent(host_name).run_dir, "vms", vm.vm_id)
     disk = Disk(index=0, image="", size=64 * MiB)
     return VmLayout(vm.vm_id, vm.name, run_dir, (disk,)), disk
@@ -186,40 +50,22 @@ def write(mon: LibvirtMonitor, offset: int, pattern: int) -> None:
     write_pattern(mon, Disk(index=0, image="", size=0), offset, BLOCK, pattern)
 
 
-def holds(lab: Lab, host_name: str, vm: Vm, mon: LibvirtMonitor, offset: int,
+def holds(lab: AgentLab, host_name: str, vm: LabVm, mon: LibvirtMonitor, offset: int,
           pattern: int) -> bool:
     layout, disk = probe_layout(lab, host_name, vm)
     return pattern_matches(mon, layout, disk, offset, BLOCK, pattern)
 
 
-def wait_checkpoints(lab: Lab, host_name: str, vm_id: str, count: int = 2,
-                     timeout: float = 15.0) -> None:
-    """Wait for `count` more completed checkpoints as the agent counts them."""
-    start = _checkpoints(lab, host_name, vm_id)
-    deadline = time.monotonic() + timeout
-    while _checkpoints(lab, host_name, vm_id) < start + count:
-        assert time.monotonic() < deadline, "checkpoints stopped"
-        time.sleep(0.1)
-
-
-def _checkpoints(lab: Lab, host_name: str, vm_id: str) -> int:
-    text = lab.call(host_name, "metrics")
-    for line in text.splitlines():
-        if line.startswith("vdsm_ft_checkpoints_total{") and f'vm="{vm_id}"' in line:
-            return int(line.rsplit(" ", 1)[1])
-    return 0
-
-
 def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     write(monitor(lab, "ag-a", vm, False), 0, 0x5A)
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
 
-    pid = domains.qemu_pid(vm.name, among=lab.agent("ag-a").host.pids())
+    pid = lab.qemu_pid("ag-a", vm.name)
     os.kill(pid, 9)
 
-    after = wait_status(lab, "ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
     assert after.last_failover is not None
     survivor = monitor(lab, "ag-b", vm, True)
@@ -232,21 +78,7 @@ def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     assert holder == "ag-b"
 
 
-def qemu_pid(lab: Lab, host_name: str, name: str) -> int | None:
-    return domains.qemu_pid(name, among=lab.agent(host_name).host.pids())
-
-
-def revive(lab: Lab, host_name: str) -> None:
-    """Bring a crashed lab host back: libvirtd, its etcd member, its agent."""
-    agent = lab.agent(host_name)
-    agent.host.up()
-    index = lab.hosts.index(agent.host)
-    if not lab.etcd.is_running(index):
-        lab.etcd.start_member(index)
-    agent.start()
-
-
-def partition(lab: Lab, a: str, b: str, cut: bool) -> None:
+def partition(lab: AgentLab, a: str, b: str, cut: bool) -> None:
     """Cut (or heal) the replication link between two hosts, both hosts alive."""
     ha, hb = lab.agent(a).host, lab.agent(b).host
     verb = "add" if cut else "del"
@@ -255,59 +87,59 @@ def partition(lab: Lab, a: str, b: str, cut: bool) -> None:
 
 
 def test_whole_primary_host_lost(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     write(monitor(lab, "ag-a", vm, False), 0, 0x61)
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
 
     lab.agent("ag-a").host.crash()
     try:
-        after = wait_status(lab, "ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+        after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
         assert after.role is Role.PRIMARY and after.last_failover.to_host == "ag-b"
         survivor = monitor(lab, "ag-b", vm, True)
         assert survivor.execute("query-colo-status")["mode"] == "none"
         assert holds(lab, "ag-b", vm, survivor, 0, 0x61)
         assert not holds(lab, "ag-b", vm, survivor, 2 * MiB, 0x61)
     finally:
-        revive(lab, "ag-a")
+        lab.revive("ag-a")
     # The revived host remembers a dead primary; it must say so, and take the VM back
     # as a secondary when asked.
-    assert status(lab, "ag-a", vm.vm_id).state is not VmState.PROTECTED
-    protect(lab, vm, "ag-b", "ag-a")
+    assert lab.status("ag-a", vm.vm_id).state is not VmState.PROTECTED
+    lab.protect(vm, "ag-b", "ag-a")
 
 
 def test_secondary_lost_primary_carries_on_and_writes_land(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     primary = monitor(lab, "ag-a", vm, False)
     write(primary, 0, 0x71)
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
 
-    os.kill(qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)), 9)
+    os.kill(lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)), 9)
 
-    after = wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    after = lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
     assert primary.execute("query-colo-status")["mode"] == "none"
     write(primary, 3 * MiB, 0x72)
     assert holds(lab, "ag-a", vm, primary, 0, 0x71)
     assert holds(lab, "ag-a", vm, primary, 3 * MiB, 0x72)
-    assert qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is None
+    assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
 
 
 @pytest.mark.parametrize("run", range(10))
 def test_partition_leaves_exactly_one_live_copy(lab, run):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     write(monitor(lab, "ag-a", vm, False), 0, 0x80 + run)
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
     sec_name = domxml.secondary_name(vm.name)
 
     partition(lab, "ag-a", "ag-b", cut=True)
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            alive = {"ag-a": qemu_pid(lab, "ag-a", vm.name),
-                     "ag-b": qemu_pid(lab, "ag-b", sec_name)}
+            alive = {"ag-a": lab.qemu_pid("ag-a", vm.name),
+                     "ag-b": lab.qemu_pid("ag-b", sec_name)}
             if sum(p is not None for p in alive.values()) == 1:
                 break
             time.sleep(0.1)
@@ -315,7 +147,7 @@ def test_partition_leaves_exactly_one_live_copy(lab, run):
     finally:
         partition(lab, "ag-a", "ag-b", cut=False)
     winner = next(h for h, p in alive.items() if p is not None)
-    won = wait_status(lab, winner, vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    won = lab.wait_status(winner, vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert won.role is Role.PRIMARY
     survivor = monitor(lab, winner, vm, winner == "ag-b")
     assert survivor.execute("query-colo-status")["mode"] == "none"
@@ -326,22 +158,22 @@ def test_partition_leaves_exactly_one_live_copy(lab, run):
 
 
 def test_stale_secondary_is_never_promoted(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     primary = monitor(lab, "ag-a", vm, False)
     write(primary, 0, 0x91)
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
     sec_name = domxml.secondary_name(vm.name)
-    os.kill(qemu_pid(lab, "ag-b", sec_name), 9)
-    wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    os.kill(lab.qemu_pid("ag-b", sec_name), 9)
+    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     write(primary, 1 * MiB, 0x92)            # only the primary has this now
 
-    os.kill(qemu_pid(lab, "ag-a", vm.name), 9)
+    os.kill(lab.qemu_pid("ag-a", vm.name), 9)
 
-    down = wait_status(lab, "ag-a", vm.vm_id, VmState.DOWN, timeout=10)
+    down = lab.wait_status("ag-a", vm.vm_id, VmState.DOWN, timeout=10)
     assert "ag-a" in down.reason and "last copy" in down.reason
     time.sleep(1.0)
-    assert qemu_pid(lab, "ag-b", sec_name) is None, "the stale secondary came up"
+    assert lab.qemu_pid("ag-b", sec_name) is None, "the stale secondary came up"
     record = lab.net.call(Arbiter(lab.etcd.endpoints).get_pair, vm.vm_id)
     assert record.state == "Down" and "ag-a" in record.reason
     image = lab.agent("ag-a").host.path("images", f"{vm.vm_id}.qcow2")
@@ -355,12 +187,12 @@ def test_stale_secondary_is_never_promoted(lab):
 def test_losing_one_etcd_member_changes_nothing(lab):
     lab.etcd.stop_member(2)
     try:
-        vm = start_vm(lab, "ag-a")
-        protect(lab, vm, "ag-a", "ag-b")
+        vm = lab.start_vm("ag-a")
+        lab.protect(vm, "ag-a", "ag-b")
         write(monitor(lab, "ag-a", vm, False), 0, 0xA1)
-        wait_checkpoints(lab, "ag-a", vm.vm_id)
-        os.kill(qemu_pid(lab, "ag-a", vm.name), 9)
-        after = wait_status(lab, "ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+        lab.wait_checkpoints("ag-a", vm.vm_id)
+        os.kill(lab.qemu_pid("ag-a", vm.name), 9)
+        after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
         assert holds(lab, "ag-b", vm, monitor(lab, "ag-b", vm, True), 0, 0xA1)
         assert after.failovers == 1
     finally:
@@ -368,43 +200,43 @@ def test_losing_one_etcd_member_changes_nothing(lab):
 
 
 def test_etcd_unreachable_while_healthy_means_no_failover(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     for i in range(3):
         lab.etcd.stop_member(i)
     try:
         time.sleep(3.0)
-        wait_checkpoints(lab, "ag-a", vm.vm_id)
+        lab.wait_checkpoints("ag-a", vm.vm_id)
         for host in ("ag-a", "ag-b"):
-            now = status(lab, host, vm.vm_id)
+            now = lab.status(host, vm.vm_id)
             assert now.state is VmState.PROTECTED and now.failovers == 0
     finally:
         lab.etcd.start_members([0, 1, 2])
 
 
 def test_agent_restart_while_protected_keeps_protection(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     for name in ("ag-a", "ag-b"):
         lab.agent(name).stop()
         time.sleep(1.0)
         lab.agent(name).start()
-        wait_checkpoints(lab, "ag-a", vm.vm_id)
+        lab.wait_checkpoints("ag-a", vm.vm_id)
     for host in ("ag-a", "ag-b"):
-        now = status(lab, host, vm.vm_id)
+        now = lab.status(host, vm.vm_id)
         assert now.state is VmState.PROTECTED and now.failovers == 0
     assert monitor(lab, "ag-a", vm, False).execute("query-colo-status")["mode"] == "primary"
     assert monitor(lab, "ag-b", vm, True).execute("query-colo-status")["mode"] == "secondary"
 
 
 def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):
-    vm = start_vm(lab, "ag-a")
-    wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+    vm = lab.start_vm("ag-a")
+    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
     ghost = PeerSpec(host_id="ag-ghost", agent_address="10.77.0.99", agent_port=API_PORT,
                      replication_address="10.77.0.99")
     lab.call("ag-a", "protect", vm.vm_id, ghost)
     deadline = time.monotonic() + 30
-    while "ag-ghost" not in (now := status(lab, "ag-a", vm.vm_id)).reason:
+    while "ag-ghost" not in (now := lab.status("ag-a", vm.vm_id)).reason:
         assert time.monotonic() < deadline, now
         time.sleep(0.2)
     assert now.state is VmState.NEED_SECONDARY
@@ -412,35 +244,35 @@ def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):
 
 
 def test_full_secondary_disk_directory_is_refused_without_leftovers(lab):
-    vm = start_vm(lab, "ag-a")
+    vm = lab.start_vm("ag-a")
     host_b = lab.agent("ag-b").host
     replicas = host_b.path("ft", "replicas")
     os.makedirs(replicas, exist_ok=True)
     host_b.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", replicas])
     try:
-        wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+        lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
         lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
         deadline = time.monotonic() + 30
-        while "free" not in (now := status(lab, "ag-a", vm.vm_id)).reason:
+        while "free" not in (now := lab.status("ag-a", vm.vm_id)).reason:
             assert time.monotonic() < deadline, now
             time.sleep(0.2)
         assert now.state is VmState.NEED_SECONDARY and "replica" in now.reason
-        assert qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is None
+        assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
         listing = host_b.run(["ls", "-A", replicas]).stdout.split()
         assert listing == []
         assert not os.path.exists(os.path.join(lab.agent("ag-b").overlay_dir, vm.vm_id))
         with pytest.raises(Exception):
-            status(lab, "ag-b", vm.vm_id)
+            lab.status("ag-b", vm.vm_id)
     finally:
         host_b.run(["umount", replicas])
 
 
 def test_agent_restart_during_syncing_starts_over_and_never_claims_protected(lab):
-    vm = start_vm(lab, "ag-a", data_mib=512)
-    wait_status(lab, "ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+    vm = lab.start_vm("ag-a", data_mib=512)
+    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
     lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
     deadline = time.monotonic() + 10
-    while status(lab, "ag-a", vm.vm_id).state is not VmState.SYNCING:
+    while lab.status("ag-a", vm.vm_id).state is not VmState.SYNCING:
         assert time.monotonic() < deadline, "never saw Syncing"
         time.sleep(0.02)
     lab.agent("ag-a").crash()
@@ -452,24 +284,24 @@ def test_agent_restart_during_syncing_starts_over_and_never_claims_protected(lab
     deadline = time.monotonic() + 30
     while not seen or seen[-1] is not VmState.NEED_SECONDARY:
         assert time.monotonic() < deadline, seen
-        seen.append(status(lab, "ag-a", vm.vm_id).state)
+        seen.append(lab.status("ag-a", vm.vm_id).state)
         time.sleep(0.05)
     assert VmState.PROTECTED not in seen, seen
     graph = primary.execute("x-debug-query-block-graph")
     assert "ft-nbd0" not in {n["name"] for n in graph["nodes"]}, "NBD child left behind"
-    assert qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is None
+    assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
 
-    protect(lab, vm, "ag-a", "ag-b")           # and it protects cleanly afterwards
+    lab.protect(vm, "ag-a", "ag-b")           # and it protects cleanly afterwards
     assert primary.execute("query-colo-status")["mode"] == "primary"
 
 
 def test_vm_started_while_agent_down_is_protected_when_it_returns(lab):
     lab.agent("ag-c").stop()
     try:
-        vm = start_vm(lab, "ag-c")              # default policy: starts unprotected
+        vm = lab.start_vm("ag-c")              # default policy: starts unprotected
     finally:
         lab.agent("ag-c").start()
-    protect(lab, vm, "ag-c", "ag-a")
+    lab.protect(vm, "ag-c", "ag-a")
     assert monitor(lab, "ag-c", vm, False).execute("query-colo-status")["mode"] == "primary"
 
 
@@ -502,26 +334,26 @@ def test_real_agent_rejects_malformed_requests_and_foreign_certificates(lab, tmp
 
 
 def test_status_reports_replication_traffic_while_protected(lab):
-    vm = start_vm(lab, "ag-a", data_mib=16)
-    protect(lab, vm, "ag-a", "ag-b")
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
-    now = status(lab, "ag-a", vm.vm_id)
+    vm = lab.start_vm("ag-a", data_mib=16)
+    lab.protect(vm, "ag-a", "ag-b")
+    lab.wait_checkpoints("ag-a", vm.vm_id)
+    now = lab.status("ag-a", vm.vm_id)
     # The resync alone carried the 16 MiB written before protection.
     assert now.replication_bytes >= 16 * MiB, now
     assert now.checkpoints_per_minute > 0 and now.last_checkpoint_pause_ms is not None
 
 
 def test_admin_stop_tears_the_pair_down_and_is_never_a_failover(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
-    generation = status(lab, "ag-a", vm.vm_id).generation
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
+    generation = lab.status("ag-a", vm.vm_id).generation
 
-    vm.vdsm.destroy_vm(vm.vm_id)         # before_vm_destroy, destroy, after_vm_destroy
+    lab.vdsm["ag-a"].destroy_vm(vm.vm_id)   # before_vm_destroy, destroy, after_vm_destroy
 
     deadline = time.monotonic() + 15
-    while qemu_pid(lab, "ag-b", domxml.secondary_name(vm.name)) is not None:
+    while lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is not None:
         assert time.monotonic() < deadline, "the secondary outlived an admin stop\n" + \
-            agent_logs(lab)
+            lab.agent_logs()
         time.sleep(0.1)
     arbiter = Arbiter(lab.etcd.endpoints)
     assert lab.net.call(arbiter.live_holder, vm.vm_id, generation) == "ag-a", \
@@ -533,28 +365,28 @@ def test_admin_stop_tears_the_pair_down_and_is_never_a_failover(lab):
 
 
 def test_admin_operations_suspend_resume_migrate_secondary_and_test_failover(lab):
-    vm = start_vm(lab, "ag-a")
-    protect(lab, vm, "ag-a", "ag-b")
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
     sec_name = domxml.secondary_name(vm.name)
 
     lab.call("ag-a", "suspend", vm.vm_id)
-    off = wait_status(lab, "ag-a", vm.vm_id, VmState.DISABLED)
+    off = lab.wait_status("ag-a", vm.vm_id, VmState.DISABLED)
     assert off.suspended and off.failovers == 0
-    assert qemu_pid(lab, "ag-b", sec_name) is None
+    assert lab.qemu_pid("ag-b", sec_name) is None
     assert monitor(lab, "ag-a", vm, False).execute("query-status")["status"] == "running"
 
     lab.call("ag-a", "resume", vm.vm_id)
-    protect(lab, vm, "ag-a", "ag-b")
+    lab.protect(vm, "ag-a", "ag-b")
 
     lab.call("ag-a", "migrate_secondary", vm.vm_id, lab.peer("ag-c"))
-    wait_status(lab, "ag-c", vm.vm_id, VmState.PROTECTED)
-    moved = wait_status(lab, "ag-a", vm.vm_id, VmState.PROTECTED)
+    lab.wait_status("ag-c", vm.vm_id, VmState.PROTECTED)
+    moved = lab.wait_status("ag-a", vm.vm_id, VmState.PROTECTED)
     assert moved.secondary_host == "ag-c" and moved.failovers == 0
-    assert qemu_pid(lab, "ag-b", sec_name) is None
+    assert lab.qemu_pid("ag-b", sec_name) is None
 
     write(monitor(lab, "ag-a", vm, False), 0, 0xE1)
-    wait_checkpoints(lab, "ag-a", vm.vm_id)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
     lab.call("ag-a", "test_failover", vm.vm_id)
-    after = wait_status(lab, "ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    after = lab.wait_status("ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
     assert holds(lab, "ag-c", vm, monitor(lab, "ag-c", vm, True), 0, 0xE1)

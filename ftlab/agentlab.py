@@ -1,12 +1,14 @@
-"""An agent lab for the agent benchmarks, with cleanup on every exit.
+"""A lab of real host agents, for the agent tests and the agent benchmarks.
 
-The same parts as `tests/integration/test_agent_failover.py`: lab hosts on a private
-wire (own netns, own libvirtd), a real 3-member etcd with one member per host, a lab CA,
-a real `vdsm-ft-agent` in every host (`ftlab.hostagent.LabAgent`), VMs started by the
-VDSM stand-in running the real hook scripts inside the host, and the test's own client
-namespace on the wire (the wire is not routed to the root namespace, so in-process
-clients run on a `NetnsWorker` thread there). Leaving the `with` block, by return,
-exception, Ctrl-C or SIGTERM, kills and removes everything it made.
+Lab hosts on a private wire (own netns, own libvirtd), a real 3-member etcd with one
+member per host, a lab CA, a real `vdsm-ft-agent` in every host
+(`ftlab.hostagent.LabAgent`), a VDSM stand-in per host running the real hook scripts
+inside it, and the caller's own client namespace on the wire: the wire is not routed to
+the root namespace, so in-process clients run on a `NetnsWorker` thread there. Leaving
+the `with` block, by return, exception, Ctrl-C or SIGTERM, kills and removes everything
+it made.
+
+No engine and no poller: the caller asks for protection as the poller would.
 """
 from __future__ import annotations
 
@@ -14,38 +16,41 @@ import json
 import os
 import shutil
 import signal
-import sys
-import sysconfig
+import subprocess
 import tempfile
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import libvirt
 
-import libvirt  # noqa: E402
+from ftlab import guest, netns
+from ftlab.etcd import EtcdCluster, MemberSpec
+from ftlab.host import LabHost
+from ftlab.hostagent import API_PORT, LabAgent
+from ftlab.pki import issue, make_ca
+from ftlab.vdsm import Vdsm
+from ftlab.vdsmdriver import (DATA_PATTERN, GUEST_DISK_SIZE, HOOK_PYTHONPATH,
+                              HOOK_TIMEOUT, HOOKS_DIR)
+from vdsm_ft import domains, domxml
+from vdsm_ft.api import PeerSpec, VmState, VmStatus
 
-from ftlab import guest, netns  # noqa: E402
-from ftlab.etcd import EtcdCluster, MemberSpec  # noqa: E402
-from ftlab.host import LabHost  # noqa: E402
-from ftlab.hostagent import API_PORT, LabAgent  # noqa: E402
-from ftlab.pki import issue, make_ca  # noqa: E402
-from ftlab.vdsm import Vdsm  # noqa: E402
-from vdsm_ft import domains, domxml  # noqa: E402
-from vdsm_ft.api import PeerSpec, VmState, VmStatus  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOOKS = os.path.join(REPO, "hooks")
-# Hooks run on /usr/bin/python3 (D6); the repo and this interpreter's site-packages
-# stand in for the host package and its dependencies (as in the agent tests).
-HOOK_PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
 MiB = 1 << 20
-CLIENT_INDEX = 90
+CLIENT_INDEX = 90        # the caller's namespace on the wire, where the poller would be
 
 
-def _leader(endpoints: list[str], timeout: float = 2.0) -> int | None:
+class AgentLabError(RuntimeError):
+    """The lab did not reach the state asked for in time."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(f"agent lab stopped by signal {signum}")
+
+
+def _etcd_leader(endpoints: list[str], timeout: float = 2.0) -> int | None:
     ids: dict[str, int] = {}
     leader = None
     for i, url in enumerate(endpoints):
@@ -61,19 +66,10 @@ def _leader(endpoints: list[str], timeout: float = 2.0) -> int | None:
     return ids.get(leader) if leader else None
 
 
-class AgentBenchError(RuntimeError):
-    """The lab could not do what the benchmark asked (never a number)."""
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(f"benchmark stopped by signal {signum}")
-
-
 @dataclass
 class LabVm:
     vm_id: str
     name: str
-    host: str           # where the primary was started
     disk: str
 
     @property
@@ -82,7 +78,8 @@ class LabVm:
 
 
 class AgentLab:
-    """Hosts `<prefix>-a`, `-b`, `-c` on wire `<prefix>-wire`, each with etcd and an agent."""
+    """Hosts `<prefix>-a`, `-b`, ... (three by default) on wire `<prefix>-wire`, each with
+    an etcd member, an agent and a VDSM stand-in."""
 
     def __init__(self, prefix: str, hosts: int = 3, heartbeat_interval: float = 0.05,
                  heartbeat_timeout: float = 0.15):
@@ -98,13 +95,22 @@ class AgentLab:
         self.client_ns = netns.netns_name(f"{prefix}-client")
         self.vdsm: dict[str, Vdsm] = {}
         self.protect_failures: list[str] = []
+        self._sigterm: Any = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def __enter__(self) -> "AgentLab":
-        signal.signal(signal.SIGTERM, _terminate)
+        wire = netns.netns_name(self.wire)
+        if netns.exists(wire):
+            # The namespace names come from the prefix: a second lab would share the first
+            # one's hosts, and its cleanup would kill them.
+            raise AgentLabError(f"a lab with prefix {self.prefix!r} is already up ({wire} "
+                                "exists): wait for it to end, or remove what it left")
+        # SIGTERM unwinds like Ctrl-C, so that close() runs; the caller's handler is
+        # back once the lab is gone.
+        self._sigterm = signal.signal(signal.SIGTERM, _terminate)
         self.base = tempfile.mkdtemp(prefix=f"ftlab-{self.prefix}-", dir="/tmp")
-        os.chmod(self.base, 0o755)
+        os.chmod(self.base, 0o755)       # QEMU (libvirt-qemu) traverses into the hosts
         try:
             self._up()
         except BaseException:
@@ -135,9 +141,9 @@ class AgentLab:
                              heartbeat_timeout=timeout, reach=self.net.call)
             self.agents.append(agent)
             agent.start()
-            self.vdsm[h.name] = Vdsm(HOOKS, h.uri,
+            self.vdsm[h.name] = Vdsm(HOOKS_DIR, h.uri,
                                      env=dict(os.environ, VDSM_FT_CONFIG=agent.config_path),
-                                     pythonpath=HOOK_PYTHONPATH, hook_timeout=60,
+                                     pythonpath=HOOK_PYTHONPATH, hook_timeout=HOOK_TIMEOUT,
                                      wrap=h.nsenter)
 
     def __exit__(self, *exc: object) -> None:
@@ -158,8 +164,11 @@ class AgentLab:
             shutil.rmtree(agent.overlay_dir, ignore_errors=True)
         if self.base:
             shutil.rmtree(self.base, ignore_errors=True)
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
 
-    # -- agents ----------------------------------------------------------------------
+    # -- hosts and agents ------------------------------------------------------------
 
     def agent(self, name: str) -> LabAgent:
         return next(a for a in self.agents if a.host.name == name)
@@ -167,9 +176,9 @@ class AgentLab:
     def host(self, name: str) -> LabHost:
         return self.agent(name).host
 
-    def call(self, host_name: str, method: str, *args: object) -> object:
+    def call(self, host_name: str, method: str, *args: object) -> Any:
         """An agent API call from the client namespace (mutual TLS)."""
-        def run() -> object:
+        def run() -> Any:
             client = self.agent(host_name).client()
             try:
                 return getattr(client, method)(*args)
@@ -193,38 +202,55 @@ class AgentLab:
         while time.monotonic() < deadline:
             try:
                 last = self.status(host_name, vm_id)
-            except Exception as exc:  # not known there yet
+            except Exception as exc:  # the VM may not be known there yet
                 last = exc
             if isinstance(last, VmStatus) and last.state is state:
                 return last
             time.sleep(poll)
-        raise AgentBenchError(f"{vm_id} on {host_name} never reached {state.value}; "
-                              f"last: {last}; see {self.agent(host_name).log_path}")
+        raise AgentLabError(f"{vm_id} on {host_name} never reached {state.value}; "
+                            f"last: {last}\n{self.agent_logs()}")
+
+    def agent_logs(self, lines: int = 40) -> str:
+        """The agents' last log lines: the lab's directory is gone once it closes, so a
+        failure has to say what the agents saw."""
+        out = []
+        for agent in self.agents:
+            try:
+                with open(agent.log_path, errors="replace") as f:
+                    tail = "".join(f.readlines()[-lines:])
+            except OSError as exc:
+                tail = f"(no log: {exc})\n"
+            out.append(f"--- {agent.host.name} agent log ---\n{tail}")
+        return "\n".join(out)
 
     def checkpoints(self, host_name: str, vm_id: str) -> int:
+        """Completed COLO checkpoints of the VM, as the agent counts them."""
         text = self.call(host_name, "metrics")
         for line in text.splitlines():
             if line.startswith("vdsm_ft_checkpoints_total{") and f'vm="{vm_id}"' in line:
                 return int(line.rsplit(" ", 1)[1])
         return 0
 
-    def wait_checkpoint(self, host_name: str, vm_id: str, count: int = 1,
-                        timeout: float = 15.0, poll: float = 0.05) -> None:
+    def wait_checkpoints(self, host_name: str, vm_id: str, count: int = 2,
+                         timeout: float = 15.0, poll: float = 0.05) -> None:
+        """Wait for `count` more completed checkpoints. Two by default: the first may
+        have begun before the caller's last write, so only the second covers it."""
         start = self.checkpoints(host_name, vm_id)
         deadline = time.monotonic() + timeout
         while self.checkpoints(host_name, vm_id) < start + count:
             if time.monotonic() > deadline:
-                raise AgentBenchError(f"{vm_id}: no checkpoint within {timeout}s")
+                raise AgentLabError(f"{vm_id}: fewer than {count} checkpoints within "
+                                    f"{timeout}s")
             time.sleep(poll)
 
     def etcd_leader(self) -> int | None:
         """Index of the etcd member that leads, asked from the client namespace."""
         assert self.etcd is not None and self.net is not None
-        return self.net.call(_leader, self.etcd.endpoints)
+        return self.net.call(_etcd_leader, self.etcd.endpoints)
 
     def move_etcd_leader(self, index: int, timeout: float = 10.0) -> None:
         """Make member `index` the etcd leader (etcdctl move-leader, from the client
-        namespace), so a benchmark can lose the leader with a host on purpose."""
+        namespace), so that losing a host can lose the leader on purpose."""
         assert self.etcd is not None
         endpoint = self.etcd.endpoints[index]
         status = netns.run_in(self.client_ns, [
@@ -234,8 +260,8 @@ class AgentLab:
         deadline = time.monotonic() + timeout
         while self.etcd_leader() != index:
             if time.monotonic() > deadline:
-                raise AgentBenchError(f"etcd member {index} did not become leader: "
-                                      f"{status.stderr.strip()}")
+                raise AgentLabError(f"etcd member {index} did not become leader: "
+                                    f"{status.stderr.strip()}")
             leader = self.etcd_leader()
             if leader is None:
                 time.sleep(0.2)
@@ -264,49 +290,59 @@ class AgentLab:
 
     # -- VMs -------------------------------------------------------------------------
 
-    def start_vm(self, host_name: str) -> LabVm:
-        """A VM start as VDSM does it on that host: the real hooks (inside the host),
-        libvirt, after_vm_start. The idle guest, ft=true."""
+    def start_vm(self, host_name: str, data_mib: int = 0) -> LabVm:
+        """A VM start as VDSM does it on that host: the real hook scripts (run inside
+        the host), libvirt, after_vm_start. The idle guest, ft=true."""
         host = self.host(host_name)
         vm_id = str(uuid.uuid4())
         name = f"{self.prefix}-{vm_id[:8]}"
-        disk = self.new_disk(host_name, vm_id)
+        disk = self.new_disk(host_name, vm_id, data_mib)
         xml = guest.idle_guest_xml(name, disk, mac=guest.guest_mac(2),
                                    serial_log=host.path("images", f"{vm_id}.serial"),
                                    vm_id=vm_id)
         self.vdsm[host_name].start_vm(xml)
-        return LabVm(vm_id, name, host_name, disk)
+        return LabVm(vm_id, name, disk)
 
-    def new_disk(self, host_name: str, vm_id: str) -> str:
-        return guest.install_disk(guest.build_idle_disk(64 * MiB),
+    def new_disk(self, host_name: str, vm_id: str, data_mib: int = 0) -> str:
+        """The idle guest's disk in the host's images; with `data_mib`, that many MiB of
+        real blocks for the resync mirror to copy, so that Syncing takes a while."""
+        disk = guest.install_disk(guest.build_idle_disk(max(GUEST_DISK_SIZE,
+                                                            2 * data_mib * MiB)),
                                   self.host(host_name).path("images", f"{vm_id}.qcow2"))
+        if data_mib:
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                            f"write -P {DATA_PATTERN:#x} 0 {data_mib}M", disk],
+                           check=True, capture_output=True, timeout=120)
+        return disk
 
-    def protect(self, vm: LabVm, secondary: str, timeout: float = 60.0,
-                attempts: int = 3) -> None:
-        """Protect as the poller does: ask, wait for Protected on both sides; a failed
-        attempt (back to Need Secondary with a reason) is asked again, and noted in
-        `protect_failures`."""
-        self.wait_status(vm.host, vm.vm_id, VmState.NEED_SECONDARY, timeout)
-        for attempt in range(attempts):
-            before = self.status(vm.host, vm.vm_id).reason
-            self.call(vm.host, "protect", vm.vm_id, self.peer(secondary))
+    def protect(self, vm: LabVm, primary: str, secondary: str, timeout: float = 60.0,
+                attempts: int = 1) -> None:
+        """Protect as the poller does: ask the primary's agent, wait for Protected on
+        both sides. A failed attempt (back to Need Secondary with a reason) is noted in
+        `protect_failures` and, up to `attempts`, asked again."""
+        self.wait_status(primary, vm.vm_id, VmState.NEED_SECONDARY, timeout)
+        for _ in range(attempts):
+            before = self.status(primary, vm.vm_id).reason
+            self.call(primary, "protect", vm.vm_id, self.peer(secondary))
             synced = False
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                now = self.status(vm.host, vm.vm_id)
+                now = self.status(primary, vm.vm_id)
                 if now.state is VmState.PROTECTED:
                     self.wait_status(secondary, vm.vm_id, VmState.PROTECTED, timeout)
                     return
                 synced = synced or now.state is VmState.SYNCING
+                # A reason left from before the request is not this attempt's failure.
                 if now.state is VmState.NEED_SECONDARY and now.reason and (
                         synced or now.reason != before):
                     self.protect_failures.append(now.reason)
                     break
                 time.sleep(0.1)
             else:
-                raise AgentBenchError(f"{vm.vm_id} not Protected within {timeout}s: {now}")
-        raise AgentBenchError(f"{vm.vm_id}: protection failed {attempts} times: "
-                              f"{self.protect_failures[-attempts:]}")
+                raise AgentLabError(f"{vm.vm_id} not Protected within {timeout}s: {now}"
+                                    f"\n{self.agent_logs()}")
+        raise AgentLabError(f"{vm.vm_id}: protection failed {attempts} time(s): "
+                            f"{self.protect_failures[-attempts:]}\n{self.agent_logs()}")
 
     def qemu_pid(self, host_name: str, domain: str) -> int | None:
         return domains.qemu_pid(domain, among=self.host(host_name).pids())
