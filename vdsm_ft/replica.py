@@ -51,6 +51,27 @@ def _check_space(directory: str, needed: int, what: str) -> None:
             f"the agent's {what} directory elsewhere")
 
 
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def overlay_usage(overlay_dir: str) -> dict[str, int]:
+    """Bytes each VM's overlays take in `overlay_dir` (on tmpfs: host RAM), by VM id."""
+    usage: dict[str, int] = {}
+    try:
+        vms = [e for e in os.scandir(overlay_dir) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return usage
+    for vm in vms:
+        try:
+            usage[vm.name] = sum(f.stat(follow_symlinks=False).st_blocks * 512
+                                 for f in os.scandir(vm.path)
+                                 if f.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            continue                  # removed while we looked
+    return usage
+
+
 def secondary_disk(vm_id: str, disk: Disk, replica_dir: str, overlay_dir: str) -> Disk:
     """Where the secondary's copy of `disk` and its overlays live on this host."""
     return replace(disk, fmt="qcow2",
@@ -60,10 +81,13 @@ def secondary_disk(vm_id: str, disk: Disk, replica_dir: str, overlay_dir: str) -
 
 
 def create_secondary_disks(vm_id: str, disks: tuple[Disk, ...], replica_dir: str,
-                           overlay_dir: str, qemu_user: str) -> tuple[Disk, ...]:
+                           overlay_dir: str, qemu_user: str,
+                           overlay_cap: int | None = None) -> tuple[Disk, ...]:
     """Blank replica + hidden + active images for each primary disk.
 
-    Blank is enough: the resync mirror copies every block (colo.md §9.1).
+    Blank is enough: the resync mirror copies every block (colo.md §9.1). With
+    `overlay_cap`, a secondary whose new, empty overlays already take this host's
+    overlays over the cap is refused.
     """
     try:
         uuid.UUID(vm_id)
@@ -87,6 +111,14 @@ def create_secondary_disks(vm_id: str, disks: tuple[Disk, ...], replica_dir: str
                 _create_qcow2(path, disk.size)
                 os.chown(path, owner.pw_uid, owner.pw_gid)
             result.append(sec)
+        if overlay_cap is not None:
+            total = sum(overlay_usage(overlay_dir).values())
+            if total > overlay_cap:
+                raise ReplicaError(
+                    f"the overlays in {overlay_dir} would take {mib(total)} with this "
+                    f"secondary's, over [storage] overlay_size_cap ({mib(overlay_cap)}); "
+                    "move a secondary off this host or raise the cap (the overlays are "
+                    "RAM on tmpfs)")
     except (OSError, ReplicaError):
         remove_secondary_disks(vm_id, replica_dir, overlay_dir)
         raise

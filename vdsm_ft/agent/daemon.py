@@ -40,6 +40,8 @@ VERSION = "0.1.0"
 PREPARE_TIMEOUT = 120.0
 # How often to look for FT VMs the start hook could not register.
 DISCOVERY_INTERVAL = 5.0
+# How often to measure the overlays against [storage] overlay_size_cap.
+OVERLAY_CHECK_INTERVAL = 1.0
 
 
 class Agent(Backend, HookBackend):
@@ -68,6 +70,7 @@ class Agent(Backend, HookBackend):
         self._monitor = threading.Thread(target=self._monitor_loop, name="monitor",
                                          daemon=True)
         self._probed: dict[str, tuple[float, bool]] = {}
+        self._overlay_warned = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -211,9 +214,13 @@ class Agent(Backend, HookBackend):
     def _monitor_loop(self) -> None:
         interval = self.config.heartbeat_interval
         next_discovery = time.monotonic() + DISCOVERY_INTERVAL
+        next_overlay_check = time.monotonic()
         while not self._stopped.wait(interval):
             try:
                 self._monitor_once()
+                if time.monotonic() > next_overlay_check:
+                    next_overlay_check = time.monotonic() + OVERLAY_CHECK_INTERVAL
+                    self.enforce_overlay_cap()
                 if time.monotonic() > next_discovery:
                     next_discovery = time.monotonic() + DISCOVERY_INTERVAL
                     self.discover()
@@ -239,6 +246,31 @@ class Agent(Backend, HookBackend):
                 ctl.peer_lost(why)
         for (address, port), vms in beats.items():
             self.heartbeat.send(address, port, vms)
+
+    def enforce_overlay_cap(self) -> None:
+        """Overlays are RAM: past the cap, drop the secondary whose overlays take most.
+        Its primary sees COLO break, runs on alone and asks for a new secondary."""
+        usage = replica.overlay_usage(self.config.overlay_dir)
+        total, cap = sum(usage.values()), self.config.overlay_size_cap
+        if total <= cap:
+            self._overlay_warned = False
+            return
+        with self._lock:
+            ours = {vm_id: ctl for vm_id, ctl in self._vms.items()
+                    if ctl.record.role is Role.SECONDARY and vm_id in usage}
+        why = (f"this host's overlays take {replica.mib(total)} in "
+               f"{self.config.overlay_dir}, over [storage] overlay_size_cap "
+               f"({replica.mib(cap)})")
+        if not ours:
+            if not self._overlay_warned:
+                log.warning("%s, but no secondary of this agent holds them", why)
+                self._overlay_warned = True
+            return
+        vm_id = max(ours, key=lambda v: usage[v])
+        ctl = ours[vm_id]
+        log.warning("%s: dropping this secondary: its overlays take %s; %s",
+                    ctl.record.name, replica.mib(usage[vm_id]), why)
+        self.forget(ctl, reason=f"dropped: {why}")
 
     def _peer_suspicion(self, rec: VmRecord) -> str:
         peer = rec.peer
@@ -408,7 +440,7 @@ class Agent(Backend, HookBackend):
         disks = replica.create_secondary_disks(
             request.vm_id, sized, _qemu_dir(self.config.replica_dir, self.config.qemu_user),
             _qemu_dir(self.config.overlay_dir, self.config.qemu_user),
-            self.config.qemu_user)
+            self.config.qemu_user, self.config.overlay_size_cap)
         conn = libvirt.open(self.config.libvirt_uri)
         try:
             version = conn.getVersion()
