@@ -30,7 +30,7 @@ What is timed, per run:
   started right after the kill: detection and arbitration are off. Compared with
   **agent** (target: within +50 ms of raw).
 
-    /tmp/venv/bin/python bench/agent_failover.py [--runs 20] [--raw-runs 20] [--faults ...]
+    .venv/bin/python bench/agent_failover.py [--runs 20] [--raw-runs 20] [--faults ...]
         [--etcd-leader-on-victim] [--heartbeat-interval S --heartbeat-timeout S] [--json F]
 """
 from __future__ import annotations

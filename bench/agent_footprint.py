@@ -11,7 +11,7 @@ the agent process of each host is sampled over a window:
 
 Per-VM increments are (value at n VMs - value at 0) / n.
 
-    /tmp/venv/bin/python bench/agent_footprint.py [--window 30] [--json out.json]
+    .venv/bin/python bench/agent_footprint.py [--window 30] [--json out.json]
 """
 from __future__ import annotations
 

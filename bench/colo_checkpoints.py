@@ -13,7 +13,7 @@ STOP/RESUME pair that lies wholly in the window, on the primary and on the secon
 Rate = completed checkpoints (primary STOP/RESUME pairs) in the window, times
 60 / window; the MIGRATION_PASS count over the same window is printed beside it.
 
-    /tmp/venv/bin/python bench/colo_checkpoints.py [--json out.json]
+    .venv/bin/python bench/colo_checkpoints.py [--json out.json]
 """
 from __future__ import annotations
 

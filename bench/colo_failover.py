@@ -15,7 +15,7 @@ same two lab hosts (idle KVM guest, 64 MiB disk, one NIC, x-checkpoint-delay 200
 killed 300 ms after a completed checkpoint; ours and raw alternate, so drift in the
 machine's load hits both alike.
 
-    /tmp/venv/bin/python bench/colo_failover.py [--runs 20] [--json out.json]
+    .venv/bin/python bench/colo_failover.py [--runs 20] [--json out.json]
 """
 from __future__ import annotations
 

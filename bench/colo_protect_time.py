@@ -18,7 +18,7 @@ secondary's replica starts blank. Each run is a fresh pair; ours and raw alterna
 One warm-up run of each (64 MiB) is made first and not counted: in two of three
 invocations here the first protection in a fresh lab took 2-3x longer than later ones.
 
-    /tmp/venv/bin/python bench/colo_protect_time.py [--runs 6] [--runs-1g 3] [--json out.json]
+    .venv/bin/python bench/colo_protect_time.py [--runs 6] [--runs-1g 3] [--json out.json]
 """
 from __future__ import annotations
 

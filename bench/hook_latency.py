@@ -17,7 +17,7 @@ hook adds to a VM start. Variants, round-robin so that load hits all alike:
   register with the agent over its unix socket. A fresh vmId every run; the VM is
   never started, and destroy hooks (not timed) make the agent forget it.
 
-    /tmp/venv/bin/python bench/hook_latency.py [--runs 50] [--json out.json]
+    .venv/bin/python bench/hook_latency.py [--runs 50] [--json out.json]
 """
 from __future__ import annotations
 

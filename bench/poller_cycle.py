@@ -1,6 +1,6 @@
 """One poller cycle at scale: wall time, CPU time and API calls per cycle.
 
-    /tmp/venv/bin/python bench/poller_cycle.py [--sizes 1000,10000] [--hosts 500]
+    .venv/bin/python bench/poller_cycle.py [--sizes 1000,10000] [--hosts 500]
 
 A child process serves the fake engine (real REST over HTTPS) and one agent per host
 (the real agent protocol over mutual TLS, scripted statuses: every FT VM is Protected,

@@ -43,6 +43,7 @@ class LabAgent:
         self.proc: subprocess.Popen | None = None
         self.config_path = host.path("ft", "agent.conf")
         self.overlay_dir = os.path.join("/dev/shm", f"ftlab-{host.name}")
+        self.overlay_size_cap = ""          # [storage] overlay_size_cap; "": the default
 
     @property
     def run_dir(self) -> str:
@@ -62,6 +63,8 @@ class LabAgent:
         cfg["tls"] = {"ca": self.tls.ca, "cert": self.tls.cert, "key": self.tls.key}
         cfg["storage"] = {"replica_dir": self.host.path("ft", "replicas"),
                           "overlay_dir": self.overlay_dir}
+        if self.overlay_size_cap:
+            cfg["storage"]["overlay_size_cap"] = self.overlay_size_cap
         cfg["libvirt"] = {"uri": "qemu:///system", "qemu_user": "libvirt-qemu"}
         cfg["etcd"] = {"endpoints": ",".join(self.etcd_endpoints)}
         os.makedirs(os.path.dirname(self.config_path), mode=0o755, exist_ok=True)

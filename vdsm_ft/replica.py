@@ -8,6 +8,7 @@ relabel or chown what only `<qemu:commandline>` names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -16,6 +17,8 @@ import uuid
 from dataclasses import replace
 
 from vdsm_ft.layout import Disk
+
+log = logging.getLogger(__name__)
 
 QEMU_IMG_TIMEOUT = 60.0
 
@@ -126,5 +129,9 @@ def create_secondary_disks(vm_id: str, disks: tuple[Disk, ...], replica_dir: str
 
 
 def remove_secondary_disks(vm_id: str, replica_dir: str, overlay_dir: str) -> None:
+    def failed(_func: object, path: str, exc_info: tuple) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            log.warning("cannot remove %s: %s", path, exc_info[1])
+
     for directory in (os.path.join(replica_dir, vm_id), os.path.join(overlay_dir, vm_id)):
-        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory, onerror=failed)

@@ -229,6 +229,42 @@ def test_agent_restart_while_protected_keeps_protection(lab):
     assert monitor(lab, "ag-b", vm, True).execute("query-colo-status")["mode"] == "secondary"
 
 
+def test_overlays_past_the_cap_drop_the_secondary_and_refuse_new_ones(lab):
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
+    b = lab.agent("ag-b")
+    overlays = os.path.join(b.overlay_dir, vm.vm_id)
+    assert os.path.isdir(overlays)
+    # Empty overlays take ~200 KiB each: restarted with a 64 KiB cap, b is over it.
+    b.stop()
+    b.overlay_size_cap = "64K"
+    try:
+        b.start()
+        # The primary learns it at its next checkpoint, when COLO breaks.
+        lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY, 30)
+        assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
+        with open(b.log_path) as f:
+            assert "over [storage] overlay_size_cap (0.1 MiB)" in f.read()
+        deadline = time.monotonic() + 10
+        while os.path.exists(overlays):
+            assert time.monotonic() < deadline, os.listdir(overlays)
+            time.sleep(0.1)
+        assert monitor(lab, "ag-a", vm, False).execute("query-status")["status"] == "running"
+
+        lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
+        deadline = time.monotonic() + 30
+        while "overlay_size_cap" not in (now := lab.status("ag-a", vm.vm_id)).reason:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.2)
+        assert now.state is VmState.NEED_SECONDARY
+        assert not os.path.exists(overlays)
+    finally:
+        b.stop()
+        b.overlay_size_cap = ""
+        b.start()
+    lab.protect(vm, "ag-a", "ag-c")
+
+
 def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):
     vm = lab.start_vm("ag-a")
     lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
