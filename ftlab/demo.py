@@ -327,7 +327,7 @@ def start_client(tl: Timeline, vm: DemoVm) -> CounterClient:
     """The client on the guest segment, asking the guest's counter until the story ends."""
     if netns.exists(netns.CLIENT_NS):
         netns.delete(netns.CLIENT_NS)        # left by a demo that was killed
-    netns.add_client(netns.CLIENT_NS[len(netns.PREFIX):], DEMO_CLIENT_IP, CLIENT_LINK_INDEX)
+    netns.add_client(netns.CLIENT, DEMO_CLIENT_IP, CLIENT_LINK_INDEX)
     client = CounterClient(netns.CLIENT_NS, vm.guest.address)
     first = wait_for(f"the guest's counter at {vm.guest.address} to answer the client",
                      lambda: client.values_after(0.0), CLIENT_FIRST_REPLY_TIMEOUT)

@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 PREFIX = "ftlab-"
 WIRE_NS = PREFIX + "wire"
-CLIENT_NS = PREFIX + "client"        # the demo's client on the guest segment
+CLIENT = "client"                    # the demo's client on the guest segment
+CLIENT_NS = PREFIX + CLIENT
 ROOT_LINK = PREFIX + "root"          # root-namespace end of the management link
 REP_BRIDGE = "rep"                   # inside WIRE_NS
 GUEST_BRIDGE = "guest"               # inside WIRE_NS
