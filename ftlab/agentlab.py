@@ -31,7 +31,7 @@ from ftlab import guest, netns
 from ftlab.etcd import EtcdCluster, MemberSpec
 from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
-from ftlab.pki import issue, make_ca
+from ftlab.pki import heartbeat_key, issue, make_ca
 from ftlab.vdsm import Vdsm
 from ftlab.vdsmdriver import (DATA_PATTERN, GUEST_DISK_SIZE, HOOK_PYTHONPATH,
                               HOOK_TIMEOUT, HOOKS_DIR)
@@ -82,9 +82,10 @@ class AgentLab:
     an etcd member, an agent and a VDSM stand-in."""
 
     def __init__(self, prefix: str, hosts: int = 3, heartbeat_interval: float = 0.05,
-                 heartbeat_timeout: float = 0.15):
+                 heartbeat_timeout: float = 0.15, sasl: bool = False):
         self.prefix = prefix
         self.count = hosts
+        self.sasl = sasl                # libvirtds that want a SASL login, as on oVirt
         self.wire = f"{prefix}-wire"
         self.heartbeat = (heartbeat_interval, heartbeat_timeout)
         self.base = ""
@@ -121,7 +122,7 @@ class AgentLab:
     def _up(self) -> None:
         for i in range(self.count):
             host = LabHost(f"{self.prefix}-{chr(ord('a') + i)}", i + 1, self.base,
-                           wire=self.wire)
+                           wire=self.wire, sasl=self.sasl)
             self.hosts.append(host)
             host.up()
         self.etcd = EtcdCluster([MemberSpec(host=h.address, netns=h.netns)
@@ -138,13 +139,14 @@ class AgentLab:
             agent = LabAgent(h, self.etcd.endpoints, issue(pki, ca, h.name,
                                                            addresses=[h.address]),
                              client_tls, heartbeat_interval=interval,
-                             heartbeat_timeout=timeout, reach=self.net.call)
+                             heartbeat_timeout=timeout, reach=self.net.call,
+                             heartbeat_key_file=heartbeat_key(pki))
             self.agents.append(agent)
             agent.start()
             self.vdsm[h.name] = Vdsm(HOOKS_DIR, h.uri,
                                      env=dict(os.environ, VDSM_FT_CONFIG=agent.config_path),
                                      pythonpath=HOOK_PYTHONPATH, hook_timeout=HOOK_TIMEOUT,
-                                     wrap=h.nsenter)
+                                     wrap=h.nsenter, connect=h.connect)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

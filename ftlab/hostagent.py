@@ -27,7 +27,8 @@ class LabAgent:
     def __init__(self, host: LabHost, etcd_endpoints: list[str], tls: TlsFiles,
                  client_tls: TlsFiles, heartbeat_interval: float = 0.05,
                  heartbeat_timeout: float = 0.15,
-                 reach: Callable[..., Any] = lambda fn, *a: fn(*a), host_id: str = ""):
+                 reach: Callable[..., Any] = lambda fn, *a: fn(*a), host_id: str = "",
+                 heartbeat_key_file: str = ""):
         self.host = host
         # The engine's id of this host: the poller ignores an agent answering for
         # another id. Tests without an engine use the lab host's name.
@@ -44,6 +45,7 @@ class LabAgent:
         self.config_path = host.path("ft", "agent.conf")
         self.overlay_dir = os.path.join("/dev/shm", f"ftlab-{host.name}")
         self.overlay_size_cap = ""          # [storage] overlay_size_cap; "": the default
+        self.heartbeat_key_file = heartbeat_key_file
 
     @property
     def run_dir(self) -> str:
@@ -60,12 +62,17 @@ class LabAgent:
                         "run_dir": self.run_dir, "state_dir": self.host.path("ft", "state"),
                         "heartbeat_interval": str(self.heartbeat_interval),
                         "heartbeat_timeout": str(self.heartbeat_timeout)}
+        if self.heartbeat_key_file:
+            cfg["agent"]["heartbeat_key_file"] = self.heartbeat_key_file
         cfg["tls"] = {"ca": self.tls.ca, "cert": self.tls.cert, "key": self.tls.key}
         cfg["storage"] = {"replica_dir": self.host.path("ft", "replicas"),
                           "overlay_dir": self.overlay_dir}
         if self.overlay_size_cap:
             cfg["storage"]["overlay_size_cap"] = self.overlay_size_cap
         cfg["libvirt"] = {"uri": "qemu:///system", "qemu_user": "libvirt-qemu"}
+        if self.host.sasl:          # the host's libvirtd wants VDSM's login, as on oVirt
+            cfg["libvirt"].update(username=self.host.sasl_username,
+                                  password_file=self.host.password_file)
         cfg["etcd"] = {"endpoints": ",".join(self.etcd_endpoints)}
         os.makedirs(os.path.dirname(self.config_path), mode=0o755, exist_ok=True)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -3,6 +3,7 @@
 with the openssl CLI, argv only."""
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +18,17 @@ def _openssl(*args: str) -> None:
     proc = subprocess.run(["openssl", *args], capture_output=True, timeout=OPENSSL_TIMEOUT)
     if proc.returncode:
         raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.decode(errors='replace')}")
+
+
+def heartbeat_key(directory: Path) -> str:
+    """The lab's shared heartbeat key (`[agent] heartbeat_key_file`), made once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "heartbeat.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(base64.b64encode(os.urandom(32)) + b"\n")
+    return str(path)
 
 
 def make_ca(directory: Path, name: str = "vdsm-ft lab CA") -> tuple[Path, Path]:

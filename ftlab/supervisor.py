@@ -34,7 +34,7 @@ from ftlab.hostagent import API_PORT, LabAgent
 from ftlab.labcontrol import ControlServer
 from ftlab.labstate import (DEFAULT_HOSTS, ENGINE_USER, HOOK_NAME, HostInfo, LabPaths,
                             LabState, host_name, write_pid, write_state)
-from ftlab.pki import issue, make_ca
+from ftlab.pki import heartbeat_key, issue, make_ca
 from ftlab.vdsmdriver import HOOKS_DIR, REPO, HostVdsm, VdsmFleet
 from vdsm_ft import domains
 from vdsm_ft.api import AgentError, Role, TlsFiles, VmState
@@ -98,7 +98,8 @@ class Supervisor:
         for h in self.hosts:
             log.info("agent on %s", h.name)
             tls = issue(Path(p.pki), ca, h.name, addresses=[h.address])
-            self.agents.append(LabAgent(h, self.etcd.endpoints, tls, client).start())
+            self.agents.append(LabAgent(h, self.etcd.endpoints, tls, client,
+                                        heartbeat_key_file=heartbeat_key(Path(p.pki))).start())
         self.state.hosts = [HostInfo(name=h.name, index=h.index, address=h.address,
                                      netns=h.netns, uri=h.uri, dir=h.dir,
                                      agent_config=a.config_path, run_dir=a.run_dir)

@@ -89,6 +89,7 @@ class HostConfig:
     colo_ports: tuple[int, int] = (49300, 49599)        # inclusive range for COLO/NBD/migration
     heartbeat_interval: float = 0.05
     heartbeat_timeout: float = 0.2
+    heartbeat_key_file: str | None = None               # shared HMAC key; None: unsigned
     agent_unreachable: str = START_UNPROTECTED          # before_vm_start policy (docs/hooks.md)
     agent_timeout: float = 2.0                          # total bound of one hook -> agent call
 
@@ -201,6 +202,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("agent", "colo_ports"): ("colo_ports", _port_range),
     ("agent", "heartbeat_interval"): ("heartbeat_interval", _seconds),
     ("agent", "heartbeat_timeout"): ("heartbeat_timeout", _seconds),
+    ("agent", "heartbeat_key_file"): ("heartbeat_key_file", _path),
     ("tls", "ca"): ("tls_ca", _path),
     ("tls", "cert"): ("tls_cert", _path),
     ("tls", "key"): ("tls_key", _path),

@@ -265,6 +265,18 @@ def test_overlays_past_the_cap_drop_the_secondary_and_refuse_new_ones(lab):
     lab.protect(vm, "ag-a", "ag-c")
 
 
+def test_lab_agents_sign_their_heartbeats_and_accept_each_other(lab):
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-c")
+    lab.wait_checkpoints("ag-a", vm.vm_id)
+    for name in ("ag-a", "ag-c"):
+        with open(lab.agent(name).log_path) as f:
+            log = f.read()
+        assert "heartbeats are unsigned" not in log
+        assert "ignoring heartbeats" not in log
+    lab.remove_vm(vm)
+
+
 def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):
     vm = lab.start_vm("ag-a")
     lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)

@@ -9,7 +9,7 @@ import pytest
 
 from vdsm_ft.agent import ports, states
 from vdsm_ft.agent.checkpoints import CheckpointStats
-from vdsm_ft.agent.heartbeat import Heartbeat, probe
+from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_key
 from vdsm_ft.agent.store import Store, StoreError, VmRecord
 from vdsm_ft.api import Failover, PeerSpec, Role, VmState
 from vdsm_ft.qmp import Event
@@ -118,6 +118,83 @@ def test_heartbeats_carry_each_vms_qemu_liveness():
     finally:
         a.stop()
         b.stop()
+
+
+KEY = b"k" * 32
+
+
+class _Capture:
+    """A receiver socket that keeps what a Heartbeat sent, to replay or alter it."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(2)
+        self.port = self.sock.getsockname()[1]
+
+    def take(self, sender: Heartbeat, vms) -> bytes:
+        sender.send("127.0.0.1", self.port, vms)
+        return self.sock.recvfrom(65536)[0]
+
+
+def test_signed_heartbeats_are_accepted_once_and_forgeries_dropped():
+    a = Heartbeat("a", "127.0.0.1", 0, KEY)
+    b = Heartbeat("b", "127.0.0.1", 0, KEY)
+    stranger = Heartbeat("a", "127.0.0.1", 0, b"x" * 32)
+    unsigned = Heartbeat("a", "127.0.0.1", 0)
+    cap = _Capture()
+    try:
+        first = cap.take(a, {VM: (4, True)})
+        assert b.accept(first, "10.0.0.1") and b.peer_vm("a", VM).qemu_alive is True
+        assert not b.accept(first, "10.0.0.1"), "a replay must be dropped"
+        # Another key, no signature, or an altered body: "QEMU exited" is not believed.
+        for forged in (cap.take(stranger, {VM: (4, False)}),
+                       cap.take(unsigned, {VM: (4, False)}),
+                       cap.take(a, {VM: (4, True)}).replace(b"true", b"false")):
+            assert not b.accept(forged, "10.0.0.66")
+            assert b.peer_vm("a", VM).qemu_alive is True
+        assert b.accept(cap.take(a, {VM: (4, False)}), "10.0.0.1")
+        assert b.peer_vm("a", VM).qemu_alive is False
+    finally:
+        cap.sock.close()
+        for hb in (a, b, stranger, unsigned):
+            hb._sock.close()
+
+
+def test_a_stale_signed_heartbeat_is_dropped(monkeypatch):
+    a = Heartbeat("a", "127.0.0.1", 0, KEY)
+    b = Heartbeat("b", "127.0.0.1", 0, KEY)
+    cap = _Capture()
+    try:
+        monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+        old = cap.take(a, {VM: (4, False)})
+        monkeypatch.setattr(time, "time", lambda: 1_000_031.0)
+        assert not b.accept(old, "10.0.0.1") and b.peer_vm("a", VM) is None
+    finally:
+        cap.sock.close()
+        a._sock.close()
+        b._sock.close()
+
+
+@pytest.mark.parametrize("content, mode, words", [
+    (b"k" * 32, 0o644, "chmod 600"),
+    (b"short", 0o600, "at least 32"),
+])
+def test_heartbeat_key_file_must_be_private_and_long(tmp_path, content, mode, words):
+    path = tmp_path / "hb.key"
+    path.write_bytes(content)
+    path.chmod(mode)
+    with pytest.raises(HeartbeatKeyError, match=words):
+        read_key(str(path))
+    with pytest.raises(HeartbeatKeyError, match="head -c 32 /dev/urandom"):
+        read_key(str(tmp_path / "missing"))
+
+
+def test_heartbeat_key_file_is_read_stripped(tmp_path):
+    path = tmp_path / "hb.key"
+    path.write_bytes(b"k" * 40 + b"\n")
+    path.chmod(0o600)
+    assert read_key(str(path)) == b"k" * 40
 
 
 def test_probe_counts_refused_and_accepted_connections_as_a_live_host():

@@ -19,7 +19,7 @@ import libvirt
 from vdsm_ft import colo, domains, domxml, hostconfig, replica
 from vdsm_ft.agent import ports as portplan
 from vdsm_ft.agent.controller import VmController, secondary_layout
-from vdsm_ft.agent.heartbeat import Heartbeat, probe
+from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_key
 from vdsm_ft.agent.metrics import render_metrics
 from vdsm_ft.agent.store import Store, VmRecord
 from vdsm_ft.api import (AgentClient, AgentServer, Backend, BadRequest, Conflict,
@@ -63,8 +63,12 @@ class Agent(Backend, HookBackend):
         self._lock = threading.RLock()
         self._vms: dict[str, VmController] = {}
         self._stopped = threading.Event()
+        key = read_key(config.heartbeat_key_file) if config.heartbeat_key_file else None
+        if key is None:
+            log.warning("no [agent] heartbeat_key_file: heartbeats are unsigned, so anyone "
+                        "on the replication network can forge them (docs/security.md)")
         self.heartbeat = Heartbeat(config.host_id, config.replication_address,
-                                   config.api_port)
+                                   config.api_port, key)
         self.api: AgentServer | None = None
         self.hooks = None
         self._monitor = threading.Thread(target=self._monitor_loop, name="monitor",
@@ -547,10 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         config = hostconfig.load(args.config)
-    except hostconfig.ConfigError as exc:
+        agent = Agent(config)
+    except (hostconfig.ConfigError, HeartbeatKeyError) as exc:
         log.error("%s", exc)
         return 2
-    agent = Agent(config).start()
+    agent.start()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

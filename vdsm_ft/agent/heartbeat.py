@@ -4,13 +4,23 @@ Each agent sends every peer host one UDP datagram per interval, listing the VMs 
 share and whether this side's QEMU for each is alive. Silence alone does not mean the
 peer host is gone: an agent restart is silent too. `probe` tells them apart: a host whose
 kernel answers a TCP connect to the agent port (accepted or refused) is alive.
+
+With a key (`[agent] heartbeat_key_file`, the same on every host), each datagram carries
+an HMAC-SHA256 of its body, and a receiver drops what is unsigned, wrongly signed, older
+than REPLAY_WINDOW_S by the sender's clock, or not newer than the last datagram seen
+from the same sender process: a forged or replayed "QEMU exited" can then no longer
+force a failover, nor a forged "alive" delay one.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import json
 import logging
+import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +28,35 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65000
+MIN_KEY_BYTES = 32
+# Hosts keep their clocks in step (oVirt needs NTP anyway); this much skew is tolerated.
+REPLAY_WINDOW_S = 30.0
+# At most one warning per sender and reason in this many seconds.
+WARN_EVERY_S = 60.0
+
+
+class HeartbeatKeyError(Exception):
+    """The heartbeat key file is missing, too short or readable by others."""
+
+
+def read_key(path: str) -> bytes:
+    """The shared heartbeat key: at least MIN_KEY_BYTES bytes, in a root-only file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise HeartbeatKeyError(f"cannot read the heartbeat key {path}: {exc.strerror}; "
+                                "create it on every host with the same content, e.g. "
+                                "`head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`"
+                                ) from None
+    with os.fdopen(fd, "rb") as f:
+        if stat.S_IMODE(os.fstat(f.fileno()).st_mode) & 0o077:
+            raise HeartbeatKeyError(f"the heartbeat key {path} is readable by group or "
+                                    f"others; chmod 600 {path}")
+        key = f.read().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise HeartbeatKeyError(f"the heartbeat key {path} has {len(key)} bytes; it needs "
+                                f"at least {MIN_KEY_BYTES}")
+    return key
 
 
 @dataclass(frozen=True)
@@ -28,8 +67,14 @@ class PeerVm:
 
 
 class Heartbeat:
-    def __init__(self, host_id: str, address: str, port: int):
+    def __init__(self, host_id: str, address: str, port: int, key: bytes | None = None):
         self.host_id = host_id
+        self._key = key
+        # Which process of this host sent a datagram, and its order among them.
+        self._boot = os.urandom(8).hex()
+        self._seq = 0
+        self._newest: dict[str, tuple[str, int]] = {}
+        self._warned: dict[tuple[str, str], float] = {}
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         self._sock.bind((address, port))
@@ -51,10 +96,16 @@ class Heartbeat:
         self._sock.close()
 
     def send(self, address: str, port: int, vms: dict[str, tuple[int, bool]]) -> None:
-        body = json.dumps({"host": self.host_id,
-                           "vms": {v: [g, a] for v, (g, a) in vms.items()}}).encode()
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        body = json.dumps({"host": self.host_id, "boot": self._boot, "seq": seq,
+                           "ts": time.time(),
+                           "vms": {v: [g, a] for v, (g, a) in vms.items()}})
+        data = (json.dumps({"body": body, "mac": self._mac(body)}) if self._key
+                else body).encode()
         try:
-            self._sock.sendto(body, (address, port))
+            self._sock.sendto(data, (address, port))
         except OSError as exc:
             # An unreachable peer is exactly what the receiver's silence will show.
             log.debug("heartbeat to %s:%s failed: %s", address, port, exc)
@@ -68,26 +119,57 @@ class Heartbeat:
         with self._lock:
             return self._vms.get((host_id, vm_id))
 
+    def _mac(self, body: str) -> str:
+        assert self._key is not None
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
     def _receive(self) -> None:
         while not self._stopped.is_set():
             try:
-                data, _ = self._sock.recvfrom(MAX_DATAGRAM)
+                data, sender = self._sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:
                 continue
             except OSError:
                 return
-            now = time.monotonic()
-            try:
-                msg = json.loads(data)
-                host = str(msg["host"])
-                vms = {str(v): (int(g), bool(a)) for v, (g, a) in msg["vms"].items()}
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring a malformed heartbeat datagram")
-                continue
-            with self._lock:
-                self._last_seen[host] = now
-                for vm_id, (gen, alive) in vms.items():
-                    self._vms[(host, vm_id)] = PeerVm(gen, alive, now)
+            self.accept(data, sender[0])
+
+    def accept(self, data: bytes, sender: str) -> bool:
+        """Record one datagram from `sender` (an address, for the logs); False if dropped."""
+        now = time.monotonic()
+        try:
+            msg = json.loads(data)
+            if self._key is not None:
+                body = msg["body"]
+                if not hmac.compare_digest(str(msg["mac"]), self._mac(body)):
+                    return self._drop(sender, "a wrong signature (another key?)")
+                msg = json.loads(body)
+            host = str(msg["host"])
+            vms = {str(v): (int(g), bool(a)) for v, (g, a) in msg["vms"].items()}
+            if self._key is not None:
+                boot, seq, sent = str(msg["boot"]), int(msg["seq"]), float(msg["ts"])
+        except (ValueError, KeyError, TypeError):
+            return self._drop(sender, "a malformed or unsigned datagram")
+        if self._key is not None:
+            if abs(time.time() - sent) > REPLAY_WINDOW_S:
+                return self._drop(sender, f"a datagram {time.time() - sent:+.0f} s old "
+                                          "by its sender's clock (replayed, or clocks "
+                                          "apart: check NTP)")
+            newest = self._newest.get(host)
+            if newest is not None and newest[0] == boot and seq <= newest[1]:
+                return self._drop(sender, "a datagram not newer than the last (replayed)")
+            self._newest[host] = (boot, seq)
+        with self._lock:
+            self._last_seen[host] = now
+            for vm_id, (gen, alive) in vms.items():
+                self._vms[(host, vm_id)] = PeerVm(gen, alive, now)
+        return True
+
+    def _drop(self, sender: str, why: str) -> bool:
+        now = time.monotonic()
+        if now - self._warned.get((sender, why), -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned[(sender, why)] = now
+            log.warning("ignoring heartbeats from %s: %s", sender, why)
+        return False
 
 
 def probe(address: str, port: int, timeout: float) -> bool:
