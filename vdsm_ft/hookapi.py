@@ -158,6 +158,11 @@ class HookClient:
             code, message = "internal", repr(payload)[:200]
         if status == 200 or status >= 500:
             raise AgentUnreachable(f"{self._what} failed {action} for VM {vm_id}: {message}")
+        if status == 404 and code == "not_found":
+            # An agent older than this hook (an upgrade not yet followed by a restart):
+            # the hook does the work itself, as when no agent answers.
+            raise AgentUnreachable(f"{self._what} does not know '{action}' ({message}): it "
+                                   "is older than this hook; restart vdsm-ft-agent")
         raise AgentRefused(message, status=status, code=code)
 
 

@@ -210,6 +210,10 @@ def _answer_once(path: str, answer: bytes) -> threading.Thread:
     (b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{\"primary_xml\": ", "no valid answer"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "without a primary_xml"),
     (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 2\r\n\r\nno", "no valid answer"),
+    # An agent from before `prepare` existed, not yet restarted after an upgrade.
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 79\r\n\r\n"
+     b'{"error": {"code": "not_found", "message": "no such endpoint: /vms/x/prepare"}}',
+     "older than this hook; restart vdsm-ft-agent"),
 ])
 def test_an_answer_that_is_not_the_protocol_is_unreachable(tmp_path, answer, match):
     # Unreachable, not refused: the start hook then does the work itself.
