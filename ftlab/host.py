@@ -11,6 +11,12 @@ directories, so several libvirtds share one machine without seeing each other:
     log/      -> /var/log/libvirt
     etc-qemu/ -> /etc/libvirt/qemu   (no shared persistent domains or autostarted networks)
 
+A host made with `sasl=True` stands for an oVirt host: its libvirtd wants a SASL login on
+the read-write socket, as VDSM configures it (`auth_unix_rw = "sasl"`, mechanism
+scram-sha-256, user `vdsm@ovirt` in a sasldb), with a per-host `etc-sasl2/` over
+/etc/sasl2 and the password in `<dir>/libvirt_password` (0600), like VDSM's
+/etc/pki/vdsm/keys/libvirt_password.
+
 Hosts join a *wire* (`ftlab.netns`): the lab's default one, or a private one so tests can
 run beside a lab. From the root namespace the host's libvirtd is `LabHost.uri`. `crash()` SIGKILLs every
 process of the host (everything in its network namespace); `down()` also removes the
@@ -19,6 +25,7 @@ namespace and the host's directory.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -27,12 +34,17 @@ import uuid
 import libvirt
 
 from ftlab import netns
+from vdsm_ft import libvirtconn
 
 GUEST_BRIDGE = "ovirtmgmt"   # the engine's default VM network, as a bridge in each host
 START_TIMEOUT = 30.0
 BIND_MOUNTS = (("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"),
                ("cache", "/var/cache/libvirt"), ("log", "/var/log/libvirt"),
                ("etc-qemu", "/etc/libvirt/qemu"))
+SASL_MOUNT = ("etc-sasl2", "/etc/sasl2")
+# What VDSM writes (vdsm: lib/vdsm/tool/configurators/passwd.py), the sasldb moved into
+# the host's own /etc/sasl2.
+SASL_CONF = "mech_list: scram-sha-256\nsasldb_path: /etc/sasl2/passwd.db\n"
 SOCKET_PATH_MAX = 107
 SYSTEM_CAPS_CACHE = "/var/cache/libvirt/qemu/capabilities"
 
@@ -46,7 +58,8 @@ class LabHostDown(LabHostError):
 
 
 class LabHost:
-    def __init__(self, name: str, index: int, base_dir: str, wire: str = "wire"):
+    def __init__(self, name: str, index: int, base_dir: str, wire: str = "wire",
+                 sasl: bool = False):
         if not 1 <= index <= 99:
             raise LabHostError(f"host index {index} out of range 1..99 (address plan)")
         self.name = name
@@ -61,6 +74,11 @@ class LabHost:
                                "use a shorter base_dir")
         self.uri = f"qemu+unix:///system?socket={self.socket}"
         self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ftlab/host/{name}"))
+        self.sasl = sasl
+        # The login for connect() and the agent's [libvirt] keys; None: plain libvirtd.
+        self.sasl_username = libvirtconn.OVIRT_USERNAME if sasl else None
+        self.password_file = self.path("libvirt_password") if sasl else None
+        self.bind_mounts = BIND_MOUNTS + ((SASL_MOUNT,) if sasl else ())
 
     def __repr__(self) -> str:
         return f"LabHost({self.name!r}, {self.index}, address={self.address})"
@@ -124,7 +142,16 @@ class LabHost:
         return subprocess.Popen(self.nsenter(argv), **kwargs)
 
     def connect(self) -> libvirt.virConnect:
-        return libvirt.open(self.uri)
+        """A connection to the host's libvirtd, logged in if it wants SASL."""
+        if not self.sasl:
+            return libvirt.open(self.uri)
+        return libvirtconn.open_libvirt(self.uri, self.sasl_username, self.password_file)
+
+    def set_sasl_password(self, username: str, password: str) -> None:
+        """Create or change a SASL user of the host's libvirtd, as VDSM does (password on
+        stdin, never on a command line)."""
+        self.run(["saslpasswd2", "-p", "-c", "-a", "libvirt", "-f", "/etc/sasl2/passwd.db",
+                  username], input=password + "\n")
 
     def pids(self) -> list[int]:
         return netns.pids(self.netns)
@@ -132,14 +159,18 @@ class LabHost:
     # --- internals ------------------------------------------------------------------
 
     def _start_holder(self, timeout: float) -> None:
-        for sub, _ in BIND_MOUNTS:
+        for sub, _ in self.bind_mounts:
             os.makedirs(self.path(sub), mode=0o755, exist_ok=True)
         os.makedirs(self.path("etc-qemu", "networks", "autostart"), exist_ok=True)
         self._seed_capabilities()
         with open(self.path("libvirtd.conf"), "w") as f:
             # Distinct host UUIDs: libvirt refuses to treat two hosts with one UUID as peers.
             f.write(f'host_uuid = "{self.host_uuid}"\n'
-                    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+                    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+                    + ('auth_unix_rw = "sasl"\n' if self.sasl else ""))
+        if self.sasl:
+            with open(self.path(SASL_MOUNT[0], "libvirt.conf"), "w") as f:
+                f.write(SASL_CONF)
         # `ip netns exec` remounts /sys for the namespace; unshare then gives the host a
         # private mount namespace; both exec, so the pid is sleep's.
         holder = subprocess.Popen(
@@ -168,8 +199,14 @@ class LabHost:
         holder.stderr.close()
         with open(self.path("holder.pid"), "w") as f:
             f.write(str(holder.pid))
-        for sub, target in BIND_MOUNTS:
+        for sub, target in self.bind_mounts:
             self.run(["mount", "--bind", self.path(sub), target])
+        if self.sasl and not os.path.exists(self.password_file):
+            password = secrets.token_urlsafe(18)
+            self.set_sasl_password(self.sasl_username, password)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
 
     def _seed_capabilities(self) -> None:
         """Start from the system libvirtd's QEMU capability cache: probing QEMU costs each
@@ -197,9 +234,9 @@ class LabHost:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                libvirt.open(self.uri).close()
+                self.connect().close()
                 return
-            except libvirt.libvirtError as e:
+            except (libvirt.libvirtError, libvirtconn.LibvirtConnectError) as e:
                 if time.monotonic() > deadline:
                     raise LabHostError(f"{self.name}: libvirtd not reachable at {self.uri} "
                                        f"within {timeout}s ({e}); see "

@@ -30,6 +30,8 @@ from typing import Mapping
 import libvirt
 from lxml import etree
 
+from vdsm_ft.libvirtconn import LibvirtConnectError
+
 log = logging.getLogger(__name__)
 
 OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
@@ -96,10 +98,14 @@ class Vdsm:
 
     def __init__(self, hooks_dir: str, libvirt_uri: str, env: Mapping[str, str] | None = None,
                  pythonpath: tuple[str, ...] = (), hook_timeout: float | None = None,
-                 wrap: Callable[[list[str]], list[str]] = list):
+                 wrap: Callable[[list[str]], list[str]] = list,
+                 connect: Callable[[], libvirt.virConnect] | None = None):
         # `wrap` turns a hook's argv into one that runs on the host, e.g. a lab host's
         # `nsenter`: real VDSM runs its hooks on the hypervisor itself.
         self.wrap = wrap
+        # `connect` opens libvirt as real VDSM does where libvirtd wants a SASL login,
+        # e.g. a lab host's `connect`; by default libvirt_uri, with no login.
+        self._open = connect or (lambda: libvirt.open(libvirt_uri))
         self.hooks_dir = hooks_dir
         self.libvirt_uri = libvirt_uri
         self.env = dict(os.environ if env is None else env)
@@ -162,10 +168,12 @@ class Vdsm:
 
     def _connect(self) -> libvirt.virConnect:
         try:
-            return libvirt.open(self.libvirt_uri)
+            return self._open()
         except libvirt.libvirtError as e:
             raise VdsmError(f"cannot reach libvirt at {self.libvirt_uri}: "
                             f"{e.get_error_message()}") from None
+        except LibvirtConnectError as e:     # a SASL login refused
+            raise VdsmError(str(e)) from None
 
     def start_vm(self, engine_xml: str) -> tuple[VmRecord, HooksOutcome]:
         """VM.create: before_vm_start, define + start the domain, after_vm_start."""

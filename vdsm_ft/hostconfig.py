@@ -81,6 +81,10 @@ class HostConfig:
     overlay_size_cap: int = 4 << 30                     # bytes of overlays allowed on this host
     qemu_user: str = field(default_factory=default_qemu_user)
     libvirt_uri: str = "qemu:///system"
+    # SASL login to libvirtd (oVirt: vdsm@ovirt, /etc/pki/vdsm/keys/libvirt_password);
+    # None: libvirtd asks for none (plain libvirt). The password is read when connecting.
+    libvirt_username: str | None = None
+    libvirt_password_file: str | None = None
     etcd_ca: str | None = None
     etcd_cert: str | None = None
     etcd_key: str | None = None
@@ -211,6 +215,8 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("storage", "overlay_size_cap"): ("overlay_size_cap", _size),
     ("libvirt", "uri"): ("libvirt_uri", _uri),
     ("libvirt", "qemu_user"): ("qemu_user", _user),
+    ("libvirt", "username"): ("libvirt_username", _text),
+    ("libvirt", "password_file"): ("libvirt_password_file", _path),
     ("etcd", "endpoints"): ("etcd_endpoints", _endpoints),
     ("etcd", "ca"): ("etcd_ca", _path),
     ("etcd", "cert"): ("etcd_cert", _path),
@@ -234,6 +240,22 @@ def _check_secret_mode(path: str, st: os.stat_result, section: str, key: str) ->
             f"{path}: [{section}] {key} holds a secret, but the file is mode "
             f"{stat.S_IMODE(st.st_mode):04o}; run `chmod 600 {path}` (owner root, or vdsm "
             "when the hooks must read it)")
+
+
+def _check_password_file(path: str, secret: str) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(secret).st_mode)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: [libvirt] password_file = {secret}: no such file (on an "
+                          "oVirt host VDSM keeps it at /etc/pki/vdsm/keys/libvirt_password)"
+                          ) from None
+    except PermissionError:
+        # The hooks (user vdsm) read this config too and never open libvirt; the agent,
+        # root, always gets past here and checks.
+        return
+    if mode & 0o077:
+        raise ConfigError(f"{path}: [libvirt] password_file = {secret} is mode {mode:04o}: "
+                          f"group or other may read the password; run `chmod 600 {secret}`")
 
 
 def load(path: str | None = None) -> HostConfig:
@@ -286,4 +308,9 @@ def load(path: str | None = None) -> HostConfig:
     if ("etcd_username" in values) != ("etcd_password" in values):
         raise ConfigError(f"{path}: [etcd] username and password go together; set both or "
                           "neither")
+    if ("libvirt_username" in values) != ("libvirt_password_file" in values):
+        raise ConfigError(f"{path}: [libvirt] username and password_file go together; set "
+                          "both or neither")
+    if "libvirt_password_file" in values:
+        _check_password_file(path, str(values["libvirt_password_file"]))
     return HostConfig(path=path, **values)

@@ -14,9 +14,7 @@ import signal
 import threading
 import time
 
-import libvirt
-
-from vdsm_ft import colo, domains, domxml, hostconfig, replica
+from vdsm_ft import colo, domains, domxml, hostconfig, libvirtconn, replica
 from vdsm_ft.agent import ports as portplan
 from vdsm_ft.agent.controller import VmController, secondary_layout
 from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_key
@@ -147,7 +145,13 @@ class Agent(Backend, HookBackend):
                 ctl.update(ports={k: v for k, v in ctl.record.ports.items() if k != side})
 
     def destroy_domain(self, name: str) -> None:
-        conn = libvirt.open(self.config.libvirt_uri)
+        try:
+            conn = libvirtconn.connect(self.config)
+        except libvirtconn.LibvirtConnectError as exc:
+            # Only kill_qemu calls this, after it killed QEMU: libvirt reaps the domain
+            # itself, and the caller's own error (e.g. the same login) is the one to report.
+            log.warning("%s: not destroyed through libvirt: %s", name, exc)
+            return
         try:
             domains.destroy(conn, name)
         finally:
@@ -445,7 +449,7 @@ class Agent(Backend, HookBackend):
             request.vm_id, sized, _qemu_dir(self.config.replica_dir, self.config.qemu_user),
             _qemu_dir(self.config.overlay_dir, self.config.qemu_user),
             self.config.qemu_user, self.config.overlay_size_cap)
-        conn = libvirt.open(self.config.libvirt_uri)
+        conn = libvirtconn.connect(self.config)
         try:
             version = conn.getVersion()
             xml = domxml.secondary_xml(request.domain_xml, run_dir, list(disks), ep,
