@@ -275,7 +275,11 @@ def main() -> None:
         generation = 0
         for i in range(max(args.runs, args.raw_runs)):
             for fault in faults if i < args.runs else ():
-                r = agent_run(lab, fault, args.etcd_leader_on_victim)
+                try:
+                    r = agent_run(lab, fault, args.etcd_leader_on_victim)
+                except BenchError:
+                    print(lab.agent_logs(80), flush=True)   # why, before the lab goes
+                    raise
                 runs[fault].append(r)
                 print(f"  run {i + 1:2}  agent {fault:9}  total {r['total_ms']:6.1f}  "
                       f"(poll step {r['poll_step_ms']:4.1f})  agent {r['agent_ms']:6.1f}  "

@@ -73,7 +73,11 @@ class LabAgent:
         if self.host.sasl:          # the host's libvirtd wants VDSM's login, as on oVirt
             cfg["libvirt"].update(username=self.host.sasl_username,
                                   password_file=self.host.password_file)
-        cfg["etcd"] = {"endpoints": ",".join(self.etcd_endpoints)}
+        # This host's own member first: the arbiter asks the endpoint that last answered
+        # first, and a lost host's member would cost a failover its first attempt.
+        own = [e for e in self.etcd_endpoints if f"//{self.host.address}:" in e]
+        ordered = own + [e for e in self.etcd_endpoints if e not in own]
+        cfg["etcd"] = {"endpoints": ",".join(ordered)}
         os.makedirs(os.path.dirname(self.config_path), mode=0o755, exist_ok=True)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
