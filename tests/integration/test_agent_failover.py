@@ -214,6 +214,40 @@ def test_etcd_unreachable_while_healthy_means_no_failover(lab):
         lab.etcd.start_members([0, 1, 2])
 
 
+def test_secondary_outwaits_an_etcd_outage_then_takes_over_with_the_data(lab):
+    """The primary dies while etcd cannot answer (as when the lost host held the etcd
+    leader and the election drags on): the secondary must neither go live unconfirmed
+    nor throw its copy away; it asks again and takes over once etcd answers."""
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
+    write(monitor(lab, "ag-a", vm, False), 0, 0x6E)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
+    for i in range(3):
+        lab.etcd.stop_member(i)
+    try:
+        os.kill(lab.qemu_pid("ag-a", vm.name), 9)
+        waiting = lab.wait_status("ag-b", vm.vm_id, VmState.FAILING_OVER, timeout=10)
+        time.sleep(4.0)                       # past the 1500 ms bound, twice over
+        now = lab.status("ag-b", vm.vm_id)
+        assert now.state is VmState.FAILING_OVER, now
+        assert "waiting for the arbiter" in now.reason, now.reason
+        survivor = monitor(lab, "ag-b", vm, True)
+        assert survivor.execute("query-colo-status")["mode"] == "secondary"
+        assert waiting.role is Role.SECONDARY
+    finally:
+        lab.etcd.start_members([0, 1, 2])
+    after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
+    assert after.role is Role.PRIMARY and after.failovers == 1
+    survivor = monitor(lab, "ag-b", vm, True)
+    assert survivor.execute("query-colo-status")["mode"] == "none"
+    assert survivor.execute("query-status")["status"] == "running"
+    assert holds(lab, "ag-b", vm, survivor, 0, 0x6E)
+    holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
+                          after.generation)
+    assert holder == "ag-b"
+    lab.remove_vm(vm)
+
+
 def test_agent_restart_while_protected_keeps_protection(lab):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")

@@ -22,7 +22,7 @@ from vdsm_ft.agent.store import VmRecord
 from vdsm_ft.agent.traffic import TrafficMeter
 from vdsm_ft.api import (AgentClient, AgentError, Failover, PrepareSecondary, Role,
                          VmState, VmStatus)
-from vdsm_ft.arbiter import ArbiterError
+from vdsm_ft.arbiter import ArbiterError, ArbiterUnavailable
 from vdsm_ft.layout import Disk, Endpoints, Nic, VmLayout
 from vdsm_ft.qmp import Event, Qmp, QmpError
 
@@ -32,7 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+# A secondary releases no output while it waits, so when etcd cannot answer (an election
+# after the leader's host died, an outage) it keeps asking instead of fencing itself at
+# once; a primary may not wait (the timing rule, docs/arbiter.md).
+SECONDARY_ARBITER_PATIENCE_S = 60.0
 QMP_CONNECT_TIMEOUT = 5.0
+
+
+WAITING_FOR_ARBITER = "waiting for the arbiter (etcd) to confirm this side"
 
 
 class VmController:
@@ -312,6 +319,16 @@ class VmController:
             won = self.agent.arbiter.claim_live(rec.vm_id, rec.generation, me,
                                                 timeout=self.agent.arbiter_bound)
             lost_to = "" if won else f"the other side won generation {rec.generation}"
+        except ArbiterUnavailable as exc:
+            waited = time.monotonic() - detected
+            if rec.role is Role.SECONDARY and waited < SECONDARY_ARBITER_PATIENCE_S:
+                if not rec.reason.startswith(WAITING_FOR_ARBITER):
+                    log.warning("%s: %s (%s); asking again for up to %.0f s", rec.name,
+                                WAITING_FOR_ARBITER, exc, SECONDARY_ARBITER_PATIENCE_S)
+                self.update(reason=f"{WAITING_FOR_ARBITER} ({exc}); {why}")
+                return VmState.FAILING_OVER
+            won, lost_to = False, (f"the arbiter did not confirm this side in {waited:.1f} s "
+                                   f"({exc})")
         except ArbiterError as exc:
             won, lost_to = False, f"the arbiter did not confirm this side ({exc})"
         if not won:

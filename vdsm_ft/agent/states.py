@@ -92,13 +92,14 @@ TABLE: tuple[Row, ...] = (
 
     _row(S.PROTECTED,      "stopping",            "teardown",         S.DOWN),
     _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
+    # A secondary that etcd cannot answer yet stays Failing Over and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
-         S.DOWN),
+         S.DOWN, S.FAILING_OVER),
     _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED, S.DOWN),
 
     _row(S.FAILING_OVER,   "qemu gone",           "mark_down",        S.DOWN),
     _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,
-         S.DOWN),
+         S.DOWN, S.FAILING_OVER),
 
     _row(S.DISABLED,       "qemu gone",           "mark_down",        S.DOWN),
     _row(S.DISABLED,       "stopping",            "teardown",         S.DOWN),
