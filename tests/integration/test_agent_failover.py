@@ -22,6 +22,7 @@ from ftlab.pki import issue, make_ca
 from vdsm_ft import domxml
 from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, client_context
 from vdsm_ft.arbiter import Arbiter
+from vdsm_ft.hookapi import HookClient
 from vdsm_ft.layout import Disk, VmLayout
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -309,6 +310,16 @@ def test_lab_agents_sign_their_heartbeats_and_accept_each_other(lab):
         assert "heartbeats are unsigned" not in log
         assert "ignoring heartbeats" not in log
     lab.remove_vm(vm)
+
+
+def test_stop_hooks_for_a_vm_the_agent_forgot_are_no_error(lab):
+    # VDSM runs before/after_vm_destroy for a VM whose QEMU died and was forgotten.
+    vm_id = str(uuid.uuid4())
+    client = HookClient(lab.agent("ag-c").hook_socket, timeout=5)
+    client.stopping(vm_id)
+    client.destroyed(vm_id)
+    with open(lab.agent("ag-c").log_path) as f:
+        assert vm_id not in f.read()
 
 
 def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):

@@ -520,7 +520,10 @@ class Agent(Backend, HookBackend):
         ctl.wake()
 
     def stopping(self, vm_id: str) -> None:
-        ctl = self._ctl(vm_id)
+        with self._lock:
+            ctl = self._vms.get(vm_id)
+        if ctl is None:
+            return                  # already forgotten (its QEMU died first): nothing to stop
         ctl.update(stopping=True)
         ctl.wake()
 
