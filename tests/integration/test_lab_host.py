@@ -7,6 +7,7 @@ that is up, and its cleanup touches only what it made.
 from __future__ import annotations
 
 import os
+import time
 import shutil
 import tempfile
 
@@ -93,6 +94,10 @@ def test_two_hosts_each_with_own_libvirtd_and_a_replication_network(hosts):
 def test_crash_kills_every_process_of_one_host_only(hosts):
     a, b = (h.up() for h in hosts)
     sleeper = a.popen(["sleep", "600"])
+    deadline = time.monotonic() + 5
+    while sleeper.pid not in a.pids():      # nsenter joins the namespaces, then execs
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     a_pids = a.pids()
     assert len(a_pids) >= 4          # holder, virtlogd, libvirtd, sleeper
     b_pids = set(b.pids())
