@@ -7,9 +7,9 @@ that is up, and its cleanup touches only what it made.
 from __future__ import annotations
 
 import os
-import time
 import shutil
 import tempfile
+import time
 
 import libvirt
 import pytest
