@@ -13,7 +13,10 @@ STOP/RESUME pair that lies wholly in the window, on the primary and on the secon
 Rate = completed checkpoints (primary STOP/RESUME pairs) in the window, times
 60 / window; the MIGRATION_PASS count over the same window is printed beside it.
 
-    .venv/bin/python bench/colo_checkpoints.py [--json out.json]
+With --tls the pair runs COLO over TLS (lab CA, `[agent] colo_tls_dir`): migration
+stream, NBD and the mirror/compare sockets.
+
+    .venv/bin/python bench/colo_checkpoints.py [--tls] [--json out.json]
 """
 from __future__ import annotations
 
@@ -69,11 +72,15 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every window (e.g. 0.2 for a quick look)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--tls", action="store_true", help="COLO over TLS")
     args = parser.parse_args()
     info = machine()
     print_machine(info)
+    print(f"COLO transport: {'TLS' if args.tls else 'plain TCP'}")
     results = []
     with BenchLab("bc") as lab:
+        if args.tls:
+            lab.enable_colo_tls()
         pair, primary, secondary = lab.protected(1, delay_ms=2000)
         for delay, window in WINDOWS.items():
             r = measure(primary.qmp, secondary.qmp, delay, window * args.scale)
@@ -90,7 +97,7 @@ def main() -> None:
                 print(f"  pause secondary: {fmt(summary(r['secondary_pause_ms']), keys=keys)}")
         lab.drop_pair(pair)
     if args.json:
-        dump_json(args.json, {"machine": info, "results": results})
+        dump_json(args.json, {"machine": info, "tls": args.tls, "results": results})
 
 
 if __name__ == "__main__":

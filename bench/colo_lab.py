@@ -14,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ftlab import guest, netns  # noqa: E402
-from ftlab.colopair import ColoPair, Member  # noqa: E402
+from ftlab import guest, netns, pki  # noqa: E402
+from ftlab.colopair import QEMU_USER, ColoPair, Member  # noqa: E402
 from ftlab.host import LabHost  # noqa: E402
 
 MiB = 1 << 20
@@ -45,6 +46,8 @@ class BenchLab:
         self.wire = f"{prefix}-wire"
         self._pairs: dict[int, tuple[ColoPair, str]] = {}
         self._templates: dict[tuple[int, int], str] = {}
+        # Host name -> COLO TLS creds dir (`enable_colo_tls`); empty: plain TCP.
+        self.tls_dirs: dict[str, str] = {}
 
     def __enter__(self) -> "BenchLab":
         signal.signal(signal.SIGTERM, _terminate)
@@ -75,6 +78,15 @@ class BenchLab:
         if self.base:
             shutil.rmtree(self.base, ignore_errors=True)
 
+    def enable_colo_tls(self) -> None:
+        """Give every host QEMU creds from one lab CA: later pairs run COLO over TLS."""
+        pkidir = Path(self.base) / "colo-pki"
+        ca = pki.make_ca(pkidir / "ca")
+        for host in self.hosts:
+            leaf = pki.issue(pkidir / "ca", ca, host.name, addresses=[host.address])
+            self.tls_dirs[host.name] = pki.qemu_creds_dir(pkidir / host.name, leaf,
+                                                          QEMU_USER)
+
     # -- pairs ---------------------------------------------------------------------------
 
     def _template(self, size: int, fill: int) -> str:
@@ -104,6 +116,7 @@ class BenchLab:
                                    serial_log=self.hosts[0].path("images", f"{vm_id}.serial"),
                                    vm_id=vm_id)
         pair = ColoPair(xml)
+        pair.tls_dirs = dict(self.tls_dirs)
         self._pairs[id(pair)] = (pair, disk)
         return pair
 

@@ -76,6 +76,12 @@ class ColoPair:
         self.engine_xml = engine_xml
         self.vm_id = domxml.layout_from_domxml(engine_xml, "/").vm_id
         self.members: list[Member] = []
+        # Lab host name -> its COLO TLS creds dir; empty: plain TCP, as by default.
+        self.tls_dirs: dict[str, str] = {}
+
+    def _tls(self, host: LabHost) -> colo.ColoTls | None:
+        directory = self.tls_dirs.get(host.name)
+        return None if directory is None else colo.ColoTls(directory, QEMU_USER)
 
     def _run_dir(self, host: LabHost) -> str:
         return _qemu_dir(host.path("vms", self.vm_id))
@@ -103,8 +109,9 @@ class ColoPair:
         disks = replica.create_secondary_disks(
             self.vm_id, primary.layout.disks, _qemu_dir(host.path("replica")),
             _qemu_dir(os.path.join("/dev/shm", f"ftlab-{host.name}")), QEMU_USER)
+        tls = self._tls(host)
         xml = domxml.secondary_xml(self.engine_xml, run_dir, list(disks), ep, generation,
-                                   qemu_version(host))
+                                   qemu_version(host), tls.dir if tls else None)
         name = domxml.secondary_name(primary.layout.name.removesuffix(
             domxml.SECONDARY_SUFFIX))
         layout = VmLayout(vm_id=self.vm_id, name=name, run_dir=run_dir, disks=disks,
@@ -127,9 +134,10 @@ class ColoPair:
     def protect(self, primary: Member, secondary: Member, ep: Endpoints,
                 checkpoint_delay_ms: int = colo.DEFAULT_CHECKPOINT_DELAY_MS) -> None:
         colo.protect(primary.qmp, primary.layout,
-                     colo.LocalSecondary(secondary.qmp, secondary.layout), ep,
+                     colo.LocalSecondary(secondary.qmp, secondary.layout,
+                                         self._tls(secondary.host)), ep,
                      before_rewriter=primary.was_secondary,
-                     checkpoint_delay_ms=checkpoint_delay_ms)
+                     checkpoint_delay_ms=checkpoint_delay_ms, tls=self._tls(primary.host))
 
     def destroy_all(self) -> None:
         for member in self.members:

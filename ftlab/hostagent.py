@@ -45,6 +45,7 @@ class LabAgent:
         self.config_path = host.path("ft", "agent.conf")
         self.overlay_dir = os.path.join("/dev/shm", f"ftlab-{host.name}")
         self.overlay_size_cap = ""          # [storage] overlay_size_cap; "": the default
+        self.colo_tls_dir = ""              # [agent] colo_tls_dir; "": plain TCP
         self.heartbeat_key_file = heartbeat_key_file
 
     @property
@@ -64,6 +65,8 @@ class LabAgent:
                         "heartbeat_timeout": str(self.heartbeat_timeout)}
         if self.heartbeat_key_file:
             cfg["agent"]["heartbeat_key_file"] = self.heartbeat_key_file
+        if self.colo_tls_dir:
+            cfg["agent"]["colo_tls_dir"] = self.colo_tls_dir
         cfg["tls"] = {"ca": self.tls.ca, "cert": self.tls.cert, "key": self.tls.key}
         cfg["storage"] = {"replica_dir": self.host.path("ft", "replicas"),
                           "overlay_dir": self.overlay_dir}

@@ -4,7 +4,9 @@ with the openssl CLI, argv only."""
 from __future__ import annotations
 
 import base64
+import grp
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -73,3 +75,20 @@ def issue(directory: Path, ca: tuple[Path, Path], name: str,
     finally:
         os.umask(old)
     return TlsFiles(cert=str(cert), key=str(key), ca=str(ca_cert))
+
+
+def qemu_creds_dir(directory: Path, leaf: TlsFiles, qemu_group: str) -> str:
+    """A QEMU `tls-creds-x509` dir from a leaf made by `issue` (it serves as both server
+    and client certificate), readable by the QEMU user through its group."""
+    directory.mkdir(parents=True, exist_ok=True)
+    gid = grp.getgrnam(qemu_group).gr_gid
+    os.chown(directory, -1, gid)
+    os.chmod(directory, 0o750)
+    for name, src in (("ca-cert.pem", leaf.ca), ("server-cert.pem", leaf.cert),
+                      ("server-key.pem", leaf.key), ("client-cert.pem", leaf.cert),
+                      ("client-key.pem", leaf.key)):
+        dst = directory / name
+        shutil.copyfile(src, dst)
+        os.chown(dst, -1, gid)
+        os.chmod(dst, 0o640)
+    return str(directory)

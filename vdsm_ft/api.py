@@ -366,6 +366,8 @@ class PrepareSecondary:
     (docs/engine-view.md). `disks` are the guest disks' virtual sizes in bytes, by disk
     index; `nics` are (index, netdev, mac) as in `vdsm_ft.layout.Nic`; `primary_ports`
     are the primary's filter-mirror and colo-compare ports, one each per NIC.
+    `colo_tls`: the primary runs COLO over TLS (`[agent] colo_tls_dir`); the peer
+    refuses when its own setting differs, since either way the QEMUs could not talk.
     """
 
     vm_id: str
@@ -377,9 +379,11 @@ class PrepareSecondary:
     nics: tuple[tuple[int, str, str], ...] = ()
     mirror_ports: tuple[int, ...] = ()
     compare_ports: tuple[int, ...] = ()
+    colo_tls: bool = False
 
     def to_dict(self) -> dict:
         return {"name": self.name, "generation": self.generation,
+                "colo_tls": self.colo_tls,
                 "primary": self.primary.to_dict(), "domain_xml": self.domain_xml,
                 "disks": [{"index": i, "size": s} for i, s in self.disks],
                 "nics": [{"index": i, "netdev": n, "mac": m} for i, n, m in self.nics],
@@ -413,7 +417,10 @@ class PrepareSecondary:
                    generation=_field(data, "generation", int, what, nonneg=True),
                    primary=PeerSpec.from_dict(_field(data, "primary", dict, what),
                                               f"{what}.primary"),
-                   domain_xml=xml, disks=tuple(disks), nics=tuple(nics), **ports)
+                   domain_xml=xml, disks=tuple(disks), nics=tuple(nics),
+                   # Absent from an agent that predates TLS: it runs plain TCP.
+                   colo_tls=_field(data, "colo_tls", bool, what, default=False),
+                   **ports)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,17 @@ disk replication, so nothing here trusts a step it has not verified).
 """
 from __future__ import annotations
 
+import grp
 import logging
+import os
+import pwd
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vdsm_ft.layout import Disk, Endpoints, VmLayout
+from vdsm_ft.layout import TLS_CLIENT_ID, TLS_SERVER_ID, Disk, Endpoints, VmLayout
 from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,20 @@ class ColoError(Exception):
 
 class VerificationFailed(ColoError):
     """A step returned but QEMU's state is not what the step promised."""
+
+
+# Files each x509 creds endpoint reads from the dir.
+TLS_SERVER_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+TLS_CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+@dataclass(frozen=True)
+class ColoTls:
+    """TLS for migration, NBD and the mirror/compare sockets: QEMU's x509 creds dir,
+    read by QEMU itself."""
+
+    dir: str            # ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem
+    qemu_user: str      # the user QEMU runs as: it, not the agent, opens these files
 
 
 @dataclass(frozen=True)
@@ -99,19 +117,102 @@ def _quietly(q: Qmp, command: str, arguments: dict[str, Any] | None = None,
         log.debug("%s: %s", command, exc)
 
 
+# -- TLS credentials -------------------------------------------------------------------
+
+def _readable_by(path: str, st: os.stat_result, uid: int, gids: set[int],
+                 need: int) -> bool:
+    """Unix permission check for another user (`need`: 4 read, 1 search)."""
+    if uid == 0:
+        return True
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == uid:
+        return bool(mode & (need << 6))
+    if st.st_gid in gids:
+        return bool(mode & (need << 3))
+    return bool(mode & need)
+
+
+def check_tls_dir(tls: ColoTls, files: tuple[str, ...]) -> None:
+    """Refuse a creds dir QEMU could not read: libvirt neither chowns nor relabels
+    files that only QMP names, so a root-only copy fails deep inside `object-add`."""
+    try:
+        user = pwd.getpwnam(tls.qemu_user)
+    except KeyError:
+        raise ColoError(f"TLS: QEMU user {tls.qemu_user!r} does not exist") from None
+    gids = {user.pw_gid} | {g.gr_gid for g in grp.getgrall()
+                            if tls.qemu_user in g.gr_mem}
+    group = grp.getgrgid(user.pw_gid).gr_name
+    fix = (f"make it readable by {tls.qemu_user}, e.g. chgrp -R {group} {tls.dir}; "
+           f"chmod 0750 {tls.dir}; chmod 0640 {tls.dir}/*-key.pem (docs/install.md)")
+    directory = os.path.abspath(tls.dir)
+    parts = directory.split(os.sep)
+    for i in range(1, len(parts) + 1):
+        path = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ColoError(f"TLS creds dir {directory}: {exc.strerror}: {path}") from None
+        if not _readable_by(path, st, user.pw_uid, gids, 1):
+            raise ColoError(f"TLS creds dir {directory}: {tls.qemu_user} cannot enter "
+                            f"{path}; {fix}")
+    for name in files:
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ColoError(f"TLS creds dir {directory}: {name}: {exc.strerror}") from None
+        if not _readable_by(path, st, user.pw_uid, gids, 4):
+            raise ColoError(f"TLS creds dir {directory}: {tls.qemu_user} cannot read "
+                            f"{name}; {fix}")
+
+
+def _add_tls_creds(q: Qmp, tls: ColoTls, server: bool) -> str:
+    """Add this side's x509 creds (replacing a leftover) and return their id.
+
+    verify-peer on both ends: the server demands a client certificate from the same CA,
+    the client checks the server's certificate and its name (the address it dials).
+    """
+    obj_id, files = ((TLS_SERVER_ID, TLS_SERVER_FILES) if server
+                     else (TLS_CLIENT_ID, TLS_CLIENT_FILES))
+    check_tls_dir(tls, files)
+    _quietly(q, "object-del", {"id": obj_id})
+    q.execute("object-add", {"qom-type": "tls-creds-x509", "id": obj_id,
+                             "dir": os.path.abspath(tls.dir),
+                             "endpoint": "server" if server else "client",
+                             "verify-peer": True})
+    return obj_id
+
+
+def _remove_tls_creds(q: Qmp) -> None:
+    """Drop the creds and migration's reference to them, so a later protection (or a
+    plain libvirt migration) starts clean. Harmless when TLS was never used."""
+    _quietly(q, "migrate-set-parameters", {"tls-creds": ""})
+    for obj_id in (TLS_SERVER_ID, TLS_CLIENT_ID):
+        _quietly(q, "object-del", {"id": obj_id})
+
+
 # -- protection ------------------------------------------------------------------------
 
 def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
-                      checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS) -> None:
-    """Export the replica disks and wait for the incoming COLO migration."""
+                      checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
+                      tls: ColoTls | None = None) -> None:
+    """Export the replica disks and wait for the incoming COLO migration.
+
+    With `tls`, both listeners (NBD, migration) accept only TLS clients whose
+    certificate the creds dir's CA signed.
+    """
     state = run_state(sec)
     if state != "inmigrate":
         raise ColoError(f"secondary {layout.name} is {state!r}, not waiting in inmigrate; "
                         "was it started from the secondary XML (-incoming defer)?")
     sec.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True}]})
-    sec.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms})
-    sec.execute("nbd-server-start", {"addr": _inet(ep.secondary_host, ep.nbd_port)})
+    params: dict[str, Any] = {"x-checkpoint-delay": checkpoint_delay_ms}
+    nbd: dict[str, Any] = {"addr": _inet(ep.secondary_host, ep.nbd_port)}
+    if tls is not None:
+        params["tls-creds"] = nbd["tls-creds"] = _add_tls_creds(sec, tls, server=True)
+    sec.execute("migrate-set-parameters", params)
+    sec.execute("nbd-server-start", nbd)
     for disk in layout.disks:
         sec.execute("block-export-add", {"type": "nbd", "id": disk.export,
                                          "node-name": disk.parent, "name": disk.export,
@@ -119,13 +220,16 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
     sec.execute("migrate-incoming", {"uri": _uri(ep.secondary_host, ep.migration_port)})
 
 
-def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float) -> None:
+def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float,
+           tls: ColoTls | None = None) -> None:
     """Copy every disk to the secondary's export; returns when all mirrors are READY."""
     cursor = pri.cursor()
+    extra = {} if tls is None else {"tls-creds": _add_tls_creds(pri, tls, server=False)}
     for disk in layout.disks:
         pri.execute("blockdev-add", {"driver": "nbd", "node-name": disk.nbd_node,
                                      "server": _inet_flat(ep.secondary_host, ep.nbd_port),
-                                     "export": disk.export, "detect-zeroes": "on"})
+                                     "export": disk.export, "detect-zeroes": "on",
+                                     **extra})
     for disk in layout.disks:
         pri.execute("blockdev-mirror", {"job-id": _resync_job(disk), "device": disk.quorum,
                                         "target": disk.nbd_node, "sync": "full",
@@ -184,19 +288,23 @@ def verify_replication_graph(pri: Qmp, layout: VmLayout) -> None:
 
 
 def add_network_filters(pri: Qmp, layout: VmLayout, ep: Endpoints,
-                        before_rewriter: bool) -> None:
+                        before_rewriter: bool, tls: ColoTls | None = None) -> None:
     """Mirror client traffic to the secondary and compare both sides' output.
 
     An ex-secondary keeps its filter-rewriter; the new filters must sit before it
-    (colo.md §9.2).
+    (colo.md §9.2). With `tls` the two sockets the secondary dials are TLS servers.
     """
+    creds = None
+    if tls is not None and layout.nics:
+        creds = _add_tls_creds(pri, tls, server=True)
     for nic, mirror_port, compare_port in zip(layout.nics, ep.mirror_ports,
                                               ep.compare_ports):
         position = ({"position": f"id={nic.rewriter}", "insert": "before"}
                     if before_rewriter else {})
-        _add_socket(pri, nic.mirror_chardev, _inet(ep.primary_host, mirror_port), True)
+        _add_socket(pri, nic.mirror_chardev, _inet(ep.primary_host, mirror_port), True,
+                    creds)
         _add_socket(pri, nic.compare_sec_chardev, _inet(ep.primary_host, compare_port),
-                    True)
+                    True, creds)
         for server, client in (nic.compare_pri_chardevs, nic.compare_out_chardevs):
             addr = {"type": "unix", "data": {"path": layout.unix_socket(server)}}
             _add_socket(pri, server, addr, True)
@@ -222,8 +330,11 @@ def add_network_filters(pri: Qmp, layout: VmLayout, ep: Endpoints,
                                    "expired_scan_cycle": EXPIRED_SCAN_CYCLE_MS})
 
 
-def _add_socket(q: Qmp, chardev: str, addr: dict[str, Any], server: bool) -> None:
+def _add_socket(q: Qmp, chardev: str, addr: dict[str, Any], server: bool,
+                tls_creds: str | None = None) -> None:
     data: dict[str, Any] = {"addr": addr, "server": server}
+    if tls_creds is not None:
+        data["tls-creds"] = tls_creds
     if server:
         data["wait"] = False
     if addr["type"] == "inet":
@@ -232,12 +343,15 @@ def _add_socket(q: Qmp, chardev: str, addr: dict[str, Any], server: bool) -> Non
 
 
 def start_colo(pri: Qmp, secondary: "SecondarySide", ep: Endpoints,
-               checkpoint_delay_ms: int, timeout: float) -> None:
-    """Run the COLO migration and verify both roles."""
+               checkpoint_delay_ms: int, timeout: float, tls: bool = False) -> None:
+    """Run the COLO migration and verify both roles (`tls`: over the client creds
+    that `resync` added)."""
     pri.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True},
         {"capability": "events", "state": True}]})
-    pri.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms})
+    # The client checks the secondary's certificate against the address it dials.
+    pri.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms,
+                                           "tls-creds": TLS_CLIENT_ID if tls else ""})
     cursor = pri.cursor()
     pri.execute("migrate", {"uri": _uri(ep.secondary_host, ep.migration_port)})
     event = pri.wait_event("MIGRATION", timeout, since=cursor,
@@ -271,9 +385,10 @@ class LocalSecondary:
 
     qmp: Qmp
     layout: VmLayout
+    tls: ColoTls | None = None
 
     def prepare(self, ep: Endpoints, checkpoint_delay_ms: int) -> None:
-        prepare_secondary(self.qmp, self.layout, ep, checkpoint_delay_ms)
+        prepare_secondary(self.qmp, self.layout, ep, checkpoint_delay_ms, self.tls)
 
     def mode(self) -> str:
         return colo_status(self.qmp)["mode"]
@@ -286,20 +401,22 @@ def set_checkpoint_delay(pri: Qmp, delay_ms: int) -> None:
 def protect(pri: Qmp, pri_layout: VmLayout, secondary: SecondarySide,
             ep: Endpoints, *, before_rewriter: bool = False,
             checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
-            timeouts: Timeouts = Timeouts(),
+            timeouts: Timeouts = Timeouts(), tls: ColoTls | None = None,
             on_step: Callable[[str], None] = lambda step: None) -> None:
     """Bring a running primary and a waiting secondary to Protected.
 
+    `tls` is the primary's creds dir; the secondary must have been given its own.
     On any failure the primary is returned to running alone (see `abandon`) and the
     error is raised; the caller destroys the secondary.
     """
     steps: list[tuple[str, Callable[[], None]]] = [
         ("prepare-secondary", lambda: secondary.prepare(ep, checkpoint_delay_ms)),
-        ("resync", lambda: resync(pri, pri_layout, ep, timeouts.resync)),
+        ("resync", lambda: resync(pri, pri_layout, ep, timeouts.resync, tls)),
         ("attach", lambda: attach_replication(pri, pri_layout, timeouts.step)),
-        ("filters", lambda: add_network_filters(pri, pri_layout, ep, before_rewriter)),
+        ("filters", lambda: add_network_filters(pri, pri_layout, ep, before_rewriter,
+                                                tls)),
         ("migrate", lambda: start_colo(pri, secondary, ep, checkpoint_delay_ms,
-                                       timeouts.migrate)),
+                                       timeouts.migrate, tls is not None)),
     ]
     for name, step in steps:
         on_step(name)
@@ -324,6 +441,7 @@ def abandon(pri: Qmp, layout: VmLayout) -> None:
     for disk in layout.disks:
         _quietly(pri, "block-job-dismiss", {"id": _resync_job(disk)})
         _quietly(pri, "blockdev-del", {"node-name": disk.nbd_node})
+    _remove_tls_creds(pri)
     if run_state(pri) == "paused":
         pri.execute("cont")
 
@@ -376,6 +494,7 @@ def failover_primary(pri: Qmp, layout: VmLayout) -> None:
     if colo_status(pri)["mode"] == "primary":
         pri.execute("x-colo-lost-heartbeat", timeout=FAILOVER_STEP_TIMEOUT)
     _remove_primary_chardevs(pri, layout)
+    _remove_tls_creds(pri)
     _wait("primary out of COLO", lambda: colo_status(pri)["mode"] == "none",
           FAILOVER_STEP_TIMEOUT)
     _ensure_running(pri)
@@ -397,6 +516,8 @@ def failover_secondary(sec: Qmp, layout: VmLayout) -> None:
             _quietly(sec, "object-del", {"id": obj})
         for chardev in (nic.red_in_chardev, nic.red_out_chardev):
             _quietly(sec, "chardev-remove", {"id": chardev})
+    # A later protection from here dials out: it adds client creds of its own.
+    _remove_tls_creds(sec)
     _ensure_running(sec)
     if layout.nics:
         # The guest's MACs now live behind this host's taps: tell the switches.

@@ -572,8 +572,11 @@ def secondary_name(vm_name: str) -> str:
 
 def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
                   endpoints: layout.Endpoints, generation: int,
-                  qemu_version: tuple[int, int, int]) -> str:
+                  qemu_version: tuple[int, int, int], tls_dir: str | None = None) -> str:
     """The COLO secondary, waiting for the primary's migration (`-incoming defer`).
+
+    With `tls_dir` (a QEMU x509 creds dir) the mirror/compare sockets to the primary run
+    over TLS; the client creds must exist before the -chardev that names them.
 
     `engine_xml` must be the same engine XML the primary was made from: device addresses
     are derived from it, and both sides must match. `disks` are the local replicas with
@@ -630,12 +633,18 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
                                     ("top-id", d.quorum), ("file", active), ("node-name", repl))]
         args += _quorum(d.quorum, repl)
         args += _guest_device(ed, bus)
+    tls: tuple[tuple[str, object], ...] = ()
+    if tls_dir is not None and nics:
+        args += ["-object", "tls-creds-x509," + _opts(
+            ("id", layout.TLS_CLIENT_ID), ("dir", tls_dir), ("endpoint", "client"),
+            ("verify-peer", "on"))]
+        tls = (("tls-creds", layout.TLS_CLIENT_ID),)
     for nic in nics:
         ln = layout.Nic(index=nic.index, netdev=nic.netdev, mac=nic.mac)
         for chardev, port in ((ln.red_in_chardev, endpoints.mirror_ports[nic.index]),
                               (ln.red_out_chardev, endpoints.compare_ports[nic.index])):
             args += ["-chardev", "socket," + _opts(("id", chardev), ("host", endpoints.primary_host),
-                                                   ("port", port), ("reconnect", 1))]
+                                                   ("port", port), ("reconnect", 1), *tls)]
         args += ["-object", "filter-redirector," + _opts(
             ("id", ln.filter_sec_in), ("netdev", ln.netdev), ("queue", "tx"),
             ("indev", ln.red_in_chardev))]

@@ -94,6 +94,9 @@ class HostConfig:
     heartbeat_interval: float = 0.05
     heartbeat_timeout: float = 0.2
     heartbeat_key_file: str | None = None               # shared HMAC key; None: unsigned
+    # QEMU x509 creds dir for COLO's migration, NBD and mirror/compare sockets; None:
+    # plain TCP. Both hosts of a pair must agree (prepare-secondary checks).
+    colo_tls_dir: str | None = None
     agent_unreachable: str = START_UNPROTECTED          # before_vm_start policy (docs/hooks.md)
     agent_timeout: float = 2.0                          # total bound of one hook -> agent call
 
@@ -207,6 +210,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("agent", "heartbeat_interval"): ("heartbeat_interval", _seconds),
     ("agent", "heartbeat_timeout"): ("heartbeat_timeout", _seconds),
     ("agent", "heartbeat_key_file"): ("heartbeat_key_file", _path),
+    ("agent", "colo_tls_dir"): ("colo_tls_dir", _path),
     ("tls", "ca"): ("tls_ca", _path),
     ("tls", "cert"): ("tls_cert", _path),
     ("tls", "key"): ("tls_key", _path),

@@ -26,6 +26,10 @@ SECONDARY_ACTIVE_FMT = "ft-active{}"
 SECONDARY_REPLICATION_FMT = "ft-repl{}"
 # Guest-visible disk device ids (identical on both sides).
 DISK_DEVICE_FMT = "ft-vd{}"
+# With COLO TLS: the x509 creds where a QEMU listens (secondary: migration, NBD;
+# primary: mirror, compare) and where it dials (the other ends).
+TLS_SERVER_ID = "ft-tls-server"
+TLS_CLIENT_ID = "ft-tls-client"
 
 
 @dataclass(frozen=True)

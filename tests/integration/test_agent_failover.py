@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,8 @@ from ftlab.agentlab import MiB, AgentLab, LabVm
 from ftlab.diskprobe import pattern_matches, write_pattern
 from ftlab.hostagent import API_PORT
 from ftlab.monitor import LibvirtMonitor
-from ftlab.pki import issue, make_ca
+from ftlab.colopair import QEMU_USER
+from ftlab.pki import issue, make_ca, qemu_creds_dir
 from vdsm_ft import domxml
 from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, client_context
 from vdsm_ft.arbiter import Arbiter
@@ -483,3 +485,47 @@ def test_admin_operations_suspend_resume_migrate_secondary_and_test_failover(lab
     after = lab.wait_status("ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
     assert holds(lab, "ag-c", vm, monitor(lab, "ag-c", vm, True), 0, 0xE1)
+
+
+def test_colo_over_tls_through_the_agents_and_a_mismatch_is_refused(lab):
+    pkidir = Path(lab.base) / "colo-pki"
+    ca = make_ca(pkidir / "ca")
+    a, b = lab.agent("ag-a"), lab.agent("ag-b")
+    creds = {agent: qemu_creds_dir(pkidir / agent.host.name,
+                                   issue(pkidir / "ca", ca, agent.host.name,
+                                         addresses=[agent.host.address]), QEMU_USER)
+             for agent in (a, b)}
+    vm = lab.start_vm("ag-a")
+    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+    try:
+        # Only the secondary has TLS: it refuses before it starts anything.
+        b.stop()
+        b.colo_tls_dir = creds[b]
+        b.start()
+        lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
+        deadline = time.monotonic() + 30
+        while "COLO transport mismatch" not in (now := lab.status("ag-a", vm.vm_id)).reason:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.2)
+        assert now.state is VmState.NEED_SECONDARY
+        assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
+
+        a.stop()
+        a.colo_tls_dir = creds[a]
+        a.start()
+        lab.protect(vm, "ag-a", "ag-b")
+        primary = monitor(lab, "ag-a", vm, False)
+        assert primary.execute("query-migrate-parameters")["tls-creds"] == "ft-tls-client"
+        write(primary, 0, 0x7C)
+        lab.wait_checkpoints("ag-a", vm.vm_id)
+        os.kill(lab.qemu_pid("ag-a", vm.name), 9)
+        after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+        assert after.role is Role.PRIMARY
+        survivor = monitor(lab, "ag-b", vm, True)
+        assert holds(lab, "ag-b", vm, survivor, 0, 0x7C)
+        assert survivor.execute("query-migrate-parameters")["tls-creds"] == ""
+    finally:
+        for agent in (a, b):
+            agent.stop()
+            agent.colo_tls_dir = ""
+            agent.start()

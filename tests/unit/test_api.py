@@ -339,3 +339,14 @@ def test_concurrent_clients(pki, server):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_prepare_secondary_carries_the_colo_transport():
+    req = PrepareSecondary(vm_id="vm-1", name="web", generation=4, primary=PEER,
+                           domain_xml="<domain/>", disks=((0, 1 << 30),), colo_tls=True)
+    assert PrepareSecondary.from_dict("vm-1", req.to_dict()) == req
+    older = req.to_dict()
+    del older["colo_tls"]       # an agent from before TLS: plain TCP
+    assert PrepareSecondary.from_dict("vm-1", older).colo_tls is False
+    with pytest.raises(BadRequest, match="colo_tls"):
+        PrepareSecondary.from_dict("vm-1", {**older, "colo_tls": "yes"})

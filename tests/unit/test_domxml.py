@@ -418,3 +418,19 @@ def test_layout_names_libvirts_netdevs_and_lists_the_disks():
                                                              (2, "qcow2", 0)]
     assert vm.disks[2].image.startswith("/rhev/data-center/mnt/blockSD/")
     assert [d.quorum for d in vm.disks] == ["ft-quorum0", "ft-quorum1", "ft-quorum2"]
+
+
+def test_secondary_with_colo_tls_dials_the_primary_sockets_over_tls():
+    plain = args(secondary())
+    assert not any("tls-creds" in a for a in plain)
+    xml = domxml.secondary_xml(engine(), RUN, replicas(), ENDPOINTS, 1, QEMU_72,
+                               tls_dir="/etc/pki/qemu/ft,colo")
+    a = args(xml)
+    creds = [o for o in options(xml, "-object") if o.startswith("tls-creds-x509,")]
+    assert creds == [f"tls-creds-x509,id={layout.TLS_CLIENT_ID},dir=/etc/pki/qemu/ft,,colo,"
+                     "endpoint=client,verify-peer=on"]
+    sockets = [c for c in options(xml, "-chardev") if ",host=" in c]
+    assert sockets and all(c.endswith(f",tls-creds={layout.TLS_CLIENT_ID}") for c in sockets)
+    # The creds exist before the first chardev that names them.
+    assert a.index("tls-creds-x509," + creds[0].split(",", 1)[1]) < \
+        a.index(sockets[0])

@@ -284,14 +284,16 @@ class VmController:
                 primary=self.agent.self_spec(), domain_xml=rec.engine_xml,
                 disks=tuple((d.index, d.size) for d in layout.disks),
                 nics=tuple((n.index, n.netdev, n.mac) for n in layout.nics),
-                mirror_ports=tuple(ports[0::2]), compare_ports=tuple(ports[1::2])))
+                mirror_ports=tuple(ports[0::2]), compare_ports=tuple(ports[1::2]),
+                colo_tls=self.agent.colo_tls() is not None))
             self.update(peer_ports=(ready.migration_port, ready.nbd_port))
             ep = ready.endpoints(self.agent.config.replication_address,
                                  peer.replication_address, tuple(ports[0::2]),
                                  tuple(ports[1::2]))
             colo.protect(qmp, layout, _RemoteSecondary(client, rec.vm_id), ep,
                          before_rewriter=rec.was_secondary,
-                         checkpoint_delay_ms=colo.DEFAULT_CHECKPOINT_DELAY_MS)
+                         checkpoint_delay_ms=colo.DEFAULT_CHECKPOINT_DELAY_MS,
+                         tls=self.agent.colo_tls())
             self.agent.arbiter.update_pair(rec.vm_id, generation, state="Protected",
                                            primary=self.agent.config.host_id,
                                            secondary=peer.host_id)

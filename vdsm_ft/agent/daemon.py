@@ -42,6 +42,10 @@ DISCOVERY_INTERVAL = 5.0
 OVERLAY_CHECK_INTERVAL = 1.0
 
 
+def _transport(tls: bool) -> str:
+    return "TLS ([agent] colo_tls_dir set)" if tls else "plain TCP (no colo_tls_dir)"
+
+
 class Agent(Backend, HookBackend):
     def __init__(self, config: hostconfig.HostConfig):
         self.config = config
@@ -398,7 +402,19 @@ class Agent(Backend, HookBackend):
                            "ask the agent of its primary")
         return ctl
 
+    def colo_tls(self) -> colo.ColoTls | None:
+        """This host's COLO TLS creds (`[agent] colo_tls_dir`), or None: plain TCP."""
+        if self.config.colo_tls_dir is None:
+            return None
+        return colo.ColoTls(self.config.colo_tls_dir, self.config.qemu_user)
+
     def prepare_secondary(self, request: PrepareSecondary) -> SecondaryReady:
+        mine = self.colo_tls() is not None
+        if request.colo_tls != mine:
+            raise Conflict(f"COLO transport mismatch: primary {request.primary.host_id} "
+                           f"uses {_transport(request.colo_tls)}, {self.config.host_id} "
+                           f"uses {_transport(mine)}; set [agent] colo_tls_dir on both "
+                           "hosts or on neither")
         with self._lock:
             existing = self._vms.get(request.vm_id)
         if existing is not None:
@@ -442,6 +458,9 @@ class Agent(Backend, HookBackend):
                        migration_port=migration_port, nbd_port=nbd_port,
                        mirror_ports=request.mirror_ports,
                        compare_ports=request.compare_ports)
+        tls = self.colo_tls()
+        if tls is not None:     # before QEMU starts: its own error would be less clear
+            colo.check_tls_dir(tls, colo.TLS_SERVER_FILES + colo.TLS_CLIENT_FILES)
         base = domxml.layout_from_domxml(request.domain_xml, run_dir)
         sized = tuple(Disk(index=d.index, image=d.image, size=size, fmt=d.fmt)
                       for d, (_, size) in zip(base.disks, sorted(request.disks)))
@@ -455,7 +474,7 @@ class Agent(Backend, HookBackend):
             xml = domxml.secondary_xml(request.domain_xml, run_dir, list(disks), ep,
                                        request.generation,
                                        (version // 1_000_000, version // 1000 % 1000,
-                                        version % 1000))
+                                        version % 1000), tls.dir if tls else None)
             domains.start(conn, xml)
         finally:
             conn.close()
@@ -464,7 +483,7 @@ class Agent(Backend, HookBackend):
         if qmp is None:
             raise QmpError("the secondary's QMP socket does not answer")
         colo.prepare_secondary(qmp, secondary_layout(request, run_dir, disks), ep,
-                               colo.DEFAULT_CHECKPOINT_DELAY_MS)
+                               colo.DEFAULT_CHECKPOINT_DELAY_MS, tls)
         ctl.start()
         return SecondaryReady(vm_id=request.vm_id, generation=request.generation,
                               migration_port=migration_port, nbd_port=nbd_port)
