@@ -47,6 +47,24 @@ class ConfigError(Exception):
     """The host config cannot be used; the message names the file, section and key."""
 
 
+class LooseModeError(Exception):
+    """A secret file that group or other may access."""
+
+    def __init__(self, path: str, mode: int) -> None:
+        super().__init__(f"{path} is mode {mode:04o}")
+        self.path, self.mode = path, mode
+
+
+def read_private(path: str) -> bytes:
+    """The bytes of a secret file the config names (a key, a password): LooseModeError if
+    group or other have any access, checked on the open file; OSError if unreadable."""
+    with open(path, "rb") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            raise LooseModeError(path, mode)
+        return f.read()
+
+
 def default_qemu_user(os_release: str = "/etc/os-release") -> str:
     """The user libvirt runs QEMU as: `libvirt-qemu` on Debian and Ubuntu, `qemu` elsewhere (EL)."""
     try:

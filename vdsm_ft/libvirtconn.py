@@ -11,13 +11,10 @@ no command line carries it.
 """
 from __future__ import annotations
 
-import os
-import stat
-
 import libvirt
 
 from vdsm_ft.domains import DomainError
-from vdsm_ft.hostconfig import DEFAULT_PATH, HostConfig
+from vdsm_ft.hostconfig import DEFAULT_PATH, HostConfig, LooseModeError, read_private
 
 # VDSM's own values (vdsm: lib/vdsm/common/libvirtconnection.py), named in the hints.
 OVIRT_USERNAME = "vdsm@ovirt"
@@ -36,14 +33,12 @@ class LibvirtConnectError(DomainError):
 def read_password(path: str) -> str:
     """The first line of `path`, refused if group or other have any access to it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-            if mode & 0o077:
-                raise LibvirtConnectError(
-                    f"libvirt password file {path} is mode {mode:04o}: group or other "
-                    f"may read it; run `chmod 600 {path}`")
-            # VDSM writes the password as one line and reads it the same way.
-            password = f.readline().rstrip("\n")
+        # VDSM writes the password as one line and reads it the same way.
+        password = read_private(path).split(b"\n", 1)[0].decode("utf-8")
+    except LooseModeError as e:
+        raise LibvirtConnectError(
+            f"libvirt password file {path} is mode {e.mode:04o}: group or other "
+            f"may read it; run `chmod 600 {path}`") from None
     except OSError as e:
         raise LibvirtConnectError(f"cannot read the libvirt password file {path}: "
                                   f"{e.strerror}") from None

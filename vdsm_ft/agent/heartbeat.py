@@ -20,10 +20,11 @@ import json
 import logging
 import os
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass
+
+from vdsm_ft.hostconfig import LooseModeError, read_private
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,15 @@ class HeartbeatKeyError(Exception):
 def read_key(path: str) -> bytes:
     """The shared heartbeat key: at least MIN_KEY_BYTES bytes, in a root-only file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        key = read_private(path).strip()
+    except LooseModeError:
+        raise HeartbeatKeyError(f"the heartbeat key {path} is readable by group or "
+                                f"others; chmod 600 {path}") from None
     except OSError as exc:
         raise HeartbeatKeyError(f"cannot read the heartbeat key {path}: {exc.strerror}; "
                                 "create it on every host with the same content, e.g. "
                                 "`head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`"
                                 ) from None
-    with os.fdopen(fd, "rb") as f:
-        if stat.S_IMODE(os.fstat(f.fileno()).st_mode) & 0o077:
-            raise HeartbeatKeyError(f"the heartbeat key {path} is readable by group or "
-                                    f"others; chmod 600 {path}")
-        key = f.read().strip()
     if len(key) < MIN_KEY_BYTES:
         raise HeartbeatKeyError(f"the heartbeat key {path} has {len(key)} bytes; it needs "
                                 f"at least {MIN_KEY_BYTES}")
