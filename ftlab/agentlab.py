@@ -212,6 +212,17 @@ class AgentLab:
         raise AgentLabError(f"{vm_id} on {host_name} never reached {state.value}; "
                             f"last: {last}\n{self.agent_logs()}")
 
+    def wait_reason(self, host_name: str, vm_id: str, words: str,
+                    timeout: float = 30.0) -> VmStatus:
+        """The VM's status once its reason names `words` (a refusal, a wait)."""
+        deadline = time.monotonic() + timeout
+        while words not in (now := self.status(host_name, vm_id)).reason:
+            if time.monotonic() > deadline:
+                raise AgentLabError(f"{vm_id} on {host_name}: no reason with {words!r} "
+                                    f"within {timeout}s; last: {now}\n{self.agent_logs()}")
+            time.sleep(0.2)
+        return now
+
     def agent_logs(self, lines: int = 40) -> str:
         """The agents' last log lines: the lab's directory is gone once it closes, so a
         failure has to say what the agents saw."""

@@ -179,6 +179,17 @@ def wait_for(what: str, predicate, timeout: float, interval: float = 0.2):
         time.sleep(interval)
 
 
+def wait_up(svc: sdk.services.VmService, name: str, timeout: float) -> types.Vm:
+    """The VM once the engine shows it Up; DemoFailed with the engine's reason if the
+    start ended Down instead."""
+    def started() -> types.Vm | None:
+        v = svc.get()
+        if v.status == types.VmStatus.DOWN and v.stop_reason:
+            raise DemoFailed(f"the engine could not start {name}: {v.stop_reason}")
+        return v if v.status == types.VmStatus.UP else None
+    return wait_for(f"{name} Up in the engine", started, timeout)
+
+
 def wait_protected(lab: Lab, host: str, vm_id: str, timeout: float) -> VmStatus:
     def protected() -> VmStatus | None:
         st = lab.vm_status(host, vm_id)
@@ -400,12 +411,7 @@ def story(lab: Lab, tl: Timeline, res: Results, down: list[str], guest: DemoGues
     t_start = time.monotonic()
     tl.say(f"SDK: start {name} (engine -> VDSM stand-in -> before_vm_start hook -> libvirt)")
     svc.start()
-    def started() -> types.Vm | None:
-        v = svc.get()
-        if v.status == types.VmStatus.DOWN and v.stop_reason:
-            raise DemoFailed(f"the engine could not start {name}: {v.stop_reason}")
-        return v if v.status == types.VmStatus.UP else None
-    up = wait_for(f"{name} Up in the engine", started, START_TIMEOUT)
+    up = wait_up(svc, name, START_TIMEOUT)
     primary = up.host.id
     tl.say(f"engine: {name} is Up on {primary}; waiting for the poller to protect it")
     if guest.address:

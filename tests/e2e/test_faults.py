@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import pytest
 
 from ftlab import netns, vmlocate
 from ftlab.demo import (BLOCK, FailoverWatch, Lab, Timeline, pattern, probe_layout,
-                        wait_for, wait_protected, write_round)
+                        wait_for, wait_protected, wait_up, write_round)
 from ftlab.diskprobe import pattern_matches, write_pattern
 from ftlab.labstate import LabPaths, read_state
 from ftlab.monitor import LibvirtMonitor
@@ -130,11 +129,7 @@ def start_ft_vm(fl: FaultLab, data_mib: int = 0) -> FtVm:
     svc = vms.vm_service(vm.id)
     svc.start()
 
-    def up() -> types.Vm | None:
-        v = svc.get()
-        assert not (v.status == types.VmStatus.DOWN and v.stop_reason), v.stop_reason
-        return v if v.status == types.VmStatus.UP else None
-    got = wait_for(f"{name} Up", up, START_TIMEOUT)
+    got = wait_up(svc, name, START_TIMEOUT)
     fl.tl.say(f"{name} ({vm.id}) is Up on {got.host.id}")
     return FtVm(vm.id, name, got.host.id)
 

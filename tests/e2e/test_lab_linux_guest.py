@@ -16,8 +16,8 @@ import ovirtsdk4.types as types
 import pytest
 
 from ftlab import counterclient, netns
-from ftlab.demo import (DEMO_GUEST_IP, MiB, DemoGuest, DemoVm, Lab, Timeline,
-                        start_client, stop_client, Results, wait_for)
+from ftlab.demo import (DEMO_GUEST_IP, DemoFailed, DemoGuest, DemoVm, Lab, MiB, Results,
+                        Timeline, start_client, stop_client, wait_for, wait_up)
 from ftlab.labstate import read_state
 from ftlab.vdsmdriver import GUEST_IP_PROPERTY, GUEST_PROPERTY
 
@@ -59,11 +59,7 @@ def test_linux_guest_started_through_the_lab_serves_a_rising_counter(lab):
     try:
         svc.start()
 
-        def up() -> types.Vm | None:
-            v = svc.get()
-            assert not (v.status == types.VmStatus.DOWN and v.stop_reason), v.stop_reason
-            return v if v.status == types.VmStatus.UP else None
-        got = wait_for(f"{vm.name} Up", up, START_TIMEOUT)
+        got = wait_up(svc, vm.name, START_TIMEOUT)
         tl.say(f"{vm.name} is Up on {got.host.id}")
         dvm.client = start_client(tl, dvm)
         wait_for(f"{REPLIES} replies", lambda: len(dvm.client.values_after(0.0)) >= REPLIES,
@@ -84,9 +80,7 @@ def test_linux_guest_under_tcg_with_ft_is_refused_with_the_reason(lab):
     svc = lab.conn.system_service().vms_service().vm_service(vm.id)
     try:
         svc.start()
-        down = wait_for("the start refused", lambda: (
-            lambda v: v if v.status == types.VmStatus.DOWN and v.stop_reason else None)(
-                svc.get()), 60)
-        assert "deadlocks under TCG" in down.stop_reason, down.stop_reason
+        with pytest.raises(DemoFailed, match="could not start .*deadlocks under TCG"):
+            wait_up(svc, vm.name, 60)
     finally:
         _remove(lab, vm)

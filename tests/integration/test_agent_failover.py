@@ -289,10 +289,7 @@ def test_overlays_past_the_cap_drop_the_secondary_and_refuse_new_ones(lab):
         assert monitor(lab, "ag-a", vm, False).execute("query-status")["status"] == "running"
 
         lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
-        deadline = time.monotonic() + 30
-        while "overlay_size_cap" not in (now := lab.status("ag-a", vm.vm_id)).reason:
-            assert time.monotonic() < deadline, now
-            time.sleep(0.2)
+        now = lab.wait_reason("ag-a", vm.vm_id, "overlay_size_cap")
         assert now.state is VmState.NEED_SECONDARY
         assert not os.path.exists(overlays)
     finally:
@@ -330,10 +327,7 @@ def test_protect_onto_an_unreachable_peer_is_a_clear_refusal(lab):
     ghost = PeerSpec(host_id="ag-ghost", agent_address="10.77.0.99", agent_port=API_PORT,
                      replication_address="10.77.0.99")
     lab.call("ag-a", "protect", vm.vm_id, ghost)
-    deadline = time.monotonic() + 30
-    while "ag-ghost" not in (now := lab.status("ag-a", vm.vm_id)).reason:
-        assert time.monotonic() < deadline, now
-        time.sleep(0.2)
+    now = lab.wait_reason("ag-a", vm.vm_id, "ag-ghost")
     assert now.state is VmState.NEED_SECONDARY
     assert monitor(lab, "ag-a", vm, False).execute("query-colo-status")["mode"] == "none"
 
@@ -347,10 +341,7 @@ def test_full_secondary_disk_directory_is_refused_without_leftovers(lab):
     try:
         lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
         lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
-        deadline = time.monotonic() + 30
-        while "free" not in (now := lab.status("ag-a", vm.vm_id)).reason:
-            assert time.monotonic() < deadline, now
-            time.sleep(0.2)
+        now = lab.wait_reason("ag-a", vm.vm_id, "free")
         assert now.state is VmState.NEED_SECONDARY and "replica" in now.reason
         assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
         listing = host_b.run(["ls", "-A", replicas]).stdout.split()
@@ -503,10 +494,7 @@ def test_colo_over_tls_through_the_agents_and_a_mismatch_is_refused(lab):
         b.colo_tls_dir = creds[b]
         b.start()
         lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
-        deadline = time.monotonic() + 30
-        while "COLO transport mismatch" not in (now := lab.status("ag-a", vm.vm_id)).reason:
-            assert time.monotonic() < deadline, now
-            time.sleep(0.2)
+        now = lab.wait_reason("ag-a", vm.vm_id, "COLO transport mismatch")
         assert now.state is VmState.NEED_SECONDARY
         assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
 

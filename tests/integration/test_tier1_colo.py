@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,38 +26,48 @@ from vdsm_ft import colo
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
-WIRE = "t1-wire"
 BLOCK = 64 * 1024
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def hosts(kvm):
-    base = tempfile.mkdtemp(prefix="ftlab-t1-", dir="/tmp")
+def three_hosts(prefix: str) -> Iterator[list[LabHost]]:
+    """Lab hosts `<prefix>-a`, `-b`, `-c` on wire `<prefix>-wire`, removed afterwards."""
+    wire = f"{prefix}-wire"
+    base = tempfile.mkdtemp(prefix=f"ftlab-{prefix}-", dir="/tmp")
     os.chmod(base, 0o755)
-    made = [LabHost(f"t1-{n}", i + 1, base, wire=WIRE).up() for i, n in enumerate("abc")]
+    made = [LabHost(f"{prefix}-{n}", i + 1, base, wire=wire).up()
+            for i, n in enumerate("abc")]
     yield made
     for h in made:
         h.down()
-    netns.delete(netns.netns_name(WIRE))
+    netns.delete(netns.netns_name(wire))
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def pair(hosts):
+def idle_pair(hosts: list[LabHost], prefix: str) -> Iterator[ColoPair]:
     """A fresh idle VM whose engine XML is what oVirt would send, disk on host a."""
     vm_id = str(uuid.uuid4())
     disk = guest.install_disk(guest.build_idle_disk(64 * MiB),
                               hosts[0].path("images", f"{vm_id}.qcow2"))
     # SeaBIOS logs to the serial port; both members write the same file, which nothing
     # reads.
-    xml = guest.idle_guest_xml(f"t1-{vm_id[:8]}", disk, mac=guest.guest_mac(1),
+    xml = guest.idle_guest_xml(f"{prefix}-{vm_id[:8]}", disk, mac=guest.guest_mac(1),
                                serial_log=hosts[0].path("images", f"{vm_id}.serial"),
                                vm_id=vm_id)
     made = ColoPair(xml)
     yield made
     made.destroy_all()
     os.unlink(disk)
+
+
+@pytest.fixture(scope="module")
+def hosts(kvm):
+    yield from three_hosts("t1")
+
+
+@pytest.fixture
+def pair(hosts):
+    yield from idle_pair(hosts, "t1")
 
 
 def _checkpoint_after(member: Member, cursor: int, timeout: float = 10.0) -> None:

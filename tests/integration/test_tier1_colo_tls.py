@@ -8,34 +8,23 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from ftlab import guest, netns, pki
-from ftlab.colopair import QEMU_USER, ColoPair, Member
+from ftlab import pki
+from ftlab.colopair import QEMU_USER, Member
 from ftlab.diskprobe import write_pattern
-from ftlab.host import LabHost
-from tests.integration.test_tier1_colo import (BLOCK, MiB, holds, write_covered,
-                                               write_uncovered)
+from tests.integration.test_tier1_colo import (BLOCK, MiB, holds, idle_pair, three_hosts,
+                                               write_covered, write_uncovered)
 from vdsm_ft import colo
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
-WIRE = "t1s-wire"
-
 
 @pytest.fixture(scope="module")
 def hosts(kvm):
-    base = tempfile.mkdtemp(prefix="ftlab-t1s-", dir="/tmp")
-    os.chmod(base, 0o755)
-    made = [LabHost(f"t1s-{n}", i + 1, base, wire=WIRE).up() for i, n in enumerate("abc")]
-    yield made
-    for h in made:
-        h.down()
-    netns.delete(netns.netns_name(WIRE))
-    shutil.rmtree(base, ignore_errors=True)
+    yield from three_hosts("t1s")
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +48,9 @@ def creds(hosts):
 
 @pytest.fixture
 def pair(hosts, creds):
-    vm_id = str(uuid.uuid4())
-    disk = guest.install_disk(guest.build_idle_disk(64 * MiB),
-                              hosts[0].path("images", f"{vm_id}.qcow2"))
-    xml = guest.idle_guest_xml(f"t1s-{vm_id[:8]}", disk, mac=guest.guest_mac(1),
-                               serial_log=hosts[0].path("images", f"{vm_id}.serial"),
-                               vm_id=vm_id)
-    made = ColoPair(xml)
-    made.tls_dirs = {h.name: creds[h.name] for h in hosts}
-    yield made
-    made.destroy_all()
-    os.unlink(disk)
+    for made in idle_pair(hosts, "t1s"):
+        made.tls_dirs = {h.name: creds[h.name] for h in hosts}
+        yield made
 
 
 def _objects(member: Member) -> set[str]:
