@@ -145,25 +145,22 @@ def check_tls_dir(tls: ColoTls, files: tuple[str, ...]) -> None:
     fix = (f"make it readable by {tls.qemu_user}, e.g. chgrp -R {group} {tls.dir}; "
            f"chmod 0750 {tls.dir}; chmod 0640 {tls.dir}/*-key.pem (docs/install.md)")
     directory = os.path.abspath(tls.dir)
+
+    def require(path: str, shown: str, need: int, verb: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ColoError(f"TLS creds dir {directory}: {shown}: {exc.strerror}") from None
+        if not _readable_by(path, st, user.pw_uid, gids, need):
+            raise ColoError(f"TLS creds dir {directory}: {tls.qemu_user} cannot {verb} "
+                            f"{shown}; {fix}")
+
     parts = directory.split(os.sep)
     for i in range(1, len(parts) + 1):
         path = os.sep.join(parts[:i]) or os.sep
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise ColoError(f"TLS creds dir {directory}: {exc.strerror}: {path}") from None
-        if not _readable_by(path, st, user.pw_uid, gids, 1):
-            raise ColoError(f"TLS creds dir {directory}: {tls.qemu_user} cannot enter "
-                            f"{path}; {fix}")
+        require(path, path, 1, "enter")
     for name in files:
-        path = os.path.join(directory, name)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise ColoError(f"TLS creds dir {directory}: {name}: {exc.strerror}") from None
-        if not _readable_by(path, st, user.pw_uid, gids, 4):
-            raise ColoError(f"TLS creds dir {directory}: {tls.qemu_user} cannot read "
-                            f"{name}; {fix}")
+        require(os.path.join(directory, name), name, 4, "read")
 
 
 def _add_tls_creds(q: Qmp, tls: ColoTls, server: bool) -> str:
