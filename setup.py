@@ -17,8 +17,10 @@ setup(
         # python3-lxml), as VDSM hooks run on the system Python (D6).
         "host": ["qemu.qmp>=0.0.3", "etcd3gw>=2.1"],
         "engine": ["ovirt-engine-sdk-python>=4.6.3,<4.7", "etcd3gw>=2.1"],
+        # ansible: the oVirt collection (ovirt.ovirt 3.2) is bundled in 9.x to 12.x
+        # (checked 9.13, 10.7, 11.0, 12.0, 12.3); its ovirt_vm modules need only the SDK.
         "test": ["pytest>=7", "qemu.qmp>=0.0.3", "etcd3gw>=2.1",
-                 "ovirt-engine-sdk-python>=4.6.3,<4.7"],
+                 "ovirt-engine-sdk-python>=4.6.3,<4.7", "ansible>=9,<13"],
     },
     entry_points={
         "console_scripts": [

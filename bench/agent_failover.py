@@ -180,8 +180,9 @@ def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
         if (after.role is not Role.PRIMARY or after.failovers != 1 or last is None
                 or last.to_host != survivor_host):
             raise BenchError(f"unexpected survivor status after {fault}: {after}")
-        state = LibvirtMonitor(lab.host(survivor_host).uri, survivor_dom).execute(
-            "query-status")["status"]
+        # A promoted secondary runs in the VM's own domain by now (vdsm_ft/identity.py).
+        state = LibvirtMonitor(lab.host(survivor_host).uri, last.domain or survivor_dom
+                               ).execute("query-status")["status"]
         if state != "running":
             raise BenchError(f"survivor is {state} after {fault}")
         agent_total = (last.at - wall0) * 1000

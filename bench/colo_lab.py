@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ftlab import guest, netns, pki  # noqa: E402
+from ftlab import counterclient, guest, netns, pki  # noqa: E402
 from ftlab.colopair import QEMU_USER, ColoPair, Member  # noqa: E402
 from ftlab.host import LabHost  # noqa: E402
 
@@ -33,6 +34,22 @@ class BenchError(RuntimeError):
 
 def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(f"benchmark stopped by signal {signum}")
+
+
+def wait_serving(serial_log: str, client_ns: str, address: str,
+                 timeout: float) -> float | None:
+    """Seconds until the Linux guest printed its READY line and its counter answered
+    a client in `client_ns`; None if that did not happen within `timeout`."""
+    t0 = time.monotonic()
+    ready = False
+    while time.monotonic() - t0 < timeout:
+        if not ready and os.path.exists(serial_log):
+            with open(serial_log, "rb") as f:
+                ready = guest.READY_LINE.encode() in f.read()
+        if ready and counterclient.ask_once(client_ns, address).value is not None:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    return None
 
 
 class BenchLab:
@@ -120,6 +137,20 @@ class BenchLab:
         self._pairs[id(pair)] = (pair, disk)
         return pair
 
+    def new_linux_pair(self, address: str, nic_model: str = "virtio",
+                       qemu: str | None = None) -> tuple[ColoPair, str]:
+        """A fresh Linux test guest (TCG, serving at `address`) and its serial log;
+        each secondary logs to its own file (`console_log`)."""
+        vm_id = str(uuid.uuid4())
+        disk = guest.install_disk(guest.build_linux_disk(guest.GuestNet(address)),
+                                  self.hosts[0].path("images", f"{vm_id}.qcow2"))
+        serial_log = self.hosts[0].path("images", f"{vm_id}.serial")
+        xml = guest.linux_guest_xml(f"{self.prefix}-{vm_id[:8]}", disk, guest.guest_mac(1),
+                                    serial_log, nic_model=nic_model, vm_id=vm_id)
+        pair = ColoPair(xml, qemu=qemu)
+        self._pairs[id(pair)] = (pair, disk)
+        return pair, serial_log
+
     def drop_pair(self, pair: ColoPair) -> None:
         entry = self._pairs.get(id(pair))
         if entry:
@@ -128,7 +159,8 @@ class BenchLab:
     def _drop(self, pair: ColoPair, disk: str) -> None:
         self._pairs.pop(id(pair), None)
         pair.destroy_all()
-        for path in (disk, disk.removesuffix(".qcow2") + ".serial"):
+        logs = [pair.console_log(m) for m in pair.members]
+        for path in {disk, disk.removesuffix(".qcow2") + ".serial", *filter(None, logs)}:
             if os.path.exists(path):
                 os.unlink(path)
 

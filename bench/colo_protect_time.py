@@ -87,19 +87,21 @@ def raw_protect(pri: RawQmp, sec: RawQmp, primary: Member, secondary: Member,
         _socket(pri, client, addr, False)
     pri.execute("object-add", {"qom-type": "filter-mirror", "id": nic.filter_mirror,
                                "netdev": nic.netdev, "queue": "tx",
-                               "outdev": nic.mirror_chardev})
+                               "outdev": nic.mirror_chardev, "vnet_hdr_support": True})
     pri.execute("object-add", {"qom-type": "filter-redirector", "id": nic.filter_redirect_in,
                                "netdev": nic.netdev, "queue": "rx",
-                               "indev": nic.compare_out_chardevs[0]})
+                               "indev": nic.compare_out_chardevs[0],
+                               "vnet_hdr_support": True})
     pri.execute("object-add", {"qom-type": "filter-redirector",
                                "id": nic.filter_redirect_out, "netdev": nic.netdev,
-                               "queue": "rx", "outdev": nic.compare_pri_chardevs[0]})
+                               "queue": "rx", "outdev": nic.compare_pri_chardevs[0],
+                               "vnet_hdr_support": True})
     pri.execute("object-add", {"qom-type": "iothread", "id": nic.iothread})
     pri.execute("object-add", {"qom-type": "colo-compare", "id": nic.compare,
                                "primary_in": nic.compare_pri_chardevs[1],
                                "secondary_in": nic.compare_sec_chardev,
                                "outdev": nic.compare_out_chardevs[1],
-                               "iothread": nic.iothread})
+                               "iothread": nic.iothread, "vnet_hdr_support": True})
     pri.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True}]})
     pri.execute("migrate-set-parameters", {"x-checkpoint-delay": CHECKPOINT_DELAY_MS})

@@ -12,7 +12,9 @@ hook adds to a VM start. Variants, round-robin so that load hits all alike:
 - `python noop`: `#!/usr/bin/python3` + `pass`: the interpreter's start;
 - `qemu --version`: a hook that only runs `qemu-system-x86_64 --version`, as 50_ft does
   for ft=true (it picks the COLO-safe machine type by QEMU version);
-- `ft unset`: the real 50_ft, no `ft` property (the fast path);
+- `ft unset`: the real 50_ft, no `ft` property: it asks the agent over its unix socket
+  whether the VM's storage-domain image is current (one etcd read there);
+- `ft=false`: the same with `ft=false` (a VM whose FT was turned off);
 - `ft=true`: the real 50_ft with `ft=true`: XML rewrite, arbiter (etcd) check, run dir,
   register with the agent over its unix socket. A fresh vmId every run; the VM is
   never started, and destroy hooks (not timed) make the agent forget it.
@@ -40,7 +42,7 @@ BASELINES = {
     "python noop": "#!/usr/bin/python3\npass\n",
     "qemu --version": "#!/bin/sh\nexec /usr/bin/qemu-system-x86_64 --version >/dev/null\n",
 }
-VARIANTS = tuple(BASELINES) + ("ft unset", "ft=true")
+VARIANTS = tuple(BASELINES) + ("ft unset", "ft=false", "ft=true")
 
 
 def _hooks_dir(base: str, script: str) -> str:
@@ -76,7 +78,8 @@ def main() -> None:
                 vm_id = str(uuid.uuid4())
                 xml = guest.idle_guest_xml(f"bh-{vm_id[:8]}", disk, mac=guest.guest_mac(4),
                                            vm_id=vm_id)
-                custom = {"ft": "true"} if variant == "ft=true" else {}
+                custom = {"ft=true": {"ft": "true"}, "ft=false": {"ft": "false"}}.get(
+                    variant, {})
                 runner = vdsms.get(variant, real)
                 t0 = time.monotonic()
                 outcome = runner.run_hooks("before_vm_start", xml, vm_id, custom)
@@ -86,8 +89,8 @@ def main() -> None:
                         raise SystemExit(f"ft=true hook did not register: {outcome.runs}")
                     for point in ("before_vm_destroy", "after_vm_destroy"):
                         real.run_hooks(point, None, vm_id, custom)
-                elif variant == "ft unset" and outcome.data != xml:
-                    raise SystemExit("the ft-unset hook changed the XML")
+                elif variant in ("ft unset", "ft=false") and outcome.data != xml:
+                    raise SystemExit(f"the {variant} hook changed the XML")
                 if i:
                     samples[variant].append(ms)
         print(f"\nbefore_vm_start, whole hook run as VDSM does it, inside lab host {HOST} "
@@ -100,7 +103,9 @@ def main() -> None:
                   f"p99 {s['p99']:6.1f}  max {s['max']:6.1f} ms")
         ft, noop = result["summary"]["ft=true"], result["summary"]["python noop"]
         unset, true = result["summary"]["ft unset"], result["summary"]["true"]
+        off = result["summary"]["ft=false"]
         print(f"  ft unset - python noop: p50 {unset['p50'] - noop['p50']:+.1f} ms; "
+              f"ft=false - python noop: p50 {off['p50'] - noop['p50']:+.1f} ms; "
               f"ft=true - python noop: p50 {ft['p50'] - noop['p50']:+.1f} ms")
         print(f"  lab wrap (nsenter, fork/exec; not on a real host): p50 {true['p50']:.1f} ms")
         print(f"  target: <= 100 ms p99 added to a VM start -> ft=true p99 {ft['p99']:.1f} ms "
@@ -111,12 +116,13 @@ def main() -> None:
         profiler = Vdsm(HOOKS, host.uri, env=dict(env, PYTHONPROFILEIMPORTTIME="1"),
                         pythonpath=HOOK_PYTHONPATH, hook_timeout=60, wrap=host.nsenter)
         result["imports_ms"] = {}
-        for variant, custom in (("ft unset", {}), ("ft=true", {"ft": "true"})):
+        for variant, custom in (("ft unset", {}), ("ft=false", {"ft": "false"}),
+                                ("ft=true", {"ft": "true"})):
             vm_id = str(uuid.uuid4())
             xml = guest.idle_guest_xml(f"bh-{vm_id[:8]}", disk, mac=guest.guest_mac(4),
                                        vm_id=vm_id)
             outcome = profiler.run_hooks("before_vm_start", xml, vm_id, custom)
-            if custom:
+            if custom.get("ft") == "true":
                 for point in ("before_vm_destroy", "after_vm_destroy"):
                     real.run_hooks(point, None, vm_id, custom)
             top = _top_imports(outcome.runs[0].stderr)

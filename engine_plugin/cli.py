@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from engine_plugin import config
 from engine_plugin.agents import Agents, AgentView
@@ -18,6 +19,10 @@ from engine_plugin.engine import (Engine, EngineAuthFailed, EngineError, EngineN
 from engine_plugin.inventory import Inventory, VmInfo
 from engine_plugin.reconcile import RUNNING_VM_STATES, ft_wanted
 from vdsm_ft.api import AgentClient, AgentError, Role, VmState, VmStatus
+from vdsm_ft.imagestate import when as imagestate_when
+
+if TYPE_CHECKING:
+    from vdsm_ft.arbiter import Arbiter
 
 PROG = "ovirt-ft"
 
@@ -84,11 +89,41 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
 ]
 
 
-def table(rows: Sequence[dict]) -> str:
-    cells = [[h for h, _ in COLUMNS]] + [[f(r) for _, f in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+HOST_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
+    ("HOST", lambda r: r["host"]),
+    ("COLO", lambda r: r["colo"]),
+    ("QEMU", lambda r: r["qemu_version"] or "-"),
+    ("EMULATOR", lambda r: r["qemu_path"] or "-"),
+    ("REASON", lambda r: r["reason"]),
+]
+
+
+def table(rows: Sequence[dict], columns: list[tuple[str, Callable[[dict], str]]] = COLUMNS
+          ) -> str:
+    cells = [[h for h, _ in columns]] + [[f(r) for _, f in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
                      for line in cells)
+
+
+def host_rows(inv: Inventory, view: AgentView) -> list[dict]:
+    """Each host's QEMU as its agent probed it: can FT VMs run there, and if not, why."""
+    rows = []
+    for h in sorted(inv.hosts.values(), key=lambda h: h.name):
+        hs = view.statuses.get(h.id)
+        qemu = hs.qemu if hs is not None else None
+        if hs is None:
+            colo, reason = "unknown", f"agent not usable: {view.problems.get(h.id, '?')}"
+        elif qemu is None:
+            colo, reason = "unknown", "the agent reports no QEMU probe (an older agent?)"
+        else:
+            colo, reason = ("yes" if qemu.capable else "no"), qemu.reason
+        rows.append({"host": h.name, "host_id": h.id, "colo": colo, "reason": reason,
+                     "qemu_version": qemu.version if qemu else "",
+                     "qemu_path": qemu.path if qemu else "",
+                     "qemu_build": qemu.build if qemu else "",
+                     "failed": list(qemu.failed) if qemu else []})
+    return rows
 
 
 class Cli:
@@ -130,7 +165,15 @@ class Cli:
             vms = sorted((v for v in inv.vms.values() if v.ft is not None or v.id in reported),
                          key=lambda v: v.name)
         rows = [_row(vm, inv, view) for vm in vms]
-        return json.dumps(rows, indent=2) if as_json else table(rows)
+        if as_json:
+            return json.dumps(rows, indent=2)
+        if name is not None:
+            return table(rows)
+        return table(rows) + "\n\n" + table(host_rows(inv, view), HOST_COLUMNS)
+
+    def hosts(self, as_json: bool) -> str:
+        rows = host_rows(*self._state())
+        return json.dumps(rows, indent=2) if as_json else table(rows, HOST_COLUMNS)
 
     def set_ft(self, name: str, on: bool) -> str:
         vm = self.engine.find_vm(name)
@@ -145,6 +188,54 @@ class Cli:
                 "ft=true: restart it if `ovirt-ft status` says so."
                 if vm.status in RUNNING_VM_STATES else "")
         return f"ft=true set on VM {name}; the poller protects it.{note}"
+
+    def accept_stale_image(self, name: str, confirmed: bool) -> str:
+        """The admin's way out when a survivor's replica is lost for good: drop the
+        arbiter's stale-image mark (vdsm_ft.imagestate), so the image as it is may start.
+        Refused while the replica's host still reports the VM, and without the flag."""
+        from vdsm_ft.arbiter import ArbiterError
+        vm = self.engine.find_vm(name)
+        arbiter = self._arbiter()
+        try:
+            mark = arbiter.stale_image(vm.id)
+        except ArbiterError as e:
+            raise CliError(f"cannot read VM {name}'s stale-image mark from etcd: {e}") from None
+        if mark is None:
+            return f"VM {name}: its storage-domain image is not marked behind; nothing to do."
+        inv, view = self._state()
+        host = inv.hosts.get(mark.host)
+        where = host.name if host else mark.host
+        held = [st for host_id, st in view.reports(vm.id) if host_id == mark.host]
+        lost = (f"every write VM {name} made since {imagestate_when(mark.since)} (the "
+                f"failover of generation {mark.generation}), which only host {where}'s "
+                "replica holds")
+        if held:
+            raise CliError(f"VM {name}: host {where}'s agent still has its replica "
+                           f"({held[0].state.value}: {held[0].reason or 'no reason'}); it "
+                           "finishes the copy-back by itself once what that reason names "
+                           "is fixed. Nothing was changed")
+        if not confirmed:
+            agent = view.problems.get(mark.host, "it does not report the VM")
+            raise CliError(f"VM {name}: its storage-domain image is behind, and host "
+                           f"{where}'s agent cannot finish the copy-back ({agent}). "
+                           f"Accepting the image as it is gives up {lost}. If that host "
+                           "and its replica are lost for good, run again with "
+                           "--lose-writes-since-failover")
+        try:
+            arbiter.discard_stale_image(vm.id)
+        except ArbiterError as e:
+            raise CliError(f"VM {name}: the stale-image mark was not dropped: {e}") from None
+        return (f"VM {name}: the storage-domain image is accepted as it is; {lost} are "
+                "given up. The VM may be started again.")
+
+    def _arbiter(self) -> "Arbiter":
+        p = self.settings.poller
+        if not p.etcd_endpoints:
+            raise CliError("no [poller] etcd_endpoints in the settings: this command "
+                           "needs the arbiter (etcd)")
+        from vdsm_ft.arbiter import Arbiter
+        return Arbiter(list(p.etcd_endpoints), ca_cert=p.etcd_ca, cert=p.etcd_cert,
+                       key=p.etcd_key, username=p.etcd_username, password=p.etcd_password)
 
     def operate(self, name: str, op: str, to_host: str | None = None) -> str:
         inv, view = self._state()
@@ -173,9 +264,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"settings file (default ${config.ENV_CONFIG} or "
                                     f"{config.DEFAULT_PATH}; must be mode 0600)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    st = sub.add_parser("status", help="protection state of FT VMs")
+    st = sub.add_parser("status", help="protection state of FT VMs, and whether each "
+                                       "host's QEMU can do COLO")
     st.add_argument("vm", nargs="?")
     st.add_argument("--json", action="store_true")
+    hosts = sub.add_parser("hosts", help="whether each host's QEMU can do COLO")
+    hosts.add_argument("--json", action="store_true")
     for cmd, text in (("enable", "set ft=true"), ("disable", "set ft=false"),
                       ("suspend", "suspend protection"), ("resume", "resume protection"),
                       ("test-failover", "fail over to the secondary now"),
@@ -184,6 +278,12 @@ def parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate-secondary", help="move the secondary to another host")
     mig.add_argument("vm")
     mig.add_argument("--to", required=True, metavar="HOST")
+    acc = sub.add_parser("accept-stale-image", help="after a failover whose replica is "
+                         "lost for good: let the VM start from its storage-domain image "
+                         "as it is, giving up the writes since the failover")
+    acc.add_argument("vm")
+    acc.add_argument("--lose-writes-since-failover", action="store_true",
+                     help="confirm that those writes are given up")
     return p
 
 
@@ -193,8 +293,12 @@ def run(args: argparse.Namespace) -> str:
     try:
         if args.command == "status":
             return cli.status(args.vm, args.json)
+        if args.command == "hosts":
+            return cli.hosts(args.json)
         if args.command in ("enable", "disable"):
             return cli.set_ft(args.vm, args.command == "enable")
+        if args.command == "accept-stale-image":
+            return cli.accept_stale_image(args.vm, args.lose_writes_since_failover)
         return cli.operate(args.vm, args.command, getattr(args, "to", None))
     except EngineAuthFailed:
         raise CliError(f"the engine refused the credentials of {settings.engine.username}; "

@@ -189,6 +189,10 @@ class Engine:
         self._call(f"fence manual host {host_id}", lambda c: c.system_service()
                    .hosts_service().host_service(host_id).fence(fence_type="manual"))
 
+    def remove_vm(self, vm_id: str) -> None:
+        self._call(f"remove VM {vm_id}", lambda c: c.system_service().vms_service()
+                   .vm_service(vm_id).remove())
+
     def set_custom_property(self, vm_id: str, name: str, value: str) -> VmInfo:
         """Set one custom property, sending the full list (the engine replaces the set)."""
         def update(c: sdk.Connection) -> types.Vm:

@@ -5,6 +5,7 @@ A host qualifies when all of these hold:
 - its schedulable memory, minus what this cycle already reserved there, covers 2x the
   VM's memory (a COLO secondary holds the guest RAM twice, DESIGN.md D2);
 - the FT hook is installed and its agent answered this cycle;
+- its QEMU can do COLO (the agent's probe) and is the primary's build (`qemu_problems`);
 - the per-host caps on FT VMs and FT vCPUs (primaries and secondaries both count, as in
   vSphere FT) stay respected;
 - the engine's enforcing affinity groups of the VM allow it (see `affinity_rules`).
@@ -110,14 +111,17 @@ def choose_peer(vm: VmInfo, primary_host_id: str | None, hosts: Sequence[HostInf
                 loads: Mapping[str, HostLoad], limits: Limits,
                 agent_problems: Mapping[str, str],
                 affinity: AffinityRules = AffinityRules(),
-                avoid: Mapping[str, str] | None = None) -> Choice:
+                avoid: Mapping[str, str] | None = None,
+                qemu_problems: Mapping[str, str] | None = None) -> Choice:
     """Pick the secondary's host for `vm`, whose primary runs on `primary_host_id`.
 
     `agent_problems` maps host id -> why its agent is not usable this cycle (absent:
     usable). `avoid` maps host id -> why this VM should not go there for now (a peer
-    that just refused it). `loads` is read, never changed: the caller records the choice.
+    that just refused it). `qemu_problems` maps host id -> why its QEMU cannot run this
+    VM's secondary. `loads` is read, never changed: the caller records the choice.
     """
     avoid = avoid or {}
+    qemu_problems = qemu_problems or {}
     rejected: dict[str, str] = {}
     ok: list[tuple[int, int, str, HostInfo]] = []
     need = 2 * vm.memory
@@ -136,6 +140,8 @@ def choose_peer(vm: VmInfo, primary_host_id: str | None, hosts: Sequence[HostInf
             reason = avoid[h.id]
         elif h.id in agent_problems:
             reason = f"agent not usable: {agent_problems[h.id]}"
+        elif h.id in qemu_problems:
+            reason = qemu_problems[h.id]
         elif h.id in affinity.excluded:
             reason = affinity.why.get(h.id, "excluded by affinity")
         elif affinity.required is not None and h.id not in affinity.required:

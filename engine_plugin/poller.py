@@ -106,7 +106,8 @@ class Poller:
                 lambda partial: polling.append(self.agents.poll_async(partial.hosts.values())))
             view = polling[0].result()
             plan = reconcile.plan(inv, view, self.settings.poller.limits,
-                                  self.engine.affinity_groups, self._avoid(view))
+                                  self.engine.affinity_groups, self._avoid(view),
+                                  now=time.time())
         except EngineError as e:
             self._engine_failed(e, result)
             return
@@ -163,6 +164,9 @@ class Poller:
             elif isinstance(action, reconcile.Unprotect):
                 st = self.agents.client(action.primary).unprotect(action.vm_id)
                 line = f"unprotect {action.vm_name} on {action.primary.name} ({st.state.value})"
+            elif isinstance(action, reconcile.RemoveExternal):
+                self.engine.remove_vm(action.vm_id)
+                line = f"remove {action.vm_name}: its domain is gone"
             else:
                 self.engine.fence_manual(action.host.id)
                 line = (f"fence manual {action.host.name} "

@@ -9,6 +9,7 @@ still shows the VM `unknown` on the dead host (docs/engine-view.md).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -16,11 +17,18 @@ from engine_plugin.agents import AgentView
 from engine_plugin.events import ERROR, NORMAL, WARNING, Event
 from engine_plugin.inventory import AffinityGroupInfo, HostInfo, Inventory, VmInfo
 from engine_plugin.placement import HostLoad, Limits, affinity_rules, choose_peer
-from vdsm_ft.api import PeerSpec, Role, VmState, VmStatus
+from vdsm_ft.api import COPYING_BACK, PeerSpec, Role, VmState, VmStatus
+from vdsm_ft.layout import SECONDARY_SUFFIX, secondary_uuid
+
+# After a failover into the VM's own identity the engine moves the VM to the survivor's
+# host once VDSM there adopted it (external_vm_lookup_interval, 60 s). Until then a
+# checkpoint's pause caught by that adoption makes the engine destroy the VM
+# (docs/engine-view.md, "COLO's own pauses"): re-protection waits for the move, this long
+# at most.
+ADOPTION_WAIT_S = 150.0
 
 RUNNING_VM_STATES = frozenset({"up", "powering_up", "reboot_in_progress", "migrating",
                                "paused", "not_responding", "unknown", "powering_down"})
-SECONDARY_SUFFIX = "-ft-secondary"
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,15 @@ class FenceManual:
     vm_names: tuple[str, ...]
 
 
-Action = Protect | Unprotect | FenceManual
+@dataclass(frozen=True)
+class RemoveExternal:
+    """The engine's record of a secondary's domain that is gone (an external VM the
+    engine imported, now Down): after a failover the survivor runs as the VM itself."""
+    vm_id: str                   # the external VM's id (the secondary's derived UUID)
+    vm_name: str                 # its engine name, external-<vm>-ft-secondary
+
+
+Action = Protect | Unprotect | FenceManual | RemoveExternal
 
 
 @dataclass
@@ -92,15 +108,17 @@ def _primary(reports: list[tuple[str, VmStatus]]) -> tuple[str, VmStatus] | None
 class _Planner:
     def __init__(self, inv: Inventory, view: AgentView, limits: Limits,
                  groups_for: Callable[[str], list[AffinityGroupInfo]],
-                 avoid: Mapping[str, Mapping[str, str]]):
+                 avoid: Mapping[str, Mapping[str, str]], now: float):
         self.inv, self.view, self.limits, self.groups_for = inv, view, limits, groups_for
         self.avoid = avoid
+        self.now = now
         self.plan = Plan()
         self.loads = loads_from(inv, view)
         self.hosts = sorted(inv.hosts.values(), key=lambda h: h.name)
         self.fence_proofs: dict[str, set[str]] = {}   # dead host id -> VM ids it proves
         self._groups: dict[str, list[AffinityGroupInfo]] = {}
         self._vm_hosts: dict[str, str | None] | None = None
+        self._externals: dict[str, list[VmInfo]] | None = None
 
     def event(self, vm: VmInfo | None, kind: str, gen: int, sev: str, text: str,
               detail: str = "", host_id: str | None = None,
@@ -145,6 +163,7 @@ class _Planner:
             self.reason(vm, f"primary reported by host {host_id}, unknown to the engine")
             return
         self.after_failover(vm, host, st)
+        self.stray_externals(vm, st)
         self.by_state(vm, host, st)
 
     def unprotect(self, vm: VmInfo, primary: tuple[str, VmStatus], why: str) -> None:
@@ -176,6 +195,16 @@ class _Planner:
         if host is None:
             self.reason(vm, "runs on a host unknown to the engine listing")
             return
+        qemu = self.view.statuses[vm.host_id].qemu if vm.host_id in self.view.statuses \
+            else None
+        if qemu is not None and not qemu.capable:
+            self.reason(vm, f"not protected: the QEMU on {host.name} cannot do COLO")
+            self.event(vm, VmState.NOT_PROTECTED.value, 0, WARNING,
+                       f"VM {vm.name} is not protected: it runs on host {host.name}, whose "
+                       f"QEMU cannot do COLO ({', '.join(qemu.failed)}). Fix: install "
+                       f"vdsm-ft-qemu there (docs/qemu.md), or start the VM on another "
+                       f"FT host.", detail=f"qemu:{host.id}")
+            return
         if vm.host_id in self.view.problems:
             problem = self.view.problems[vm.host_id]
             self.reason(vm, f"agent on {host.name} not usable: {problem}")
@@ -191,22 +220,58 @@ class _Planner:
                    detail=f"unregistered:{host.id}")
 
     def after_failover(self, vm: VmInfo, host: HostInfo, st: VmStatus) -> None:
-        """The engine still shows the VM on the old host while the survivor runs here."""
+        """Say what the last failover did, once; prove the old host's VM dead for the
+        fence while the engine still shows the VM there."""
+        lf = st.last_failover
+        if lf is None or st.state in (VmState.FAILING_OVER, VmState.TAKING_IDENTITY):
+            return
         old = vm.host_id
-        if not old or old == host.id or st.last_failover is None:
-            return
-        if st.last_failover.from_host != old:
-            return
-        old_name = self.host_name(old)
-        self.event(vm, "continues", st.generation, WARNING,
-                   f"VM {vm.name} continues on host {host.name} as external-{vm.name}"
-                   f"{SECONDARY_SUFFIX} after host {old_name} failed (failover took "
-                   f"{st.last_failover.duration_ms:.0f} ms).")
-        if st.last_failover.old_primary_cannot_run and vm.status == "unknown":
+        old_name = self.host_name(lf.from_host)
+        if lf.domain:
+            # Keyed on the failover itself: re-protection takes new generations.
+            pause = (f"; the workload paused {lf.identity_pause_ms:.0f} ms while it moved"
+                     if lf.identity_pause_ms is not None else "")
+            self.event(vm, "failed-over", 0, WARNING,
+                       f"VM {vm.name} failed over from host {old_name} to host "
+                       f"{host.name}: the secondary took over in {lf.duration_ms:.0f} ms "
+                       f"and now runs as {vm.name} itself{pause}.", detail=f"{lf.at:.6f}")
+        elif old and old != host.id and lf.from_host == old:
+            self.event(vm, "continues", st.generation, WARNING,
+                       f"VM {vm.name} continues on host {host.name} as external-{vm.name}"
+                       f"{SECONDARY_SUFFIX} after host {old_name} failed (failover took "
+                       f"{lf.duration_ms:.0f} ms).")
+        if old and old != host.id and lf.from_host == old and \
+                lf.old_primary_cannot_run and vm.status == "unknown":
             self.fence_proofs.setdefault(old, set()).add(vm.id)
+
+    def stray_externals(self, vm: VmInfo, st: VmStatus) -> None:
+        """Remove the engine's Down records of this VM's secondaries: their domains went
+        with a failover (or a re-protection) and the engine keeps a Down external VM."""
+        for ext in self.externals().get(vm.name, ()):
+            if ext.status != "down":
+                continue
+            if any(ext.id == secondary_uuid(vm.id, g) for g in range(1, st.generation + 1)):
+                self.plan.actions.append(RemoveExternal(ext.id, ext.name))
+
+    def externals(self) -> dict[str, list[VmInfo]]:
+        """External VMs named like a secondary's domain, by the FT VM's name."""
+        if self._externals is None:
+            self._externals = {}
+            for v in self.inv.vms.values():
+                if v.name.startswith("external-") and v.name.endswith(SECONDARY_SUFFIX):
+                    base = v.name.removeprefix("external-").removesuffix(SECONDARY_SUFFIX)
+                    self._externals.setdefault(base, []).append(v)
+        return self._externals
 
     def by_state(self, vm: VmInfo, host: HostInfo, st: VmStatus) -> None:
         gen = st.generation
+        if st.image_current_at is not None and st.failovers:
+            # One event per failover that needed a copy-back (vdsm_ft.copyback).
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(st.image_current_at))
+            self.event(vm, "image current", st.failovers, NORMAL,
+                       f"VM {vm.name}: its disk image on the storage domain is current "
+                       f"again (copied back from host {host.name} after the failover, "
+                       f"done at {when}).")
         if st.state is VmState.NEED_SECONDARY and st.secondary_host:
             # The agent accepted a peer and has not started Syncing yet.
             self.reason(vm, f"protection onto {self.host_name(st.secondary_host)} pending")
@@ -215,6 +280,13 @@ class _Planner:
             self.place(vm, host, st)
         elif st.state is VmState.DISABLED:
             self.reason(vm, "protection suspended by an admin")
+        elif st.state is VmState.NOT_PROTECTED and st.reason.startswith(COPYING_BACK):
+            # The reason carries the progress; one event for the whole copy.
+            self.reason(vm, f"not protected: {st.reason}")
+            self.event(vm, VmState.NOT_PROTECTED.value, gen, WARNING,
+                       f"VM {vm.name} is not protected: {COPYING_BACK} after the "
+                       f"failover; its image there is behind until then.",
+                       detail=COPYING_BACK)
         elif st.state is VmState.NOT_PROTECTED:
             self.reason(vm, f"not protected: {st.reason}")
             self.event(vm, VmState.NOT_PROTECTED.value, gen, WARNING,
@@ -233,13 +305,33 @@ class _Planner:
         else:
             self.reason(vm, st.state.value)
 
+    def qemu_problems(self, primary_id: str) -> dict[str, str]:
+        """Hosts whose QEMU cannot hold a secondary of a primary on `primary_id`: it cannot
+        do COLO, or it is another build than the primary's (the peer would refuse)."""
+        own = self.view.statuses.get(primary_id)
+        build = own.qemu.build if own is not None and own.qemu is not None else ""
+        problems = {}
+        for host_id, hs in self.view.statuses.items():
+            if hs.qemu is None:
+                continue
+            if not hs.qemu.capable:
+                problems[host_id] = (f"its QEMU cannot do COLO ({', '.join(hs.qemu.failed)}; "
+                                     "see the host's event)")
+            elif build and hs.qemu.build != build:
+                problems[host_id] = (f"its QEMU build {hs.qemu.build!r} is not the "
+                                     f"primary's {build!r}")
+        return problems
+
     def place(self, vm: VmInfo, primary: HostInfo, st: VmStatus) -> None:
         reprotect = st.failovers > 0
+        if reprotect and not self.engine_followed(vm, primary, st):
+            return
         groups = self.groups(vm.cluster_id)
         rules = affinity_rules(vm, groups, self.vm_hosts() if groups else {})
         # The VM's cluster is the engine's; a survivor outside it is still placed there.
         choice = choose_peer(vm, primary.id, self.hosts, self.loads, self.limits,
-                             self.view.problems, rules, self.avoid.get(vm.id))
+                             self.view.problems, rules, self.avoid.get(vm.id),
+                             self.qemu_problems(primary.id))
         if choice.host is None:
             self.reason(vm, choice.refusal)
             self.event(vm, "refused", st.generation, WARNING,
@@ -258,6 +350,25 @@ class _Planner:
                        f"VM {vm.name} is being re-protected on host {peer.name} "
                        f"(primary on {primary.name}).", detail=peer.id)
 
+    def engine_followed(self, vm: VmInfo, primary: HostInfo, st: VmStatus) -> bool:
+        """Whether the engine shows the VM where its survivor runs as the VM itself, or
+        has waited too long for that (then one warning event)."""
+        lf = st.last_failover
+        if lf is None or not lf.domain or vm.host_id == primary.id:
+            return True
+        waited = self.now - lf.at
+        if waited < ADOPTION_WAIT_S:
+            self.reason(vm, f"re-protection waits until the engine shows {vm.name} on "
+                            f"{primary.name}, where VDSM adopts it ({waited:.0f} s so far)")
+            return False
+        self.event(vm, "adoption late", st.failovers, WARNING,
+                   f"VM {vm.name} runs on host {primary.name} since its failover "
+                   f"{waited:.0f} s ago, but the engine does not show it there yet. It is "
+                   f"re-protected anyway; check VDSM on {primary.name}: while the engine "
+                   f"has the VM on another host, a pause VDSM reports makes the engine "
+                   f"destroy it.", detail=primary.id)
+        return True
+
     def vm_hosts(self) -> dict[str, str | None]:
         if self._vm_hosts is None:
             self._vm_hosts = {v.id: v.host_id for v in self.inv.vms.values()}
@@ -269,6 +380,19 @@ class _Planner:
         return self._groups[cluster_id]
 
     # ---------------------------------------------------------------- per host
+
+    def qemu_events(self) -> None:
+        """One event per host whose QEMU cannot do COLO, with the probe's cause and fix.
+        Its id comes from the host and the probe's findings: posted once, not per cycle,
+        and again only for a different QEMU that cannot either."""
+        for host_id, hs in sorted(self.view.statuses.items()):
+            qemu = hs.qemu
+            if qemu is None or qemu.capable:
+                continue
+            self.event(None, "qemu-incapable", 0, ERROR,
+                       f"Host {self.host_name(host_id)} cannot run FT VMs: {qemu.reason}",
+                       detail=f"{qemu.path}\0{qemu.build}\0{','.join(qemu.failed)}",
+                       host_id=host_id)
 
     def fences(self) -> None:
         """Confirm a dead host only when the arbiter's proof covers every VM the engine
@@ -300,17 +424,19 @@ class _Planner:
 
 def plan(inv: Inventory, view: AgentView, limits: Limits,
          groups_for: Callable[[str], list[AffinityGroupInfo]],
-         avoid: Mapping[str, Mapping[str, str]] | None = None) -> Plan:
+         avoid: Mapping[str, Mapping[str, str]] | None = None, *, now: float) -> Plan:
     """Decide this cycle's steps. VMs are visited by name, so placement is repeatable.
 
-    `avoid` maps VM id -> {host id: why}: peers that refused that VM recently.
+    `avoid` maps VM id -> {host id: why}: peers that refused that VM recently. `now` is
+    the wall clock of this cycle (the planner reads no clock).
     """
-    p = _Planner(inv, view, limits, groups_for, avoid or {})
+    p = _Planner(inv, view, limits, groups_for, avoid or {}, now)
     reported = view.vm_ids()
     for vm in sorted(inv.vms.values(), key=lambda v: (v.name, v.id)):
         if vm.ft is None and vm.id not in reported:
             continue                 # the common case at 10,000 VMs: not an FT VM at all
         p.vm(vm)
+    p.qemu_events()
     p.fences()
     return p.plan
 

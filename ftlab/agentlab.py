@@ -82,8 +82,12 @@ class AgentLab:
     an etcd member, an agent and a VDSM stand-in."""
 
     def __init__(self, prefix: str, hosts: int = 3, heartbeat_interval: float = 0.05,
-                 heartbeat_timeout: float = 0.15, sasl: bool = False):
+                 heartbeat_timeout: float = 0.15, sasl: bool = False,
+                 emulators: dict[str, str] | None = None):
         self.prefix = prefix
+        # Host letter ("a", "b", ...) -> its [qemu] emulator; others get the lab's choice
+        # (ftlab.qemubuild).
+        self.emulators = emulators or {}
         self.count = hosts
         self.sasl = sasl                # libvirtds that want a SASL login, as on oVirt
         self.wire = f"{prefix}-wire"
@@ -141,6 +145,7 @@ class AgentLab:
                              client_tls, heartbeat_interval=interval,
                              heartbeat_timeout=timeout, reach=self.net.call,
                              heartbeat_key_file=heartbeat_key(pki))
+            agent.emulator = self.emulators.get(h.name.rsplit("-", 1)[1], agent.emulator)
             self.agents.append(agent)
             agent.start()
             self.vdsm[h.name] = Vdsm(HOOKS_DIR, h.uri,

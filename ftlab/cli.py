@@ -114,9 +114,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"poller: {st['poller']}   engine: {'OUTAGE' if st['engine_outage'] else 'up'}")
-    _table(["HOST", "PROCESSES", "ENGINE", "AGENT"],
-           [[h["name"], "running" if h["running"] else "down", h["engine_status"], h["agent"]]
-            for h in st["hosts"]])
+    _table(["HOST", "PROCESSES", "ENGINE", "QEMU", "AGENT"],
+           [[h["name"], "running" if h["running"] else "down", h["engine_status"],
+             h.get("qemu") or "-", h["agent"]] for h in st["hosts"]])
     print()
     rows = []
     for vm in st["vms"]:
@@ -146,6 +146,8 @@ def cmd_fault(args: argparse.Namespace) -> int:
         result = _control(args, "qemu-crash", vm=args.vm, host=args.host)
     elif kind == "agent-crash":
         result = _control(args, "agent-crash", host=args.host, restart=args.restart)
+    elif kind == "vdsm-restart":
+        result = _control(args, "vdsm-restart", host=args.host)
     elif kind == "partition":
         result = _control(args, "partition", a=args.host_a, b=args.host_b, heal=args.heal)
     elif kind == "slow-link":
@@ -201,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = faults.add_parser("agent-crash", help="SIGKILL a host's agent")
     f.add_argument("host")
     f.add_argument("--restart", action="store_true", help="start the agent again instead")
+    f = faults.add_parser("vdsm-restart", help="restart a host's VDSM stand-in: it recovers "
+                          "the host's domains and kills those with metadata it cannot recover")
+    f.add_argument("host")
     f = faults.add_parser("partition", help="cut the link between two hosts")
     f.add_argument("host_a", metavar="HOST-A")
     f.add_argument("host_b", metavar="HOST-B")

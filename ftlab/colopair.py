@@ -9,24 +9,17 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 
+from ftlab import qemubuild
 from ftlab.host import LabHost
-from vdsm_ft import colo, domains, domxml, replica
+from vdsm_ft import colo, domains, domxml, emulator, replica, runfiles
 from vdsm_ft.layout import Endpoints, VmLayout
 from vdsm_ft.qmp import Qmp
 
 QEMU_USER = "libvirt-qemu"
 PORT_BASE = 20000
-
-
-def qemu_version(host: LabHost) -> tuple[int, int, int]:
-    conn = host.connect()
-    try:
-        v = conn.getVersion()
-    finally:
-        conn.close()
-    return (v // 1_000_000, v // 1000 % 1000, v % 1000)
 
 
 def _qemu_dir(path: str) -> str:
@@ -45,6 +38,7 @@ class Member:
     layout: VmLayout
     qmp: Qmp
     was_secondary: bool
+    generation: int = 0          # the secondary generation it was started as; 0: primary
 
     @property
     def name(self) -> str:
@@ -72,8 +66,12 @@ class Member:
 class ColoPair:
     """One VM's members across lab hosts, generation by generation."""
 
-    def __init__(self, engine_xml: str):
+    def __init__(self, engine_xml: str, qemu: str | None = None):
         self.engine_xml = engine_xml
+        # Both members run on this QEMU (default: the lab's choice, ftlab.qemubuild).
+        self.emulator = emulator.identify(qemu or qemubuild.ft_emulator().path)
+        self.machine = emulator.colo_machine(domxml.engine_machine(engine_xml),
+                                             self.emulator)
         self.vm_id = domxml.layout_from_domxml(engine_xml, "/").vm_id
         self.members: list[Member] = []
         # Lab host name -> its COLO TLS creds dir; empty: plain TCP, as by default.
@@ -88,8 +86,10 @@ class ColoPair:
 
     def start_primary(self, host: LabHost) -> Member:
         run_dir = self._run_dir(host)
-        xml = domxml.primary_xml(self.engine_xml, run_dir, qemu_version(host))
+        xml = domxml.primary_xml(self.engine_xml, run_dir, self.emulator.version,
+                                 emulator=self.emulator.path, machine=self.machine)
         layout = domxml.layout_from_domxml(self.engine_xml, run_dir)
+        runfiles.make_placeholders(xml)
         layout = replace(layout, disks=tuple(
             replace(d, size=replica.virtual_size(d.image, d.fmt)) for d in layout.disks))
         return self._start(host, xml, layout, was_secondary=False)
@@ -111,22 +111,35 @@ class ColoPair:
             _qemu_dir(os.path.join("/dev/shm", f"ftlab-{host.name}")), QEMU_USER)
         tls = self._tls(host)
         xml = domxml.secondary_xml(self.engine_xml, run_dir, list(disks), ep, generation,
-                                   qemu_version(host), tls.dir if tls else None)
+                                   self.emulator.version, tls.dir if tls else None,
+                                   emulator=self.emulator.path, machine=self.machine)
+        runfiles.make_placeholders(xml)
         name = domxml.secondary_name(primary.layout.name.removesuffix(
             domxml.SECONDARY_SUFFIX))
         layout = VmLayout(vm_id=self.vm_id, name=name, run_dir=run_dir, disks=disks,
                           nics=primary.layout.nics)
-        return self._start(host, xml, layout, was_secondary=True), ep
+        return self._start(host, xml, layout, was_secondary=True, generation=generation), ep
+
+    def console_log(self, member: Member) -> str | None:
+        """The file `member`'s serial console goes to (secondary_xml gives each
+        secondary its own, named by its uuid); None if the VM has no file console."""
+        source = ET.fromstring(self.engine_xml).find("devices/serial[@type='file']/source")
+        if source is None:
+            return None
+        path = source.get("path", "")
+        if not member.was_secondary:
+            return path
+        return path.replace(self.vm_id, domxml.secondary_uuid(self.vm_id, member.generation))
 
     def _start(self, host: LabHost, xml: str, layout: VmLayout,
-               was_secondary: bool) -> Member:
+               was_secondary: bool, generation: int = 0) -> Member:
         conn = host.connect()
         try:
             domains.start(conn, xml)
         finally:
             conn.close()
         member = Member(host, layout, Qmp(layout.qmp_socket, f"{host.name}/{layout.name}"),
-                        was_secondary)
+                        was_secondary, generation)
         member.qmp.connect(timeout=30.0)
         self.members.append(member)
         return member

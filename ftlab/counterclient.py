@@ -60,11 +60,11 @@ def _request(address: str) -> dict:
         return {"t": time.monotonic(), "error": str(exc) or type(exc).__name__}
 
 
-def _command(netns: str, *args: str) -> list[str]:
-    return ["ip", "netns", "exec", netns, sys.executable, "-m", "ftlab.counterclient", *args]
+def client_command(netns: str, *args: str, module: str = "ftlab.counterclient") -> list[str]:
+    return ["ip", "netns", "exec", netns, sys.executable, "-m", module, *args]
 
 
-def _env() -> dict[str, str]:
+def client_env() -> dict[str, str]:
     # The lab's checkout, whether or not it is installed in this interpreter.
     path = os.environ.get("PYTHONPATH")
     return dict(os.environ, PYTHONPATH=REPO + (os.pathsep + path if path else ""))
@@ -72,8 +72,8 @@ def _env() -> dict[str, str]:
 
 def ask_once(netns: str, address: str, timeout: float = 2 * REQUEST_TIMEOUT_S) -> Reply:
     """One request from client namespace `netns`."""
-    proc = subprocess.run(_command(netns, "--once", address), capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+    proc = subprocess.run(client_command(netns, "--once", address), capture_output=True,
+                          text=True, timeout=timeout, env=client_env())
     if proc.returncode != 0:
         return Reply(time.monotonic(), None, proc.stderr.strip()[-300:])
     d = json.loads(proc.stdout)
@@ -86,8 +86,8 @@ class CounterClient:
     def __init__(self, netns: str, address: str):
         self.replies: list[Reply] = []
         self._lock = threading.Lock()
-        self._proc = subprocess.Popen(_command(netns, address), stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, env=_env())
+        self._proc = subprocess.Popen(client_command(netns, address), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=client_env())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

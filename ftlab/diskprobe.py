@@ -7,8 +7,10 @@ says whether the pattern matched; nothing depends on parsing QEMU's log.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from vdsm_ft.layout import Disk, VmLayout
@@ -28,32 +30,72 @@ class ProbeError(RuntimeError):
     """The probe itself failed (not: the data did not match)."""
 
 
+def guest_device(q: Monitor, disk: Disk) -> str:
+    """The QOM path of the guest device on the disk's quorum node (libvirt names the
+    device after the engine disk's alias, vdsm_ft/domxml.disks_on_nodes)."""
+    for b in q.execute("query-block"):
+        if b.get("inserted", {}).get("node-name") == disk.quorum and b.get("qdev"):
+            return b["qdev"]
+    raise ProbeError(f"no guest device uses block node {disk.quorum}")
+
+
 def write_pattern(q: Monitor, disk: Disk, offset: int, length: int, pattern: int) -> None:
-    backend = f"/machine/peripheral/{disk.device}/virtio-backend"
+    backend = guest_device(q, disk)
     reply = q.hmp(f'qemu-io -d {backend} "write -P {pattern:#x} {offset} {length}"')
     if reply.strip():
-        raise ProbeError(f"qemu-io write on {disk.device} failed: {reply.strip()}")
+        raise ProbeError(f"qemu-io write on {backend} failed: {reply.strip()}")
 
 
 def pattern_matches(q: Monitor, layout: VmLayout, disk: Disk, offset: int, length: int,
                     pattern: int, timeout: float = 30.0) -> bool:
     """True if every byte of [offset, offset+length) on the live VM equals `pattern`."""
-    sock = layout.unix_socket(PROBE_EXPORT)
+    return node_matches(q, layout.unix_socket(PROBE_EXPORT), disk.quorum, offset, length,
+                        pattern, timeout)
+
+
+def image_node(q: Monitor, image: str) -> str:
+    """The format node a VM has on `image` (a VM libvirt built, with its own names)."""
+    for n in q.execute("query-named-block-nodes", {"flat": True}):
+        if n["file"] == image and n["drv"] not in ("file", "host_device"):
+            return n["node-name"]
+    raise ProbeError(f"no format node on {image} in the VM")
+
+
+def image_matches(image: str, offset: int, length: int, pattern: int,
+                  fmt: str = "qcow2", timeout: float = 30.0) -> bool:
+    """The same check on an image that no QEMU holds open for writing."""
+    return _qemu_io_read(["-f", fmt, image], offset, length, pattern, timeout)
+
+
+def _qemu_io_read(image_args: list[str], offset: int, length: int, pattern: int,
+                  timeout: float) -> bool:
+    proc = subprocess.run(
+        ["qemu-io", "-r", *image_args, "-c", f"read -P {pattern:#x} {offset} {length}"],
+        capture_output=True, text=True, timeout=timeout)
+    if proc.returncode == 0 and "Pattern verification failed" not in proc.stdout:
+        return True
+    if "Pattern verification failed" in proc.stdout:
+        return False
+    raise ProbeError(f"qemu-io read failed: {proc.stderr.strip() or proc.stdout}")
+
+
+def node_matches(q: Monitor, sock: str, node: str, offset: int, length: int,
+                 pattern: int, timeout: float = 30.0) -> bool:
+    """`pattern_matches` on any block node, exported over NBD on unix socket `sock`."""
+    with exported(q, sock, node) as image:
+        return _qemu_io_read(["--image-opts", image], offset, length, pattern, timeout)
+
+
+@contextlib.contextmanager
+def exported(q: Monitor, sock: str, node: str) -> Iterator[str]:
+    """Block node `node` of a live VM, exported read-only over NBD on unix socket `sock`
+    while the block runs; yields QEMU `--image-opts` that open it."""
     q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
     try:
         q.execute("block-export-add", {"type": "nbd", "id": PROBE_EXPORT,
-                                       "node-name": disk.quorum, "name": PROBE_EXPORT,
+                                       "node-name": node, "name": PROBE_EXPORT,
                                        "writable": False})
-        image = f"driver=nbd,server.type=unix,server.path={sock},export={PROBE_EXPORT}"
-        proc = subprocess.run(
-            ["qemu-io", "-r", "--image-opts", image,
-             "-c", f"read -P {pattern:#x} {offset} {length}"],
-            capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0:
-            return True
-        if "Pattern verification failed" in proc.stdout:
-            return False
-        raise ProbeError(f"qemu-io read failed: {proc.stderr.strip() or proc.stdout}")
+        yield f"driver=nbd,server.type=unix,server.path={sock},export={PROBE_EXPORT}"
     finally:
         try:
             q.execute("block-export-del", {"id": PROBE_EXPORT, "mode": "hard"})

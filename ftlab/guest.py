@@ -42,7 +42,9 @@ READY_LINE = "FTLAB-GUEST-READY"
 # Virtio drivers the guest needs; their dependencies come from modules.dep, so the load
 # order is virtio_ring, virtio, virtio_pci(_*_dev), then the device drivers.
 GUEST_MODULES = ("virtio_ring", "virtio", "virtio_pci", "virtio_blk",
-                 "failover", "net_failover", "virtio_net")
+                 "failover", "net_failover", "virtio_net", "e1000")
+# NIC models the guest has a driver for (the engine's <model type=...>).
+NIC_MODELS = ("virtio", "e1000")
 
 SECTOR = 512
 BOOT_START = 2048                   # sectors: 1 MiB alignment, as partitioning tools do
@@ -56,6 +58,14 @@ SYSLINUX_MBR = "/usr/lib/syslinux/mbr/mbr.bin"
 BUSYBOX = "/bin/busybox"
 # Bumped when the guest's scripts or layout change in a way the inputs do not show.
 BUILD_FORMAT = "1"
+
+# What a Linux kernel prints on its console when it hits a bug or corruption
+# (lib/list_debug.c, kernel/panic.c, arch/x86/kernel/dumpstack.c, virtio_ring.c's
+# BAD_RING). A COLO secondary whose RAM was not restored faithfully shows these first.
+KERNEL_ERROR_RE = re.compile(
+    r"is not a head|\bBUG\b|\bOops\b|Kernel panic|Call Trace|general protection|"
+    r"list_(add|del) corruption|[Uu]nable to handle|Fatal exception|segfault at|"
+    r"WARNING: CPU|soft lockup|blocked for more than|invalid opcode|RIP: ")
 
 
 class GuestBuildError(RuntimeError):
@@ -400,12 +410,26 @@ def install_disk(cached: str, dest: str, owner: str = QEMU_USER) -> str:
     return dest
 
 
+def console_errors(text: str) -> list[str]:
+    """The lines of a serial console log that show a kernel error (KERNEL_ERROR_RE)."""
+    return [line.strip() for line in text.splitlines() if KERNEL_ERROR_RE.search(line)]
+
+
 def read_counter(image: str, fmt: str = "qcow2") -> int:
     """The counter as stored on a guest disk that no QEMU holds open."""
+    return _counter_of(["-f", fmt, image])
+
+
+def read_counter_opts(image_opts: str) -> int:
+    """The counter read through QEMU `--image-opts` (e.g. a live VM's NBD export)."""
+    return _counter_of(["--image-opts", image_opts])
+
+
+def _counter_of(source: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "disk.raw")
         # A raw copy, not `qemu-img dd`: its count= also counts the skipped blocks.
-        _run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, out])
+        _run(["qemu-img", "convert", *source, "-O", "raw", out])
         with open(out, "rb") as f:
             f.seek(COUNTER_START * SECTOR)
             text = f.read(SECTOR).rstrip(b"\0").decode(errors="replace")
@@ -424,22 +448,39 @@ ENGINE_BRIDGE = "ovirtmgmt"
 
 
 @dataclass(frozen=True)
+class EngineDisk:
+    """One engine disk: its image path and its id (alias `ua-<id>`, serial)."""
+
+    path: str
+    image_id: str
+    fmt: str = "qcow2"
+
+
+@dataclass(frozen=True)
 class EngineVm:
     """What the engine knows about a VM, enough to write its domain XML."""
 
     name: str
-    disk: str                       # image path, as VDSM prepares it under /rhev/...
+    disk: str = ""                  # image path, as VDSM prepares it under /rhev/...
     disk_format: str = "qcow2"
     vm_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     image_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     volume_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     nic_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     mac: str = ""                   # empty: no NIC
+    nic_model: str = "virtio"       # one of NIC_MODELS
     bridge: str = ENGINE_BRIDGE
     memory_mib: int = 128
     domain_type: str = "kvm"        # "qemu" for TCG
     serial_log: str = ""            # file that receives the serial console
     custom: tuple[tuple[str, str], ...] = (("ft", "true"),)
+    # All the VM's disks; when empty, `disk` (if set) is the one disk, id `image_id`.
+    disks: tuple[EngineDisk, ...] = ()
+
+    def all_disks(self) -> tuple[EngineDisk, ...]:
+        if self.disks:
+            return self.disks
+        return (EngineDisk(self.disk, self.image_id, self.disk_format),) if self.disk else ()
 
 
 def _derived_alias(vm_id: str, device: str) -> str:
@@ -475,21 +516,29 @@ def engine_domain_xml(vm: EngineVm) -> str:
     # rebootTimeout -1: SeaBIOS with nothing bootable waits instead of reboot-looping.
     ET.SubElement(os_, "bios", {"useserial": "yes", "rebootTimeout": "-1"})
     devices = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk", "snapshot": "no"})
-    ET.SubElement(disk, "target", {"dev": "vda", "bus": "virtio"})
-    source = ET.SubElement(disk, "source", {"file": vm.disk})
-    ET.SubElement(source, "seclabel", {"model": "dac", "type": "none", "relabel": "no"})
-    ET.SubElement(disk, "driver", {"name": "qemu", "io": "threads", "type": vm.disk_format,
-                                   "error_policy": "stop", "cache": "none"})
-    ET.SubElement(disk, "alias", {"name": f"ua-{vm.image_id}"})
-    ET.SubElement(disk, "boot", {"order": "1"})
-    ET.SubElement(disk, "serial").text = vm.image_id
+    for i, d in enumerate(vm.all_disks()):
+        disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk",
+                                               "snapshot": "no"})
+        ET.SubElement(disk, "target", {"dev": "vd" + "abcdefghijklmnopqrstuvwxyz"[i],
+                                       "bus": "virtio"})
+        source = ET.SubElement(disk, "source", {"file": d.path})
+        ET.SubElement(source, "seclabel", {"model": "dac", "type": "none", "relabel": "no"})
+        ET.SubElement(disk, "driver", {"name": "qemu", "io": "threads", "type": d.fmt,
+                                       "error_policy": "stop", "cache": "none"})
+        ET.SubElement(disk, "alias", {"name": f"ua-{d.image_id}"})
+        if i == 0:
+            ET.SubElement(disk, "boot", {"order": "1"})
+        ET.SubElement(disk, "serial").text = d.image_id
     if vm.mac:
+        if vm.nic_model not in NIC_MODELS:
+            raise ValueError(f"NIC model {vm.nic_model!r}: the guest has drivers for "
+                             + ", ".join(NIC_MODELS))
         nic = ET.SubElement(devices, "interface", {"type": "bridge"})
-        ET.SubElement(nic, "model", {"type": "virtio"})
+        ET.SubElement(nic, "model", {"type": vm.nic_model})
         ET.SubElement(nic, "link", {"state": "up"})
         ET.SubElement(nic, "source", {"bridge": vm.bridge})
-        ET.SubElement(nic, "driver", {"name": "vhost", "queues": "1"})
+        if vm.nic_model == "virtio":     # the engine writes a driver for virtio only
+            ET.SubElement(nic, "driver", {"name": "vhost", "queues": "1"})
         ET.SubElement(nic, "alias", {"name": f"ua-{vm.nic_id}"})
         ET.SubElement(nic, "mac", {"address": vm.mac})
         ET.SubElement(nic, "mtu", {"size": "1500"})
@@ -513,11 +562,14 @@ def engine_domain_xml(vm: EngineVm) -> str:
     if vm.mac:
         dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device", {"mac_address": vm.mac})
         ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}custom")
-    dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device", {"devtype": "disk", "name": "vda"})
-    for key, value in (("imageID", vm.image_id), ("volumeID", vm.volume_id),
-                       ("domainID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/sd"))),
-                       ("poolID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/dc")))):
-        ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}{key}").text = value
+    for i, d in enumerate(vm.all_disks()):
+        dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device",
+                            {"devtype": "disk", "name": "vd" + "abcdefghijklmnopqrstuvwxyz"[i]})
+        volume = vm.volume_id if i == 0 else str(uuid.uuid5(uuid.NAMESPACE_URL, d.image_id))
+        for key, value in (("imageID", d.image_id), ("volumeID", volume),
+                           ("domainID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/sd"))),
+                           ("poolID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/dc")))):
+            ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}{key}").text = value
     ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}launchPaused").text = "false"
     ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}resumeBehavior").text = "kill"
     return ET.tostring(dom, encoding="unicode")
@@ -529,11 +581,12 @@ def guest_mac(index: int) -> str:
 
 
 def linux_guest_xml(name: str, disk: str, mac: str, serial_log: str,
-                    disk_format: str = "qcow2", memory_mib: int = 256, **ids: str) -> str:
+                    disk_format: str = "qcow2", memory_mib: int = 256,
+                    nic_model: str = "virtio", **ids: str) -> str:
     """Engine XML for the Linux test guest under TCG (`ids`: vm_id, image_id, ...)."""
     return engine_domain_xml(EngineVm(name=name, disk=disk, disk_format=disk_format,
                                       mac=mac, memory_mib=memory_mib, domain_type="qemu",
-                                      serial_log=serial_log, **ids))
+                                      serial_log=serial_log, nic_model=nic_model, **ids))
 
 
 def idle_guest_xml(name: str, disk: str, mac: str = "", memory_mib: int = 128,

@@ -200,6 +200,10 @@ class LabHost:
         with open(self.path("holder.pid"), "w") as f:
             f.write(str(holder.pid))
         for sub, target in self.bind_mounts:
+            # Without systemd nothing creates /run/libvirt (issue 10): make every mount
+            # point first. The host's mount namespace shares the machine's filesystems, so
+            # this is the same directory the machine's libvirt would use.
+            os.makedirs(target, mode=0o755, exist_ok=True)
             self.run(["mount", "--bind", self.path(sub), target])
         if self.sasl and not os.path.exists(self.password_file):
             password = secrets.token_urlsafe(18)

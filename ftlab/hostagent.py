@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ftlab import qemubuild
 from ftlab.host import LabHost
 from vdsm_ft.api import AgentClient, AgentError, TlsFiles, client_context
 
@@ -45,8 +46,10 @@ class LabAgent:
         self.config_path = host.path("ft", "agent.conf")
         self.overlay_dir = os.path.join("/dev/shm", f"ftlab-{host.name}")
         self.overlay_size_cap = ""          # [storage] overlay_size_cap; "": the default
+        self.copyback_rate = ""             # [storage] copyback_rate; "": the default
         self.colo_tls_dir = ""              # [agent] colo_tls_dir; "": plain TCP
         self.heartbeat_key_file = heartbeat_key_file
+        self.emulator = qemubuild.ft_emulator().path     # [qemu] emulator
 
     @property
     def run_dir(self) -> str:
@@ -72,6 +75,9 @@ class LabAgent:
                           "overlay_dir": self.overlay_dir}
         if self.overlay_size_cap:
             cfg["storage"]["overlay_size_cap"] = self.overlay_size_cap
+        if self.copyback_rate:
+            cfg["storage"]["copyback_rate"] = self.copyback_rate
+        cfg["qemu"] = {"emulator": self.emulator}
         cfg["libvirt"] = {"uri": "qemu:///system", "qemu_user": "libvirt-qemu"}
         if self.host.sasl:          # the host's libvirtd wants VDSM's login, as on oVirt
             cfg["libvirt"].update(username=self.host.sasl_username,

@@ -11,6 +11,11 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+# QEMU's run states while a COLO pair is stopped for a checkpoint. It resumes within
+# milliseconds, so a copy seen in one is as up as a running one (CI once caught a
+# re-protected primary in finish-migrate and counted no live copy).
+CHECKPOINT_STOPS = ("finish-migrate", "colo")
+
 
 class LibvirtMonitor:
     def __init__(self, uri: str, domain: str):

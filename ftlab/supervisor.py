@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_plugin import config as poller_config
-from ftlab import vmlocate
+from ftlab import qemubuild, vmlocate
 from ftlab.engine import FakeEngine, Hook
 from ftlab.etcd import EtcdCluster, MemberSpec
 from ftlab.host import LabHost
@@ -35,7 +35,7 @@ from ftlab.labcontrol import ControlServer
 from ftlab.labstate import (DEFAULT_HOSTS, ENGINE_USER, HOOK_NAME, HostInfo, LabPaths,
                             LabState, host_name, write_pid, write_state)
 from ftlab.pki import heartbeat_key, issue, make_ca
-from ftlab.vdsmdriver import HOOKS_DIR, REPO, HostVdsm, VdsmFleet
+from ftlab.vdsmdriver import HOOKS_DIR, REPO, TEMPLATES, HostVdsm, VdsmFleet
 from vdsm_ft import domains
 from vdsm_ft.api import AgentError, Role, TlsFiles, VmState
 
@@ -83,6 +83,7 @@ class Supervisor:
         p = self.paths
         for d in (p.hosts, p.pki, p.engine, p.cache, p.logs):
             os.makedirs(d, mode=0o755, exist_ok=True)
+        log.info("%s", qemubuild.describe())
         log.info("lab CA")
         ca = make_ca(Path(p.pki))
         client = issue(Path(p.pki), ca, "poller")
@@ -121,6 +122,8 @@ class Supervisor:
                                  port=self.engine_port, workdir=Path(p.engine))
         info = self.engine.start()
         hooks = _hook_list()
+        for name, (disks, nics) in TEMPLATES.items():
+            self.engine.add_template(name, disks=disks, nics=nics)
         for h in self.hosts:
             # Engine host id = the agent's host id (LabAgent configures the host's name).
             self.engine.state.add_host(h.name, self.engine.default_cluster, address=h.address,
@@ -180,7 +183,7 @@ class Supervisor:
             entry: dict[str, Any] = {"name": h.name, "address": h.address,
                                      "running": h.holder_pid() is not None,
                                      "engine_status": self.engine.host(h.name).status,
-                                     "agent": "", "vms": []}
+                                     "agent": "", "qemu": "", "vms": []}
             if h.name in self.fleet.dead:
                 entry["agent"] = "host crashed"
             else:
@@ -188,6 +191,9 @@ class Supervisor:
                 try:
                     st = client.host_status()
                     entry["agent"] = "up"
+                    if st.qemu is not None:
+                        can = "COLO ok" if st.qemu.capable else "cannot do COLO"
+                        entry["qemu"] = f"{st.qemu.version} {can}"
                     entry["vms"] = [{"vm_id": v.vm_id, "name": v.name, "state": v.state.value,
                                      "role": v.role.value, "reason": v.reason,
                                      "generation": v.generation,
@@ -228,10 +234,22 @@ class Supervisor:
             agent = self.agent(host)
             if agent.proc is None or agent.proc.poll() is not None:
                 agent.start()
-            self.fleet.hosts[h.name].reset()
+            self.fleet.restart_vdsm(h.name)
             self.fleet.dead.discard(h.name)
             self.engine.revive_host(h.name)
         return f"{h.name} is back: libvirtd, etcd member, agent; the engine sees it Up"
+
+    def op_vdsm_restart(self, host: str) -> str:
+        """Restart the host's VDSM stand-in: it recovers the domains there and kills the
+        loose ones (recovery.all_domains)."""
+        assert self.fleet is not None
+        h = self.host(host)
+        if h.name in self.fleet.dead:
+            raise ValueError(f"host {host} is crashed: revive it first")
+        with self.lock:
+            killed = self.fleet.restart_vdsm(h.name)
+        return (f"VDSM on {host} restarted; recovered {len(self.fleet.hosts[h.name].vdsm.vms)} "
+                f"domains, killed {len(killed)} loose ones {' '.join(killed)}".rstrip())
 
     def op_agent_crash(self, host: str, restart: bool = False) -> str:
         agent = self.agent(host)
@@ -355,6 +373,7 @@ class Supervisor:
     def handlers(self) -> dict[str, Any]:
         return {"status": self.op_status, "host-crash": self.op_host_crash,
                 "host-revive": self.op_host_revive, "agent-crash": self.op_agent_crash,
+                "vdsm-restart": self.op_vdsm_restart,
                 "qemu-crash": self.op_qemu_crash, "partition": self.op_partition,
                 "slow-link": self.op_slow_link, "engine-down": self.op_engine_down,
                 "disk-full": self.op_disk_full}

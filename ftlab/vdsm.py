@@ -13,12 +13,18 @@ It follows the contract of research/ovirt.md §1.2-1.5 (VDSM's `_runHooksDir`):
 The domain is defined and started through libvirt (`defineXML` + `createWithFlags`, as
 VDSM does) at the URI given, e.g. a lab host's.
 
+Which domains it knows (its `vmContainer`, here `vms`) follows VDSM too
+(docs/engine-view.md): the VMs it started; at its own start the domains it recovers
+(`recover`); while running, unknown domains it was told about by a libvirt event, adopted
+by the periodic lookup as external VMs (`lookup_external_vms`). It reports only those.
+
 Differences from VDSM, none of which a hook can see: no `taskset` wrapper, no launch
 flags file, no JSON-RPC, and an optional per-script timeout (VDSM has none; a lab test
 would rather fail than hang).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -35,6 +41,10 @@ from vdsm_ft.libvirtconn import LibvirtConnectError
 log = logging.getLogger(__name__)
 
 OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
+# vmxml.has_vdsm_metadata also counts the legacy guest agent channel as VDSM's.
+LEGACY_AGENT_CHANNEL = "com.redhat.rhevm.vdsm"
+# VDSM's config [sampling] external_vm_lookup_interval.
+EXTERNAL_VM_LOOKUP_INTERVAL = 60.0
 # Hook points whose errors VDSM only logs (research/ovirt.md §1.3).
 _ERRORS_IGNORED = ("before_vm_destroy", "before_vm_set_ticket")
 
@@ -77,6 +87,78 @@ class VmRecord:
     name: str
     custom: dict[str, str]
     xml: str                               # the last known domain XML
+    # Vm._lastStatus in the engine's spelling: set at start or fixed at recovery.
+    status: str = "up"
+    external: bool = False                 # recovered as external: VDSM does not manage it
+
+
+def is_external(domxml: str) -> bool:
+    """recovery._is_external_vm: no ovirt-vm metadata and no legacy agent channel; the
+    domain's name plays no part."""
+    root = etree.fromstring(domxml.encode())
+    if root.find(f"metadata/{{{OVIRT_VM_NS}}}vm") is not None:
+        return False
+    return not any(t.get("name") == LEGACY_AGENT_CHANNEL
+                   for t in root.iterfind("devices/channel/target"))
+
+
+def metadata_values(domxml: str) -> dict[str, object]:
+    """The top-level `<ovirt-vm:vm>` values as VDSM's metadata.Descriptor reads them: an
+    element with `type="int"`, `"float"` or `"bool"` is converted, and a value that does
+    not convert raises ValueError (VDSM's recovery of that VM then fails)."""
+    root = etree.fromstring(domxml.encode())
+    vm = root.find(f"metadata/{{{OVIRT_VM_NS}}}vm")
+    out: dict[str, object] = {}
+    if vm is None:
+        return out
+    for el in vm:
+        if not isinstance(el.tag, str) or len(el):
+            continue
+        text, kind = (el.text or "").strip(), el.get("type")
+        if kind == "int":
+            value: object = int(text)
+        elif kind == "float":
+            value = float(text)
+        elif kind == "bool":
+            if text not in ("true", "false", "True", "False"):
+                raise ValueError(f"metadata {etree.QName(el).localname}: {text!r} is no bool")
+            value = text.lower() == "true"
+        else:
+            value = text
+        out[etree.QName(el).localname] = value
+    return out
+
+
+def recover_status(state: int, reason: int, outgoing_migration: bool) -> str:
+    """Vm._recover_status, in the engine's spelling ("migrating_from" is VDSM's
+    Migration Source, "migrating_to" its Migration Destination)."""
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        if reason in (libvirt.VIR_DOMAIN_PAUSED_POSTCOPY, libvirt.VIR_DOMAIN_PAUSED_MIGRATION):
+            return "migrating_from"
+        return "paused"
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        if reason == libvirt.VIR_DOMAIN_RUNNING_POSTCOPY:
+            return "migrating_to"
+        return "migrating_from" if outgoing_migration else "up"
+    if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+        return "down"
+    return "up"     # "Unexpected VM state": VDSM sets Up
+
+
+def last_status(status: str, state: int) -> str:
+    """Vm._get_lastStatus: Paused whenever the guest CPUs are stopped and the status is
+    one of PAUSED_STATES (Up, Powering down, Reboot in progress)."""
+    if state == libvirt.VIR_DOMAIN_PAUSED and status in ("up", "powering_down",
+                                                         "reboot_in_progress"):
+        return "paused"
+    return status
+
+
+# Vm status names: the engine's spelling here, VDSM's (vdsm.virt.vmstatus) there.
+VDSM_STATUS = {"up": "Up", "paused": "Paused", "migrating_from": "Migration Source",
+               "migrating_to": "Migration Destination", "down": "Down",
+               "powering_down": "Powering down", "reboot_in_progress": "RebootInProgress"}
+ENGINE_STATUS = {v: k for k, v in VDSM_STATUS.items()}
 
 
 def custom_properties(engine_xml: str) -> dict[str, str]:
@@ -112,6 +194,7 @@ class Vdsm:
         self.pythonpath = pythonpath
         self.hook_timeout = hook_timeout
         self.vms: dict[str, VmRecord] = {}
+        self.unknown_vm_ids: set[str] = set()  # clientIF._unknown_vm_ids
 
     # ---------------------------------------------------------------- hooks
 
@@ -124,27 +207,28 @@ class Vdsm:
         paths = [os.path.join(directory, n) for n in names]
         return sorted(p for p in paths if os.path.isfile(p) and os.access(p, os.X_OK))
 
-    def _script_env(self, vm_id: str | None, custom: Mapping[str, str], data_file: str
-                    ) -> dict[str, str]:
+    def _script_env(self, vm_id: str | None, custom: Mapping[str, str], data_file: str,
+                    json_hook: bool = False) -> dict[str, str]:
         env = dict(self.env)
         env.update(custom)
         if vm_id:
             env["vmId"] = vm_id
         ppath = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = ":".join([p for p in ppath.split(":") if p] + list(self.pythonpath))
-        env["_hook_domxml"] = data_file
+        env["_hook_json" if json_hook else "_hook_domxml"] = data_file
         return env
 
     def run_hooks(self, hook_point: str, data: str | None, vm_id: str | None,
-                  custom: Mapping[str, str]) -> HooksOutcome:
+                  custom: Mapping[str, str], json_hook: bool = False) -> HooksOutcome:
         """Run `hook_point`'s scripts and apply VDSM's rc rules; raises HookError when VDSM
-        would abort the operation."""
+        would abort the operation. `json_hook`: VDSM's _JSON_HOOK, the data file is named by
+        `_hook_json` instead of `_hook_domxml`."""
         fd, path = tempfile.mkstemp(prefix=f"vdsm-hook-{hook_point}-")
         runs: list[HookRun] = []
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data or "")
-            env = self._script_env(vm_id, custom, path)
+            env = self._script_env(vm_id, custom, path, json_hook)
             for script in self.scripts(hook_point):
                 proc = subprocess.run(self.wrap([script]), env=env, stdin=subprocess.DEVNULL,
                                       capture_output=True, timeout=self.hook_timeout)
@@ -229,6 +313,151 @@ class Vdsm:
         migration (HookError). The lab never migrates further than this."""
         record = self._record(vm_id)
         return self.run_hooks("before_vm_migrate_source", record.xml, vm_id, record.custom)
+
+    def pause_vm(self, vm_id: str) -> HooksOutcome:
+        """VM.pause (Vm.pause -> hooks.before_vm_pause, then the domain's suspend); a hook
+        failure aborts it (HookError) and the domain runs on."""
+        record = self._record(vm_id)
+        outcome = self.run_hooks("before_vm_pause", record.xml, vm_id, record.custom)
+        conn = self._connect()
+        try:
+            conn.lookupByUUIDString(vm_id).suspend()
+        finally:
+            conn.close()
+        return outcome
+
+    # ---------------------------------------------------------------- which VMs it knows
+
+    def recover(self) -> list[str]:
+        """At VDSM start (clientIF._recoverExistingVms -> recovery.all_domains): recover every
+        running domain. A domain with metadata whose recovery fails is destroyed ("loose
+        domain found, killing it"); a failed external one is only logged. Returns the ids
+        of the domains it killed."""
+        killed: list[str] = []
+        conn = self._connect()
+        try:
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    vm_id, xml = dom.UUIDString(), dom.XMLDesc(0)
+                except libvirt.libvirtError:
+                    continue                    # gone while listed
+                external = is_external(xml)
+                if self._recover_domain(dom, vm_id, xml, external):
+                    continue
+                if external:
+                    log.info("Failed to recover external domain: %s", vm_id)
+                    continue
+                log.info("recovery: loose domain %s found, killing it.", vm_id)
+                try:
+                    dom.destroy()
+                    killed.append(vm_id)
+                except libvirt.libvirtError as e:
+                    log.error("recovery: failed to kill loose domain %s: %s", vm_id,
+                              e.get_error_message())
+        finally:
+            conn.close()
+        return killed
+
+    def lookup_vm_from_event(self, vm_id: str) -> None:
+        """clientIF.lookup_vm_from_event: a libvirt event for a domain VDSM does not hold
+        queues it for the next external VM lookup."""
+        if vm_id not in self.vms:
+            self.unknown_vm_ids.add(vm_id)
+
+    def lookup_external_vms(self) -> list[str]:
+        """recovery.lookup_external_vms (every external_vm_lookup_interval): recover each
+        queued domain, always as external, even when it carries oVirt metadata. Down
+        external domains are ignored (_is_ignored_vm). Returns the adopted ids."""
+        adopted: list[str] = []
+        pending, self.unknown_vm_ids = self.unknown_vm_ids, set()
+        if not pending:
+            return adopted
+        conn = self._connect()
+        try:
+            for vm_id in sorted(pending):
+                if vm_id in self.vms:
+                    continue
+                try:
+                    dom = conn.lookupByUUIDString(vm_id)
+                    xml = dom.XMLDesc(0)
+                    active = dom.isActive()
+                except libvirt.libvirtError:
+                    continue                    # VIR_ERR_NO_DOMAIN: nothing to adopt
+                if not active:
+                    continue
+                if self._recover_domain(dom, vm_id, xml, external=True):
+                    adopted.append(vm_id)
+        finally:
+            conn.close()
+        return adopted
+
+    def _recover_domain(self, dom: libvirt.virDomain, vm_id: str, xml: str,
+                        external: bool) -> bool:
+        """recovery._recover_domain: build the VM from the domain; False if that fails."""
+        try:
+            if not external:
+                metadata_values(xml)            # metadata.Descriptor, read at Vm.__init__
+            root = etree.fromstring(xml.encode())
+            state, reason = dom.state(0)
+            try:
+                outgoing = dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+            except libvirt.libvirtError:
+                outgoing = False
+        except (ValueError, etree.XMLSyntaxError, libvirt.libvirtError) as e:
+            log.warning("recovery of %s failed: %s", vm_id, e)
+            return False
+        status = recover_status(state, reason, outgoing)
+        if status == "down":
+            return False
+        self.vms[vm_id] = VmRecord(vm_id, root.findtext("name") or vm_id,
+                                   {} if external else custom_properties(xml), xml,
+                                   status=status, external=external)
+        return True
+
+    def report(self) -> list[dict]:
+        """Host.getAllVmStats plus Host.dumpxmls for the VMs VDSM holds: one dict per VM
+        (uuid, name, status, has_ovirt_metadata, memory, domxml). A VM whose domain is gone
+        is released (releaseVm -> after_vm_destroy) and not reported."""
+        reports: list[dict] = []
+        gone: list[str] = []
+        conn = self._connect()
+        try:
+            for vm_id, record in list(self.vms.items()):
+                try:
+                    dom = conn.lookupByUUIDString(vm_id)
+                    state = dom.state(0)[0]
+                    xml = dom.XMLDesc(0)
+                    memory = dom.maxMemory() * 1024
+                except libvirt.libvirtError:
+                    gone.append(vm_id)
+                    continue
+                if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+                    gone.append(vm_id)
+                    continue
+                record.xml = xml
+                reports.append({"uuid": vm_id, "name": record.name,
+                                "status": last_status(record.status, state),
+                                "has_ovirt_metadata": not is_external(xml),
+                                "memory": memory, "domxml": xml})
+        finally:
+            conn.close()
+        for vm_id in gone:
+            self.qemu_died(vm_id)
+        for entry, status in zip(reports, self.after_get_all_vm_stats(reports)):
+            entry["status"] = status
+        return reports
+
+    def after_get_all_vm_stats(self, reports: list[dict]) -> list[str]:
+        """API.getAllVmStats -> hooks.after_get_all_vm_stats: a JSON hook over VDSM's stats
+        list, errors ignored, the file read back with json.loads (a corrupt one raises);
+        returns each report's status after the hooks, in the engine's spelling."""
+        if not self.scripts("after_get_all_vm_stats"):
+            return [r["status"] for r in reports]
+        stats = [{"vmId": r["uuid"], "status": VDSM_STATUS[r["status"]]} for r in reports]
+        outcome = self.run_hooks("after_get_all_vm_stats", json.dumps(stats), None, {},
+                                 json_hook=True)
+        back = {e["vmId"]: e["status"] for e in json.loads(outcome.data)}
+        return [ENGINE_STATUS[back[r["uuid"]]] for r in reports]
 
     def _release(self, record: VmRecord) -> HooksOutcome:
         self.vms.pop(record.vm_id, None)

@@ -3,6 +3,13 @@ import os
 import pytest
 
 
+def pytest_report_header(config):
+    """Which QEMU the FT VMs of this run use, said up front (ftlab.qemubuild)."""
+    from ftlab import qemubuild
+
+    return [qemubuild.describe()]
+
+
 @pytest.fixture(scope="session")
 def libvirtd():
     """A reachable system libvirtd; started for the session if none runs."""

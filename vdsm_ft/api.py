@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from vdsm_ft.layout import Endpoints
+from vdsm_ft.qemu_probe import QemuCapability
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,11 @@ _REJECTED_BY_STATUS: dict[int, type[AgentRejected]] = {
 
 # ---------------------------------------------------------------- schema
 
+# The reason of a Not Protected survivor while its storage-domain image is behind
+# (vdsm_ft.copyback); the agent appends the progress, the poller keys one event on it.
+COPYING_BACK = "copying back to the storage domain"
+
+
 class VmState(str, enum.Enum):
     """Protection states, named as admins see them (CLI, engine events)."""
 
@@ -127,6 +133,8 @@ class VmState(str, enum.Enum):
     NOT_PROTECTED = "Not Protected"      # reason says why; the poller does not retry
     NEED_SECONDARY = "Need Secondary"    # protectable, waiting for a peer from the poller
     FAILING_OVER = "Failing Over"
+    # A survivor moves into a domain with the VM's own name, UUID and oVirt metadata.
+    TAKING_IDENTITY = "Taking Identity"
     DISABLED = "Disabled"                # protection off (unprotect) or suspended
     DOWN = "Down"
 
@@ -202,6 +210,11 @@ class Failover:
     # generation's live claim and the old primary's claim can no longer be renewed, so
     # the old primary cannot run this VM any more.
     old_primary_cannot_run: bool = False
+    # The survivor then moved into a domain with the VM's own identity (vdsm_ft/identity.py):
+    # the domain it runs in now, and how long the workload paused for that local migration.
+    # "" / None: not moved (it still runs as the secondary's domain).
+    domain: str = ""
+    identity_pause_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,7 +229,10 @@ class Failover:
             to_host=_check_id(_field(data, "to_host", str, what), f"{what}.to_host"),
             duration_ms=float(_field(data, "duration_ms", (int, float), what, nonneg=True)),
             old_primary_cannot_run=_field(data, "old_primary_cannot_run", bool, what,
-                                          default=False))
+                                          default=False),
+            domain=_field(data, "domain", str, what, default=""),
+            identity_pause_ms=_field(data, "identity_pause_ms", (int, float), what,
+                                     default=None, nonneg=True))
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,10 @@ class VmStatus:
     lag_seconds: float | None = None   # time since the last completed checkpoint
     failovers: int = 0
     last_failover: Failover | None = None
+    # After a failover onto a replica: when the copy-back made the storage-domain image
+    # current again (wall clock), for the failover counted in `failovers`; None: not yet
+    # or never needed.
+    image_current_at: float | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.vm_id, "vm_id")
@@ -300,7 +320,8 @@ class VmStatus:
                 nonneg=True)),
             lag_seconds=_opt_float(data, "lag_seconds", what),
             failovers=_field(data, "failovers", int, what, default=0, nonneg=True),
-            last_failover=Failover.from_dict(last) if last is not None else None)
+            last_failover=Failover.from_dict(last) if last is not None else None,
+            image_current_at=_opt_float(data, "image_current_at", what))
 
 
 def _opt_float(data: dict, key: str, what: str) -> float | None:
@@ -316,11 +337,15 @@ class HostStatus:
     replication_address: str      # where peers reach this host's QEMUs (replication net)
     agent_version: str
     vms: tuple[VmStatus, ...] = ()
+    # Whether its QEMU can do COLO (vdsm_ft.qemu_probe); None: not probed yet, or an
+    # agent older than the probe.
+    qemu: QemuCapability | None = None
 
     def to_dict(self) -> dict:
         return {"host_id": self.host_id, "replication_address": self.replication_address,
                 "agent_version": self.agent_version,
-                "vms": [v.to_dict() for v in self.vms]}
+                "vms": [v.to_dict() for v in self.vms],
+                "qemu": self.qemu.to_dict() if self.qemu else None}
 
     @classmethod
     def from_dict(cls, data: Any) -> HostStatus:
@@ -331,7 +356,17 @@ class HostStatus:
             host_id=_check_id(_field(data, "host_id", str, what), "host_id"),
             replication_address=_address(data, "replication_address", what),
             agent_version=_field(data, "agent_version", str, what),
-            vms=tuple(VmStatus.from_dict(v) for v in vms))
+            vms=tuple(VmStatus.from_dict(v) for v in vms),
+            qemu=_qemu(data.get("qemu"), what))
+
+
+def _qemu(data: Any, what: str) -> QemuCapability | None:
+    if data is None:
+        return None
+    try:
+        return QemuCapability.from_dict(data)
+    except ValueError as e:
+        raise BadRequest(f"{what}.qemu: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -368,6 +403,9 @@ class PrepareSecondary:
     are the primary's filter-mirror and colo-compare ports, one each per NIC.
     `colo_tls`: the primary runs COLO over TLS (`[agent] colo_tls_dir`); the peer
     refuses when its own setting differs, since either way the QEMUs could not talk.
+    `qemu_build` is the identity of the primary's QEMU (`vdsm_ft.emulator.Emulator.
+    identity`) and `machine` its machine type: the peer refuses a QEMU of another build
+    before it starts anything, and starts the secondary with the same machine type.
     """
 
     vm_id: str
@@ -380,10 +418,13 @@ class PrepareSecondary:
     mirror_ports: tuple[int, ...] = ()
     compare_ports: tuple[int, ...] = ()
     colo_tls: bool = False
+    qemu_build: str = ""
+    machine: str = ""
 
     def to_dict(self) -> dict:
         return {"name": self.name, "generation": self.generation,
-                "colo_tls": self.colo_tls,
+                "colo_tls": self.colo_tls, "qemu_build": self.qemu_build,
+                "machine": self.machine,
                 "primary": self.primary.to_dict(), "domain_xml": self.domain_xml,
                 "disks": [{"index": i, "size": s} for i, s in self.disks],
                 "nics": [{"index": i, "netdev": n, "mac": m} for i, n, m in self.nics],
@@ -420,6 +461,9 @@ class PrepareSecondary:
                    domain_xml=xml, disks=tuple(disks), nics=tuple(nics),
                    # Absent from an agent that predates TLS: it runs plain TCP.
                    colo_tls=_field(data, "colo_tls", bool, what, default=False),
+                   # Absent from an agent that predates [qemu] emulator: unknown.
+                   qemu_build=_field(data, "qemu_build", str, what, default=""),
+                   machine=_field(data, "machine", str, what, default=""),
                    **ports)
 
 

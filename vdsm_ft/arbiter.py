@@ -24,6 +24,8 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
+from vdsm_ft.qemu_probe import QemuCapability
+
 log = logging.getLogger(__name__)
 
 # THE TIMING RULE (docs/arbiter.md). A side that has not won the claim within
@@ -38,7 +40,7 @@ KILL_MARGIN_MS = 500
 API_PATH = "/v3/"
 PREFIX = "/vdsm-ft"
 PAIR_STATES = ("Starting", "Syncing", "Protected", "Not Protected", "Need Secondary",
-               "Failing Over", "Disabled", "Down")
+               "Failing Over", "Taking Identity", "Disabled", "Down")
 # A pair in this state has no live copy anywhere (stopped on purpose, or lost).
 DOWN = "Down"
 MAX_REASON = 1024
@@ -216,6 +218,74 @@ def claims_prefix(vm_id: str) -> str:
 def claim_key(vm_id: str, generation: int) -> str:
     # Zero-padded so that key order is generation order (used to prune old claims).
     return f"{claims_prefix(vm_id)}{_check_generation(generation):012d}"
+
+
+def host_key(host_id: str) -> str:
+    return f"{PREFIX}/hosts/{_check_name('host id', host_id)}"
+
+
+HOSTS_PREFIX = f"{PREFIX}/hosts/"
+
+
+def stale_image_key(vm_id: str) -> str:
+    # Not under pairs/ or claims/: delete_pair must not forget that the image is behind.
+    return f"{PREFIX}/stale-images/{_check_name('vm id', vm_id)}"
+
+
+@dataclass(frozen=True)
+class StaleImage:
+    """The VM's storage-domain image is behind (DESIGN.md D2): ``host`` won ``generation``
+    as its secondary at ``since`` (wall clock) and runs, or ran, the VM on its replica; the
+    copy-back onto the image has not finished. Written in the claim's own transaction, so
+    no write can reach the replica alone before the arbiter knows (vdsm_ft.imagestate)."""
+
+    vm_id: str
+    generation: int
+    host: str
+    since: float
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "StaleImage":
+        try:
+            body = json.loads(data)
+            mark = cls(vm_id=_check_name("vm id", body["vm_id"]),
+                       generation=_check_generation(body["generation"]),
+                       host=_check_name("host", body["host"]), since=float(body["since"]))
+        except (ValueError, TypeError, KeyError, InvalidArgument) as e:
+            raise CorruptRecord(f"stale-image mark is not valid: {e}: {data[:200]!r}") from e
+        return mark
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """What a host's agent publishes about the host; only that agent writes it."""
+
+    host_id: str
+    agent_version: str
+    qemu: QemuCapability | None       # can its QEMU do COLO (vdsm_ft.qemu_probe)
+    updated_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_name("host id", self.host_id)
+
+    def encode(self) -> bytes:
+        return json.dumps({"host_id": self.host_id, "agent_version": self.agent_version,
+                           "qemu": self.qemu.to_dict() if self.qemu else None,
+                           "updated_at": self.updated_at}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "HostRecord":
+        try:
+            body = json.loads(data)
+            qemu = body.get("qemu")
+            return cls(host_id=body["host_id"], agent_version=str(body["agent_version"]),
+                       qemu=QemuCapability.from_dict(qemu) if qemu is not None else None,
+                       updated_at=float(body.get("updated_at", 0.0)))
+        except (ValueError, TypeError, KeyError, AttributeError, InvalidArgument) as e:
+            raise CorruptRecord(f"host record is not valid: {e}: {data[:200]!r}") from e
 
 
 def leader_key(name: str) -> str:
@@ -701,6 +771,30 @@ class Arbiter:
                     [_delete(pair_key(vm_id)), _delete(prefix, _range_end(prefix))], [],
                     self._timeout(timeout))
 
+    # host records
+
+    def put_host(self, record: HostRecord, timeout: float | None = None) -> HostRecord:
+        """Publish the host's record (its own agent is the only writer: no compare)."""
+        stored = dataclasses.replace(record, updated_at=time.time())
+        key = host_key(record.host_id)
+        self._t.txn(f"write of {key}", [], [_put(key, stored.encode())], [],
+                    self._timeout(timeout))
+        return stored
+
+    def get_host(self, host_id: str, timeout: float | None = None) -> HostRecord | None:
+        key = host_key(host_id)
+        _, result = self._t.txn(f"read of {key}", [], [_get(key)], [], self._timeout(timeout))
+        kv = _ranges(result)[0]
+        return None if kv is None else HostRecord.decode(kv.value)
+
+    def hosts(self, timeout: float | None = None) -> list[HostRecord]:
+        """Every published host record, by host id."""
+        _, result = self._t.txn(f"read of {HOSTS_PREFIX}", [], [_get(HOSTS_PREFIX, prefix=True)],
+                                [], self._timeout(timeout))
+        kvs = result.get("responses", [{}])[0].get("response_range", {}).get("kvs") or []
+        return sorted((HostRecord.decode(base64.b64decode(kv.get("value", ""))) for kv in kvs),
+                      key=lambda r: r.host_id)
+
     # generations
 
     def begin_generation(self, vm_id: str, primary: str, secondary: str | None,
@@ -750,7 +844,8 @@ class Arbiter:
         _check_generation(generation)
         _check_name("host", host)
         key, gkey, ckey = pair_key(vm_id), generation_key(vm_id), claim_key(vm_id, generation)
-        claim = json.dumps({"host": host, "claimed_at": time.time()}).encode()
+        claimed_at = time.time()
+        claim = json.dumps({"host": host, "claimed_at": claimed_at}).encode()
         deadline = time.monotonic() + self._timeout(timeout)
         reads = [_get(key), _get(gkey), _get(ckey)]
         _, result = self._t.txn(f"read of claim {ckey}", [], reads, [],
@@ -771,17 +866,72 @@ class Arbiter:
                                      f"generation {generation} ({', '.join(record.members)})")
             # Succeeds only if nobody claimed this generation, the generation is still
             # current and the membership just checked still holds.
+            success = [_put(ckey, claim)]
+            if host == record.secondary:
+                # A secondary that wins runs on its replica from now on (D2).
+                success.append(_put(stale_image_key(vm_id), StaleImage(
+                    vm_id, generation, host, claimed_at).encode()))
             ok, result = self._t.txn(
                 f"claim {ckey}",
                 [_cmp_value(gkey, str(generation)), _cmp_create(ckey, 0),
                  _cmp_mod(key, kv.mod_revision)],
-                [_put(ckey, claim)], reads, max(0.001, deadline - time.monotonic()))
+                success, reads, max(0.001, deadline - time.monotonic()))
             if ok:
                 log.info("VM %s: %s won generation %d", vm_id, host, generation)
                 return True
             if time.monotonic() >= deadline:
                 raise ArbiterUnavailable(f"VM {vm_id}: claim of generation {generation} kept "
                                          "conflicting with concurrent writers")
+
+    # the storage-domain image
+
+    def stale_image(self, vm_id: str, timeout: float | None = None) -> StaleImage | None:
+        """The mark saying the VM's storage-domain image is behind, or None if it is
+        current (a linearizable read: None is an answer, not a guess)."""
+        key = stale_image_key(vm_id)
+        _, result = self._t.txn(f"read of {key}", [], [_get(key)], [], self._timeout(timeout))
+        kv = _ranges(result)[0]
+        return None if kv is None else StaleImage.decode(kv.value)
+
+    def image_current(self, vm_id: str, generation: int, host: str,
+                      timeout: float | None = None) -> None:
+        """``host``'s copy-back made the image current in ``generation``: drop its mark of
+        that generation or an earlier one (a later pairing began from a current image).
+        Another host's mark, or one of a later failover, stays (compare-and-delete on the
+        mark's revision)."""
+        _check_generation(generation)
+        _check_name("host", host)
+        key = stale_image_key(vm_id)
+        deadline = time.monotonic() + self._timeout(timeout)
+        while True:
+            _, result = self._t.txn(f"read of {key}", [], [_get(key)], [],
+                                    max(0.001, deadline - time.monotonic()))
+            kv = _ranges(result)[0]
+            mark = None if kv is None else StaleImage.decode(kv.value)
+            if mark is None or mark.host != host or mark.generation > generation:
+                return
+            ok, _ = self._t.txn(f"delete of {key}", [_cmp_mod(key, kv.mod_revision)],
+                                [_delete(key)], [], max(0.001, deadline - time.monotonic()))
+            if ok:
+                log.info("VM %s: storage-domain image current (generation %d)", vm_id,
+                         generation)
+                return
+            if time.monotonic() >= deadline:
+                raise ArbiterUnavailable(f"VM {vm_id}: stale-image mark kept changing")
+
+    def discard_stale_image(self, vm_id: str, timeout: float | None = None
+                            ) -> StaleImage | None:
+        """The admin's override (`ovirt-ft accept-stale-image`): forget the mark, so the
+        image as it is may start. Returns the mark that was dropped, or None."""
+        key = stale_image_key(vm_id)
+        _, result = self._t.txn(f"discard of {key}", [], [_get(key), _delete(key)], [],
+                                self._timeout(timeout))
+        kv = _ranges(result)[0]
+        mark = None if kv is None else StaleImage.decode(kv.value)
+        if mark is not None:
+            log.warning("VM %s: stale-image mark of generation %d (replica on %s) "
+                        "discarded by an admin", vm_id, mark.generation, mark.host)
+        return mark
 
     def live_holder(self, vm_id: str, generation: int,
                     timeout: float | None = None) -> str | None:
@@ -790,6 +940,25 @@ class Arbiter:
         _, result = self._t.txn(f"read of {ckey}", [], [_get(ckey)], [],
                                 self._timeout(timeout))
         return _claim_holder(_ranges(result)[0])
+
+    def live_claim(self, vm_id: str, generation: int,
+                   timeout: float | None = None) -> tuple[str, float] | None:
+        """(winner, claimed_at wall-clock seconds) of ``generation``, or None if unclaimed.
+
+        `claimed_at` is the winner's own clock, so only the winner may compare it with now
+        (the copy-back's fencing proof, vdsm_ft.copyback).
+        """
+        ckey = claim_key(vm_id, generation)
+        _, result = self._t.txn(f"read of {ckey}", [], [_get(ckey)], [],
+                                self._timeout(timeout))
+        kv = _ranges(result)[0]
+        holder = _claim_holder(kv)
+        if holder is None:
+            return None
+        try:
+            return holder, float(json.loads(kv.value)["claimed_at"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CorruptRecord(f"live claim has no claimed_at: {kv.value[:200]!r}") from e
 
     def other_member_live(self, vm_id: str, host: str,
                           timeout: float | None = None) -> str | None:
@@ -801,22 +970,33 @@ class Arbiter:
         secondary of the current generation is a standby, not a live copy: its start must
         not be refused by this check.)
         """
+        return self.start_check(vm_id, host, timeout)[0]
+
+    def start_check(self, vm_id: str, host: str, timeout: float | None = None
+                    ) -> tuple[str | None, StaleImage | None]:
+        """What the start hook asks, in one read: (`other_member_live`, `stale_image`)."""
         _check_name("host", host)
         key, prefix = pair_key(vm_id), claims_prefix(vm_id)
         _, result = self._t.txn(f"read of pair {vm_id}", [],
-                                [_get(key), _get(prefix, prefix=True, last=True)], [],
-                                self._timeout(timeout))
-        kv, ckv = _ranges(result)
-        if kv is None:
-            return None
-        record = PairRecord.decode(kv.value, kv.mod_revision)
-        if record.state == DOWN:
-            return None
-        live = record.primary
-        # The last claim key is the highest generation's; it counts only if current.
-        if ckv is not None and ckv.key == claim_key(vm_id, record.generation).encode():
-            live = _claim_holder(ckv) or live
-        return live if live != host else None
+                                [_get(key), _get(prefix, prefix=True, last=True),
+                                 _get(stale_image_key(vm_id))], [], self._timeout(timeout))
+        kv, ckv, skv = _ranges(result)
+        mark = None if skv is None else StaleImage.decode(skv.value)
+        return _live_other(vm_id, host, kv, ckv), mark
+
+
+def _live_other(vm_id: str, host: str, kv: _Kv | None, ckv: _Kv | None) -> str | None:
+    """`Arbiter.other_member_live` from the pair record and the last claim as read."""
+    if kv is None:
+        return None
+    record = PairRecord.decode(kv.value, kv.mod_revision)
+    if record.state == DOWN:
+        return None
+    live = record.primary
+    # The last claim key is the highest generation's; it counts only if current.
+    if ckv is not None and ckv.key == claim_key(vm_id, record.generation).encode():
+        live = _claim_holder(ckv) or live
+    return live if live != host else None
 
 
 class LeaderLease:

@@ -298,6 +298,9 @@ def add_network_filters(pri: Qmp, layout: VmLayout, ep: Endpoints,
                                               ep.compare_ports):
         position = ({"position": f"id={nic.rewriter}", "insert": "before"}
                     if before_rewriter else {})
+        # The same on every filter of the path, as on the secondary's (vdsm_ft/domxml.py):
+        # without it a virtio NIC's output is never compared (docs/qemu.md).
+        vnet = {"vnet_hdr_support": True}
         _add_socket(pri, nic.mirror_chardev, _inet(ep.primary_host, mirror_port), True,
                     creds)
         _add_socket(pri, nic.compare_sec_chardev, _inet(ep.primary_host, compare_port),
@@ -308,21 +311,21 @@ def add_network_filters(pri: Qmp, layout: VmLayout, ep: Endpoints,
             _add_socket(pri, client, addr, False)
         pri.execute("object-add", {"qom-type": "filter-mirror", "id": nic.filter_mirror,
                                    "netdev": nic.netdev, "queue": "tx",
-                                   "outdev": nic.mirror_chardev, **position})
+                                   "outdev": nic.mirror_chardev, **vnet, **position})
         pri.execute("object-add", {"qom-type": "filter-redirector",
                                    "id": nic.filter_redirect_in, "netdev": nic.netdev,
                                    "queue": "rx", "indev": nic.compare_out_chardevs[0],
-                                   **position})
+                                   **vnet, **position})
         pri.execute("object-add", {"qom-type": "filter-redirector",
                                    "id": nic.filter_redirect_out, "netdev": nic.netdev,
                                    "queue": "rx", "outdev": nic.compare_pri_chardevs[0],
-                                   **position})
+                                   **vnet, **position})
         pri.execute("object-add", {"qom-type": "iothread", "id": nic.iothread})
         pri.execute("object-add", {"qom-type": "colo-compare", "id": nic.compare,
                                    "primary_in": nic.compare_pri_chardevs[1],
                                    "secondary_in": nic.compare_sec_chardev,
                                    "outdev": nic.compare_out_chardevs[1],
-                                   "iothread": nic.iothread,
+                                   "iothread": nic.iothread, **vnet,
                                    "compare_timeout": COMPARE_TIMEOUT_MS,
                                    "expired_scan_cycle": EXPIRED_SCAN_CYCLE_MS})
 

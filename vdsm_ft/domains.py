@@ -63,14 +63,23 @@ def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
 
 
 def process_alive(pid: int) -> bool:
-    """True while `pid` runs. A dead QEMU stays in /proc as a zombie until its parent
-    (libvirtd, or init for a daemonized one) reaps it, which may take seconds."""
+    """True while any thread of `pid` runs. A dead QEMU stays in /proc as a zombie until
+    its parent (libvirtd, or init for a daemonized one) reaps it, which may take seconds;
+    and a killed QEMU's main thread turns zombie before its other threads have exited and
+    closed its files (its image locks with them)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
-    return state not in (b"Z", b"X")
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _net_ns(pid: str) -> tuple[int, int] | None:

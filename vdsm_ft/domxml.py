@@ -6,18 +6,25 @@ agent's private QMP monitor are passed through `<qemu:commandline>`; every name 
 comes from `layout`.
 
 Rules both roles follow, and why:
-- The engine's `<disk device='disk'>` elements are removed: the image is opened by our
-  `-blockdev` nodes, and libvirt must not open it a second time.
+- The engine's `<disk device='disk'>` elements stay, with their aliases (`ua-<uuid>`),
+  serials, addresses, boot order and error policy: the engine reads the disks back from
+  the live XML (`Host.dumpxmls`) and unplugs any managed disk missing there
+  (`VmDevicesMonitoring.handleRemovedDevices`, docs/engine-view.md). libvirt builds the
+  guest device from each, but the image is opened only by our `-blockdev` nodes: the
+  `<disk>` gets a harmless source (an empty raw file of its own in the VM's run dir,
+  `placeholder_path`, which the caller creates from the XML with vdsm_ft/runfiles.py) and
+  `<qemu:override>` points its device's `drive` at our node (`disks_on_nodes`, the one
+  place that does this for every role).
 - CD-ROMs and floppies stay libvirt devices on both sides. Their ISO is opened on the
   secondary's host too, so it must be reachable there (an ISO storage domain or the
   same path on every host).
-- libvirt does not know about a `-device` in `<qemu:commandline>` and hands its slot out
-  again (DESIGN.md). So every libvirt PCI device on pci.0 gets an explicit address here,
-  and disks without one get slots from the top of the bus, which libvirt fills last.
-  Assignment is deterministic: the same engine XML yields the same addresses on both
-  sides, which COLO needs (the migration stream carries device state by address).
+- Every libvirt PCI device on pci.0 gets an explicit address here, and disks without
+  one get slots from the top of the bus, which libvirt fills last (where the guest saw
+  them while the disk devices were our own `-device`s). Assignment is deterministic:
+  the same engine XML yields the same addresses on both sides, which COLO needs (the
+  migration stream carries device state by address).
 - Option values are escaped (`,` -> `,,`) in keyval options (-blockdev, -chardev,
-  -object); guest devices use QEMU's JSON syntax (see `_guest_device`).
+  -object).
 - NICs get `<driver name='qemu'/>` (vhost off): COLO's filters sit in QEMU's userspace
   net path (colo.md §11).
 
@@ -30,9 +37,7 @@ tests/integration/test_domxml_libvirt.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import uuid
 from dataclasses import dataclass
 
 from lxml import etree
@@ -40,11 +45,16 @@ from lxml import etree
 from vdsm_ft import layout
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# The source every engine disk gets in our XML: an empty raw file per disk in the VM's
+# run dir. Not /dev/null: libvirt would relabel the host's /dev/null (SELinux) where
+# qemu.conf has no mount namespace, which block storage domains need (docs/install.md).
+PLACEHOLDER_SUFFIX = ".placeholder"
+# libvirt cache modes whose guest device has write-cache=off.
+_WRITE_CACHE_OFF = ("writethrough", "directsync")
+# <driver> attributes the placeholder drops: it is raw, and O_DIRECT fails on tmpfs.
+_PLACEHOLDER_DROPS = ("type", "cache", "io", "copy_on_read")
 OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
-# Fixed namespace of the secondary's derived UUID (docs/engine-view.md). Never change
-# it: a running pair's secondary UUID is recomputed from it.
-FT_NAMESPACE = uuid.UUID("2fda9e63-be79-5fc0-aa87-dff200e760db")
-SECONDARY_SUFFIX = "-ft-secondary"
+SECONDARY_SUFFIX = layout.SECONDARY_SUFFIX
 # QEMU's COLO aborts the secondary at the first checkpoint on q35 until Lukas Straub's
 # fix ("colo: Fix crash during device vmstate load"), released with QEMU 11.0.
 Q35_COLO_FIXED = (11, 0, 0)
@@ -54,12 +64,6 @@ LEGACY_AGENT_CHANNEL = "com.redhat.rhevm.vdsm"
 
 _PCI_SLOTS = range(0x03, 0x20)          # 0 host bridge, 1 PIIX3, 2 primary video
 _VIDEO_SLOT = 0x02
-_ERROR_POLICY = {                       # libvirt error_policy -> (werror, rerror)
-    "stop": ("stop", "stop"),
-    "report": ("report", "report"),
-    "ignore": ("ignore", "ignore"),
-    "enospace": ("enospc", "report"),
-}
 
 
 class DomXmlError(Exception):
@@ -114,9 +118,6 @@ class _PciAddr:
     function: int = 0
     multifunction: bool = False
 
-    def qemu(self) -> str:
-        return f"0x{self.slot:x}.0x{self.function:x}"
-
 
 @dataclass(frozen=True)
 class _EngineDisk:
@@ -124,17 +125,10 @@ class _EngineDisk:
     image: str
     fmt: str
     block: bool
-    bus: str                  # "virtio" or "scsi"
-    pci: _PciAddr | None      # virtio: where the device sits
-    scsi: tuple[str, int, int, int] | None   # scsi: (controller id, bus, target, unit)
-    bootindex: str | None
-    serial: str | None
     cache_direct: bool
+    write_cache: bool         # the guest device's write-cache, from the cache mode
     aio: str | None
     discard: str | None
-    error_policy: str | None
-    queues: str | None
-    iothread: str | None
 
 
 @dataclass(frozen=True)
@@ -272,32 +266,21 @@ def _guest_disks(root: etree._Element) -> list[etree._Element]:
     return [d for d in root.iterfind("devices/disk") if d.get("device", "disk") == "disk"]
 
 
-def _disk_facts(root: etree._Element, disk: etree._Element, index: int,
-                pci: _PciAddr | None) -> _EngineDisk:
+def _disk_facts(root: etree._Element, disk: etree._Element, index: int) -> _EngineDisk:
     block = disk.get("type", "file") == "block"
     driver = disk.find("driver")
     drv = driver.attrib if driver is not None else {}
-    target = disk.find("target")
-    bus = target.get("bus", "virtio")
-    boot = disk.find("boot")
-    serial = disk.find("serial")
-    iothread = drv.get("iothread")
+    if disk.find("target").get("bus", "virtio") == "scsi":
+        _scsi_address(root, disk)           # refuses a SCSI controller that is not virtio
     return _EngineDisk(
         index=index,
         image=_source_path(disk, "dev" if block else "file"),
         fmt=drv.get("type", "raw"),
         block=block,
-        bus=bus,
-        pci=pci if bus == "virtio" else None,
-        scsi=_scsi_address(root, disk) if bus == "scsi" else None,
-        bootindex=boot.get("order") if boot is not None else None,
-        serial=serial.text if serial is not None and serial.text else None,
         cache_direct=drv.get("cache") in ("none", "directsync"),
+        write_cache=drv.get("cache") not in _WRITE_CACHE_OFF,
         aio={"native": "native", "io_uring": "io_uring"}.get(drv.get("io", "")),
         discard="unmap" if drv.get("discard") == "unmap" else None,
-        error_policy=drv.get("error_policy"),
-        queues=drv.get("queues"),
-        iothread=f"iothread{iothread}" if iothread else None,
     )
 
 
@@ -462,37 +445,59 @@ def _quorum(quorum: str, child: str) -> list[str]:
                                ("children.0", child))]
 
 
-def _guest_device(d: _EngineDisk, bus_name: str) -> list[str]:
-    """The guest's disk device, in JSON syntax.
+def placeholder_path(run_dir: str, domain_uuid: str, index: int) -> str:
+    """The empty file that stands as disk `index`'s source in the XML of domain
+    `domain_uuid` (its own: two domains of one VM may share a run dir, e.g. a survivor and
+    the domain it migrates into, and libvirt labels each domain's files for it)."""
+    return f"{run_dir.rstrip('/')}/{domain_uuid}-disk{index}{PLACEHOLDER_SUFFIX}"
 
-    QEMU 7.2 creates every keyval `-device` before any JSON one, and libvirt 9.0 passes
-    its devices as JSON; a keyval scsi-hd would look for its controller before libvirt's
-    virtio-scsi exists ("Bus '...' not found"). JSON keeps command-line order, and needs
-    no comma escaping.
+
+def placeholders(role_xml: str) -> list[str]:
+    """The placeholder files a role's XML (primary_xml, secondary_xml, identity_xml)
+    names: they must exist before libvirt starts it (vdsm_ft/runfiles.py)."""
+    root = _parse(role_xml)
+    return [d.find("source").get("file") for d in _guest_disks(root)
+            if d.find("source") is not None
+            and (d.find("source").get("file") or "").endswith(PLACEHOLDER_SUFFIX)]
+
+
+def disks_on_nodes(disk_elements: list[etree._Element], disks: list[_EngineDisk],
+                   nodes: list[str], run_dir: str, domain_uuid: str
+                   ) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Keep each engine `<disk>` for libvirt and the engine, with its device on our node.
+
+    Each element keeps its alias, serial, address, boot order, error policy, queues and
+    iothread, so libvirt builds the same guest device and `Host.dumpxmls` shows the disk
+    the engine manages; its source becomes its placeholder file in `run_dir`
+    (`placeholder_path`), so libvirt opens no image. Returns the `<qemu:override>` entries (alias, [(property, type, value)]) that
+    set the device's `drive` to `nodes[i]` (our block node for disk i), `share-rw` (host
+    side qemu-io through the quorum needs a shared writer, DESIGN.md) and the guest's
+    write-cache. Every role (primary, secondary, a later domain of the same VM) builds
+    its disks with this, from the same engine XML.
     """
-    ld = layout.Disk(index=d.index, image=d.image, size=0)
-    if d.bus == "virtio":
-        dev: dict[str, object] = {"driver": "virtio-blk-pci", "drive": ld.quorum, "id": ld.device,
-                                  "bus": bus_name, "addr": d.pci.qemu()}
-        if d.pci.multifunction:
-            dev["multifunction"] = True
-        if d.queues:
-            dev["num-queues"] = _int(d.queues, "disk queues")
-        if d.iothread:
-            dev["iothread"] = d.iothread
-    else:
-        ctrl, bus, target, unit = d.scsi
-        dev = {"driver": "scsi-hd", "drive": ld.quorum, "id": ld.device, "bus": f"{ctrl}.0",
-               "channel": bus, "scsi-id": target, "lun": unit}
-    # Host-side qemu-io through the quorum needs a shared writer (DESIGN.md).
-    dev["share-rw"] = True
-    if d.bootindex:
-        dev["bootindex"] = _int(d.bootindex, "boot order")
-    if d.serial:
-        dev["serial"] = d.serial
-    if d.error_policy in _ERROR_POLICY:
-        dev["werror"], dev["rerror"] = _ERROR_POLICY[d.error_policy]
-    return ["-device", json.dumps(dev, separators=(",", ":"))]
+    overrides = []
+    for el, d, node in zip(disk_elements, disks, nodes):
+        alias = el.find("alias")
+        if alias is None or not alias.get("name", "").startswith("ua-"):
+            # <qemu:override> finds devices by alias; a user alias must start with ua-.
+            if alias is not None:
+                el.remove(alias)
+            alias = etree.SubElement(el, "alias", name=f"ua-ft-disk{d.index}")
+        el.set("type", "file")
+        for child in el.findall("source") + el.findall("backingStore"):
+            el.remove(child)
+        source = etree.Element("source", file=placeholder_path(run_dir, domain_uuid, d.index))
+        driver = el.find("driver")
+        if driver is None:
+            driver = etree.SubElement(el, "driver", name="qemu")
+        for attr in _PLACEHOLDER_DROPS:
+            driver.attrib.pop(attr, None)
+        driver.set("type", "raw")
+        el.insert(list(el).index(driver) + 1, source)
+        overrides.append((alias.get("name"), [
+            ("drive", "string", node), ("share-rw", "bool", "true"),
+            ("write-cache", "string", "on" if d.write_cache else "off")]))
+    return overrides
 
 
 def _qmp_args(run_dir: str, root: etree._Element) -> list[str]:
@@ -503,18 +508,34 @@ def _qmp_args(run_dir: str, root: etree._Element) -> list[str]:
             "-mon", _opts(("chardev", layout.QMP_CHARDEV), ("mode", "control"))]
 
 
-def _prepare(engine_xml: str, qemu_version: tuple[int, int, int]
-             ) -> tuple[etree._Element, list[_EngineDisk], list[_EngineNic]]:
-    """Parse, refuse, pin addresses, drop the disks from libvirt, turn vhost off."""
+def _set_qemu(root: etree._Element, emulator: str | None, machine: str | None) -> None:
+    """The QEMU binary and machine type the FT VM runs on (both roles must agree)."""
+    if machine:
+        root.find("os/type").set("machine", machine)
+    if emulator:
+        devices = root.find("devices")
+        el = devices.find("emulator")
+        if el is None:
+            el = etree.Element("emulator")
+            devices.insert(0, el)
+        el.text = emulator
+
+
+def _prepare(engine_xml: str, qemu_version: tuple[int, int, int], emulator: str | None = None,
+             machine: str | None = None
+             ) -> tuple[etree._Element, list[etree._Element], list[_EngineDisk], list[_EngineNic]]:
+    """Parse, refuse, pin addresses, turn vhost off, and put the VM on `emulator` with
+    `machine` (when given); the disk elements are returned for `disks_on_nodes`."""
     root = _parse(engine_xml)
     _refuse_unsupported(root)
     _refuse_q35(root, qemu_version)
     disks_el = _guest_disks(root)
     pci = _assign_addresses(root, disks_el)
-    disks = [_disk_facts(root, el, i, pci.get(i)) for i, el in enumerate(disks_el)]
+    disks = [_disk_facts(root, el, i) for i, el in enumerate(disks_el)]
     nics = _nics(root)
-    for el in disks_el:
-        el.getparent().remove(el)
+    for i, el in enumerate(disks_el):
+        if i in pci and _pci_addr(el) is None:
+            _set_pci_address(el, pci[i])
     for iface, nic in zip(root.iterfind("devices/interface"), nics):
         if iface.find("mac") is None:
             iface.insert(0, etree.Element("mac", address=nic.mac))
@@ -524,10 +545,12 @@ def _prepare(engine_xml: str, qemu_version: tuple[int, int, int]
         driver.set("name", "qemu")
     if not _machine(root):
         root.find("os/type").set("machine", "pc")
-    return root, disks, nics
+    _set_qemu(root, emulator, machine)
+    return root, disks_el, disks, nics
 
 
-def _with_commandline(root: etree._Element, args: list[str]) -> str:
+def _with_commandline(root: etree._Element, args: list[str],
+                      overrides: list[tuple[str, list[tuple[str, str, str]]]]) -> str:
     nsmap = dict(root.nsmap)
     nsmap["qemu"] = QEMU_NS
     new = etree.Element(root.tag, attrib=dict(root.attrib), nsmap=nsmap)
@@ -538,32 +561,74 @@ def _with_commandline(root: etree._Element, args: list[str]) -> str:
     if old is not None:
         raise DomXmlError("the domain XML already has a <qemu:commandline>; another hook "
                           "(e.g. qemucmdline) must not be combined with ft=true")
+    if new.find(f"{{{QEMU_NS}}}override") is not None:
+        raise DomXmlError("the domain XML already has a <qemu:override>; another hook must "
+                          "not be combined with ft=true")
     cmd = etree.SubElement(new, f"{{{QEMU_NS}}}commandline")
     for arg in args:
         etree.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+    if overrides:
+        # libvirt >= 8.2 applies these to the JSON -device it builds (checked on 9.0).
+        override = etree.SubElement(new, f"{{{QEMU_NS}}}override")
+        for alias, props in overrides:
+            frontend = etree.SubElement(etree.SubElement(override, f"{{{QEMU_NS}}}device",
+                                                         alias=alias),
+                                        f"{{{QEMU_NS}}}frontend")
+            for name, kind, value in props:
+                etree.SubElement(frontend, f"{{{QEMU_NS}}}property", name=name, type=kind,
+                                 value=value)
     return etree.tostring(new, encoding="unicode")
 
 
-def _bus_name(root: etree._Element) -> str:
-    return "pcie.0" if _is_q35(_machine(root)) else "pci.0"
+def primary_xml(engine_xml: str, run_dir: str, qemu_version: tuple[int, int, int],
+                emulator: str | None = None, machine: str | None = None,
+                images: tuple[layout.Disk, ...] = (), incoming: bool = False) -> str:
+    """The COLO primary: the engine's VM with each disk on a one-child quorum node, run by
+    `emulator` with machine type `machine` when given (vdsm_ft.emulator.colo_machine).
 
-
-def primary_xml(engine_xml: str, run_dir: str, qemu_version: tuple[int, int, int]) -> str:
-    """The COLO primary: the engine's VM with each disk on a one-child quorum node."""
-    root, disks, _ = _prepare(engine_xml, qemu_version)
-    bus = _bus_name(root)
+    `images` replace the engine's images by index (a survivor's local replicas, see
+    `identity_xml`); `incoming` makes QEMU wait for a migration (`-incoming defer`).
+    """
+    root, disk_els, disks, _ = _prepare(engine_xml, qemu_version, emulator, machine)
+    by_index = {d.index: d for d in images}
     args: list[str] = []
     for d in disks:
-        ld = layout.Disk(index=d.index, image=d.image, size=0, fmt=d.fmt)
-        args += _format_nodes(ld.primary_child, d.image, d.fmt, d.block, d)
+        own = by_index.get(d.index)
+        image, fmt = (own.image, own.fmt) if own else (d.image, d.fmt)
+        block = image.startswith("/dev/") if own else d.block
+        ld = layout.Disk(index=d.index, image=image, size=0, fmt=fmt)
+        args += _format_nodes(ld.primary_child, image, fmt, block, d)
         args += _quorum(ld.quorum, ld.primary_child)
-        args += _guest_device(d, bus)
+    overrides = disks_on_nodes(disk_els, disks, [layout.QUORUM_FMT.format(d.index)
+                                                  for d in disks], run_dir,
+                               root.findtext("uuid").strip())
     args += _qmp_args(run_dir, root)
-    return _with_commandline(root, args)
+    if incoming:
+        args += ["-incoming", "defer"]
+    return _with_commandline(root, args, overrides)
+
+
+def identity_xml(engine_xml: str, run_dir: str, replicas: tuple[layout.Disk, ...],
+                 qemu_version: tuple[int, int, int], emulator: str | None = None,
+                 machine: str | None = None) -> str:
+    """The domain a survivor migrates into after a failover (vdsm_ft/identity.py).
+
+    It is the primary XML, so it carries the VM's own name, UUID and oVirt metadata
+    (VDSM adopts it as the VM, docs/engine-view.md), on this host's replicas, with none
+    of the secondary's network filters, waiting for the local migration. `emulator` and
+    `machine` must be the survivor's (the migration stream needs both equal).
+    """
+    root = _parse(engine_xml)
+    count = len(_guest_disks(root))
+    if sorted(d.index for d in replicas) != list(range(count)):
+        raise DomXmlError(f"the VM has {count} disks but replicas were given for indexes "
+                          f"{sorted(d.index for d in replicas)}")
+    return primary_xml(engine_xml, run_dir, qemu_version, emulator, machine,
+                       images=replicas, incoming=True)
 
 
 def secondary_uuid(vm_uuid: str, generation: int) -> str:
-    return str(uuid.uuid5(FT_NAMESPACE, f"{vm_uuid}/secondary/{generation}"))
+    return layout.secondary_uuid(vm_uuid, generation)
 
 
 def secondary_name(vm_name: str) -> str:
@@ -572,8 +637,12 @@ def secondary_name(vm_name: str) -> str:
 
 def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
                   endpoints: layout.Endpoints, generation: int,
-                  qemu_version: tuple[int, int, int], tls_dir: str | None = None) -> str:
+                  qemu_version: tuple[int, int, int], tls_dir: str | None = None,
+                  emulator: str | None = None, machine: str | None = None) -> str:
     """The COLO secondary, waiting for the primary's migration (`-incoming defer`).
+
+    `emulator` and `machine` as for `primary_xml`: the primary's machine type, on a QEMU
+    of the primary's build (the migration stream needs both equal).
 
     With `tls_dir` (a QEMU x509 creds dir) the mirror/compare sockets to the primary run
     over TLS; the client creds must exist before the -chardev that names them.
@@ -583,7 +652,7 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
     their overlays (qcow2, created by the caller with the replica's size), by index as
     `layout_from_domxml` numbers them; a replica under /dev/ is opened as a block device.
     """
-    root, edisks, nics = _prepare(engine_xml, qemu_version)
+    root, disk_els, edisks, nics = _prepare(engine_xml, qemu_version, emulator, machine)
     if len(disks) != len(edisks):
         raise DomXmlError(f"the VM has {len(edisks)} disks but {len(disks)} replicas were given")
     if len(endpoints.mirror_ports) != len(nics) or len(endpoints.compare_ports) != len(nics):
@@ -612,11 +681,13 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
             raise Unsupported("the VM has the legacy ovirt-guest-agent channel, which makes "
                               "VDSM adopt the secondary as an oVirt VM",
                               "run the VM in a 4.4 or later cluster (no legacy channel)")
-        src = chan.find("source")
-        # Host-side socket paths carry the VM UUID; the secondary needs its own.
-        if src is not None and src.get("path") and vm_uuid in src.get("path"):
-            src.set("path", src.get("path").replace(vm_uuid, sec_uuid))
-    bus = _bus_name(root)
+    # Host-side sockets and logs carry the VM UUID; the secondary needs its own, because
+    # after a failover the VM's own domain starts beside it (vdsm_ft/identity.py).
+    for char in (*devices.iterfind("channel"), *devices.iterfind("serial"),
+                 *devices.iterfind("console")):
+        for el, attr in ((char.find("source"), "path"), (char.find("log"), "file")):
+            if el is not None and vm_uuid in el.get(attr, ""):
+                el.set(attr, el.get(attr).replace(vm_uuid, sec_uuid))
     args: list[str] = []
     by_index = {d.index: d for d in disks}
     for ed in edisks:
@@ -632,7 +703,6 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
         args += ["-blockdev", _opts(("driver", "replication"), ("mode", "secondary"),
                                     ("top-id", d.quorum), ("file", active), ("node-name", repl))]
         args += _quorum(d.quorum, repl)
-        args += _guest_device(ed, bus)
     tls: tuple[tuple[str, object], ...] = ()
     if tls_dir is not None and nics:
         args += ["-object", "tls-creds-x509," + _opts(
@@ -641,22 +711,29 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
         tls = (("tls-creds", layout.TLS_CLIENT_ID),)
     for nic in nics:
         ln = layout.Nic(index=nic.index, netdev=nic.netdev, mac=nic.mac)
+        # A virtio NIC's frames carry the tap's virtio-net header; without
+        # vnet_hdr_support every filter parses them as non-IP, the rewriter never
+        # rewrites and colo-compare releases all output unchecked (docs/qemu.md, "The
+        # client's view at x-checkpoint-delay 2000"). Harmless on other NICs (length 0).
+        vnet = ("vnet_hdr_support", "on")
         for chardev, port in ((ln.red_in_chardev, endpoints.mirror_ports[nic.index]),
                               (ln.red_out_chardev, endpoints.compare_ports[nic.index])):
             args += ["-chardev", "socket," + _opts(("id", chardev), ("host", endpoints.primary_host),
                                                    ("port", port), ("reconnect", 1), *tls)]
         args += ["-object", "filter-redirector," + _opts(
             ("id", ln.filter_sec_in), ("netdev", ln.netdev), ("queue", "tx"),
-            ("indev", ln.red_in_chardev))]
+            ("indev", ln.red_in_chardev), vnet)]
         args += ["-object", "filter-redirector," + _opts(
             ("id", ln.filter_sec_out), ("netdev", ln.netdev), ("queue", "rx"),
-            ("outdev", ln.red_out_chardev))]
+            ("outdev", ln.red_out_chardev), vnet)]
         args += ["-object", "filter-rewriter," + _opts(
-            ("id", ln.rewriter), ("netdev", ln.netdev), ("queue", "all"))]
+            ("id", ln.rewriter), ("netdev", ln.netdev), ("queue", "all"), vnet)]
     args += _qmp_args(run_dir, root)
     args += ["-smbios", "type=1," + _opts(("uuid", vm_uuid))]
     args += ["-incoming", "defer"]
-    return _with_commandline(root, args)
+    overrides = disks_on_nodes(disk_els, edisks, [layout.QUORUM_FMT.format(d.index)
+                                                   for d in edisks], run_dir, sec_uuid)
+    return _with_commandline(root, args, overrides)
 
 
 def layout_from_domxml(engine_xml: str, run_dir: str) -> layout.VmLayout:
@@ -672,6 +749,11 @@ def layout_from_domxml(engine_xml: str, run_dir: str) -> layout.VmLayout:
     nics = tuple(layout.Nic(index=n.index, netdev=n.netdev, mac=n.mac) for n in _nics(root))
     return layout.VmLayout(vm_id=root.findtext("uuid").strip(), name=root.findtext("name"),
                            run_dir=run_dir, disks=disks, nics=nics)
+
+
+def engine_machine(engine_xml: str) -> str:
+    """The machine type the engine asked for ("" when it named none)."""
+    return _machine(_parse(engine_xml))
 
 
 def ft_property(engine_xml: str) -> str | None:

@@ -11,6 +11,7 @@ all under /v1/hooks/vms/<vm id>/:
 | POST started   | after_vm_start   | {"live_xml": str or null} | {} |
 | POST stopping  | before_vm_destroy: an intentional stop; tear the pair down | none | {} |
 | POST destroyed | after_vm_destroy: stopped, or QEMU died (the agent decides) | none | {} |
+| POST image     | before_vm_start, ft unset or false: may a normal start read the VM's storage-domain image? | {"ft": "false" or null} | {"log": str}; 409 while it is behind |
 
 `prepare` is the whole of before_vm_start's work, done by the agent, which has lxml, the
 etcd client and QEMU's version warm (docs/hooks.md). Errors: 4xx/5xx
@@ -46,8 +47,11 @@ MAX_HEADERS = 32
 SERVER_SOCKET_TIMEOUT = 10.0
 JSON_TYPE = "application/json"
 SOCKET_MODE = 0o660
-ACTIONS = ("prepare", "started", "stopping", "destroyed")
+ACTIONS = ("prepare", "started", "stopping", "destroyed", "image")
 REFUSED = "refused"
+# prepare refused because this host's QEMU cannot do COLO: the hook applies
+# `[hooks] qemu_incapable` (refuse, or start the VM as an ordinary one).
+QEMU_INCAPABLE = "qemu_incapable"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             409: "Conflict", 500: "Internal Server Error"}
 
@@ -115,6 +119,16 @@ class HookClient:
 
     def started(self, vm_id: str, live_xml: str | None = None) -> None:
         self._post(vm_id, "started", {"live_xml": live_xml})
+
+    def image(self, vm_id: str, ft: str | None) -> str:
+        """before_vm_start without FT: AgentRefused while the VM's storage-domain image is
+        behind (vdsm_ft.imagestate); else what vdsm.log should say ("" if current)."""
+        answer = self._post(vm_id, "image", {"ft": ft})
+        log = answer.get("log")
+        if not isinstance(log, str):
+            raise AgentUnreachable(f"{self._what} answered image for VM {vm_id} without "
+                                   "a log line")
+        return log
 
     def stopping(self, vm_id: str) -> None:
         self._post(vm_id, "stopping", None)
@@ -215,6 +229,12 @@ class HookBackend(ABC):
         on, and return the primary XML. The VM is about to start."""
 
     @abstractmethod
+    def image(self, vm_id: str, ft: str | None) -> str:
+        """before_vm_start, ft unset or false: raise AgentRefused while the VM's
+        storage-domain image is behind (vdsm_ft.imagestate.decide), else return the log
+        line. Quick: one bounded etcd read."""
+
+    @abstractmethod
     def started(self, vm_id: str, live_xml: str | None) -> None:
         """after_vm_start: the domain runs; `live_xml` is libvirt's live XML."""
 
@@ -266,6 +286,11 @@ class _Handler(socketserver.StreamRequestHandler):
         backend = self.server.backend
         if action == "prepare":
             return {"primary_xml": backend.prepare(vm_id, _text_field(body, "engine_xml"))}
+        if action == "image":
+            ft = body.get("ft")
+            if ft not in (None, "false"):
+                raise BadHookRequest("ft must be \"false\" or null")
+            return {"log": backend.image(vm_id, ft)}
         if action == "started":
             backend.started(vm_id, _text_field(body, "live_xml", nullable=True))
         elif action == "stopping":

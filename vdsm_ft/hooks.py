@@ -5,10 +5,12 @@ holding the host config, the agent client and the arbiter) and returns a `HookRe
 the exit code, the new domain XML or None (unchanged), and a message for vdsm.log. Exit
 codes and their effect per hook point: research/ovirt.md §1.3; decisions: docs/hooks.md.
 
-A VM without `ft=true` costs nothing: no config is read, no agent or etcd is asked, and
-the heavy modules (lxml, the etcd client) are not imported. For an ft=true VM the start
-hook hands its work (`prepare_primary`) to the agent, which has them warm; the hook does
-it itself only when the agent is unreachable. VDSM gives hooks no timeout, so every call
+A start without `ft=true` asks one question, whether the VM's storage-domain image is
+current (after a failover it is behind until the copy-back: vdsm_ft/imagestate.py), of the
+local agent over its unix socket; the heavy modules (lxml, the etcd client) are not
+imported unless the agent does not answer. The other hook points cost a VM without FT
+nothing. For an ft=true VM the start hook hands its work (`prepare_primary`) to the agent,
+which has them warm; the hook does it itself only when the agent is unreachable. VDSM gives hooks no timeout, so every call
 out of the process here has its own bound.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import pwd
 import re
 import stat
-import subprocess
 import sys
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
@@ -26,21 +27,24 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
 from vdsm_ft import hooking
 
 if TYPE_CHECKING:
+    from vdsm_ft.arbiter import StaleImage
+    from vdsm_ft.emulator import Emulator
     from vdsm_ft.hookapi import AgentUnreachable, HookClient
     from vdsm_ft.hostconfig import HostConfig
 
 FT_ENV = "ft"
 VM_ID_ENV = "vmId"
-QEMU_VERSION_TIMEOUT = 5.0
-# Where QEMU lives when the domain XML has no <emulator>: Debian, then EL.
-QEMU_BINARIES = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/qemu-kvm")
-_QEMU_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
+_MACHINE_RE = re.compile(r"""<type\b[^>]*\bmachine=["']([^"']+)["']""")
+_EMULATOR_RE = re.compile(r"<emulator>\s*([^<\s]+)\s*</emulator>")
 
 MIGRATE_REFUSED = ("vdsm-ft: FT VMs are not live-migrated by the engine; use "
                    "`ovirt-ft migrate-secondary` or disable FT (ft=false) first")
 HIBERNATE_REFUSED = ("vdsm-ft: an FT VM cannot be suspended (hibernated): the saved state "
                      "would leave its COLO pair behind. Disable FT (ft=false), or shut the "
                      "VM down instead")
+PAUSE_REFUSED = ("vdsm-ft: a protected VM cannot be paused: COLO restarts its guest at the "
+                 "next checkpoint, so the pause would not hold. Disable FT (ft=false) "
+                 "first, or shut the VM down instead")
 DEHIBERNATE_REFUSED = ("vdsm-ft: an FT VM cannot be restored from a suspended state or a "
                        "memory snapshot: VDSM ignores before_vm_start on that path, so the "
                        "restored VM would not be prepared for protection. Restore it with "
@@ -56,8 +60,10 @@ class HookResult(NamedTuple):
 class LiveCheck(Protocol):
     """The part of `vdsm_ft.arbiter.Arbiter` the start hook uses."""
 
-    def other_member_live(self, vm_id: str, host: str,
-                          timeout: float | None = None) -> str | None: ...
+    def start_check(self, vm_id: str, host: str, timeout: float | None = None
+                    ) -> "tuple[str | None, StaleImage | None]": ...
+
+    def stale_image(self, vm_id: str, timeout: float | None = None) -> "StaleImage | None": ...
 
 
 class HookError(Exception):
@@ -68,50 +74,6 @@ class StartRefused(Exception):
     """before_vm_start must refuse the start; the message says why and what to do."""
 
 
-def _qemu_binary(emulator: str | None) -> str:
-    if emulator:
-        return emulator
-    for path in QEMU_BINARIES:
-        if os.path.exists(path):
-            return path
-    raise HookError("no QEMU binary found (looked for " + ", ".join(QEMU_BINARIES) + ")")
-
-
-def qemu_version(emulator: str | None = None, timeout: float = QEMU_VERSION_TIMEOUT
-                 ) -> tuple[int, int, int]:
-    """The version of the QEMU that will run the VM, from `<emulator> --version`."""
-    binary = _qemu_binary(emulator)
-    try:
-        proc = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                              timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HookError(f"cannot ask {binary} for its version: {e}") from None
-    m = _QEMU_VERSION_RE.search(proc.stdout)
-    if proc.returncode != 0 or not m:
-        raise HookError(f"{binary} --version gave no version: "
-                        f"{(proc.stdout + proc.stderr).strip()[:200]!r}")
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
-
-
-class CachedQemuVersion:
-    """`qemu_version` for the agent, which prepares every start: QEMU is asked again only
-    when its binary changed (an upgrade replaces the file)."""
-
-    def __init__(self) -> None:
-        self._known: dict[tuple[str, int, int], tuple[int, int, int]] = {}
-
-    def __call__(self, emulator: str | None) -> tuple[int, int, int]:
-        binary = _qemu_binary(emulator)
-        try:
-            st = os.stat(binary)
-        except OSError:
-            return qemu_version(binary)         # fails, saying why
-        key = (binary, st.st_ino, st.st_mtime_ns)
-        if key not in self._known:
-            self._known[key] = qemu_version(binary)
-        return self._known[key]
-
-
 class HookContext:
     """The outside parts a hook talks to, each made on first use (so a VM without FT never
     reads the config or touches the network). The agent passes its own (warm) ones in for
@@ -119,7 +81,7 @@ class HookContext:
 
     def __init__(self, env: Mapping[str, str], *, config: "HostConfig | None" = None,
                  agent: "HookClient | None" = None, arbiter: LiveCheck | None = None,
-                 qemu_probe: Callable[[str | None], tuple[int, int, int]] | None = None):
+                 emulators: "Callable[[str], Emulator] | None" = None):
         self.env = env
         if config is not None:
             self.__dict__["config"] = config
@@ -127,7 +89,14 @@ class HookContext:
             self.__dict__["agent"] = agent
         if arbiter is not None:
             self.__dict__["arbiter"] = arbiter
-        self.qemu_version = qemu_probe or qemu_version
+        self._emulators = emulators
+
+    def emulator(self, binary: str) -> "Emulator":
+        """What the QEMU binary is (the agent passes its cache; the hook asks it once)."""
+        if self._emulators is None:
+            from vdsm_ft.emulator import identify
+            self._emulators = identify
+        return self._emulators(binary)
 
     @cached_property
     def config(self) -> "HostConfig":
@@ -148,7 +117,7 @@ class HookContext:
 
 
 def _no_ft(env: Mapping[str, str]) -> bool:
-    """The fast path: ft unset or false, decided before anything heavy is imported."""
+    """ft unset or false: decided before anything heavy is imported."""
     return env.get(FT_ENV) in (None, "false")
 
 
@@ -211,9 +180,17 @@ def _check_engine_xml(xml: str, vm_id: str) -> str | None:
     return None
 
 
-def _emulator(xml: str) -> str | None:
-    m = re.search(r"<emulator>\s*([^<\s]+)\s*</emulator>", xml)
-    return m.group(1) if m else None
+def qemu_summary(engine_xml: str, new_xml: str) -> str:
+    """For the hook's log: " (on QEMU, machine type A mapped to B)", or "" when the new
+    XML names neither."""
+    machine = _MACHINE_RE.search(engine_xml)
+    mapped = _MACHINE_RE.search(new_xml)
+    emulator = _EMULATOR_RE.search(new_xml)
+    if not (mapped and emulator):
+        return ""
+    was, now = (machine.group(1) if machine else "(none)"), mapped.group(1)
+    change = f"machine type {was} mapped to {now}" if was != now else f"machine type {now}"
+    return f" (on {emulator.group(1)}, {change})"
 
 
 ENGINE_XML = "engine.xml"
@@ -253,9 +230,10 @@ def _owned_run_dir(config: "HostConfig", vm_id: str) -> str:
 
 def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
     """Prepare an ft=true VM as a COLO primary: the agent does it, or this process when
-    the agent is unreachable; see docs/hooks.md."""
+    the agent is unreachable; see docs/hooks.md. Any other start goes on unless the VM's
+    storage-domain image is behind (`normal_start`)."""
     if _no_ft(env):
-        return HookResult(hooking.OK, None, "")
+        return normal_start(env, ctx)
     from vdsm_ft import hookapi, hostconfig
     refusal = _invalid_ft(env)
     if refusal:
@@ -270,21 +248,94 @@ def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookR
     try:
         new_xml = ctx.agent.prepare(vm_id, xml)
     except hookapi.AgentRefused as e:
+        if e.code == hookapi.QEMU_INCAPABLE:
+            return _qemu_incapable(config, vm_id, e.message)
         if e.code != hookapi.REFUSED:       # the request itself, not the VM, was refused
             return _refuse(f"VM {vm_id} not started: the vdsm-ft agent refused it: "
                            f"{e.message}")
         return _refuse(e.message)
     except hookapi.AgentUnreachable as e:
         return _prepare_here(ctx, config, vm_id, xml, e)
-    return HookResult(hooking.OK, new_xml, f"vdsm-ft: VM {vm_id} prepared as COLO primary "
-                                           "and registered with the agent")
+    return HookResult(hooking.OK, new_xml, f"vdsm-ft: VM {vm_id} prepared as COLO primary"
+                                           f"{qemu_summary(xml, new_xml)} and registered "
+                                           "with the agent")
+
+
+def normal_start(env: Mapping[str, str], ctx: HookContext) -> HookResult:
+    """A start without FT boots the image the engine names: refused while that image is
+    behind its replica after a failover (vdsm_ft.imagestate). The agent answers with etcd
+    warm; without it this process asks etcd itself (cold, but only then)."""
+    from vdsm_ft import hookapi, hostconfig, imagestate
+    ft = env.get(FT_ENV)
+    try:
+        vm_id = _vm_id(env)
+        try:
+            config = ctx.config
+        except hostconfig.ConfigError as e:
+            message = imagestate.decide(vm_id, ft, unknown=f"no usable vdsm-ft config: {e}")
+            return HookResult(hooking.OK, None, message)
+        try:
+            message = ctx.agent.image(vm_id, ft)
+        except hookapi.AgentRefused as e:
+            raise imagestate.ImageStale(e.message) from None
+        except hookapi.AgentUnreachable as e:
+            message = _image_from_etcd(ctx, vm_id, ft, f"{e}; {config.path}")
+    except HookError as e:
+        # VDSM always passes vmId; without one nothing can be checked.
+        return _refuse(str(e)) if ft == "false" else HookResult(hooking.OK, None,
+                                                               f"vdsm-ft: WARNING: {e}")
+    except imagestate.ImageStale as e:
+        return _refuse(str(e))
+    return HookResult(hooking.OK, None, message)
+
+
+def _image_from_etcd(ctx: HookContext, vm_id: str, ft: str | None, no_agent: str) -> str:
+    """`imagestate.decide` on etcd's answer, asked from here: the agent did not answer."""
+    from vdsm_ft import imagestate
+    try:
+        from vdsm_ft.arbiter import ArbiterError
+        mark = ctx.arbiter.stale_image(vm_id)
+    except ImportError as e:
+        return imagestate.decide(vm_id, ft, unknown=f"{no_agent}; the etcd client is not "
+                                 f"installed ({e})")
+    except ArbiterError as e:
+        return imagestate.decide(vm_id, ft, unknown=f"{no_agent}; and etcd: {e}")
+    return imagestate.decide(vm_id, ft, mark=mark)
+
+
+def _qemu_incapable(config: "HostConfig", vm_id: str, reason: str) -> HookResult:
+    """This host's QEMU cannot do COLO: `[hooks] qemu_incapable` says what happens."""
+    from vdsm_ft import hostconfig
+    if config.qemu_incapable == hostconfig.REFUSE:
+        return _refuse(f"{reason}. The start with ft=true is refused on this host "
+                       f"([hooks] qemu_incapable = refuse in {config.path}); start the VM "
+                       "on a host whose QEMU can do COLO")
+    return HookResult(hooking.OK, None,
+                      f"vdsm-ft: WARNING: VM {vm_id} starts unprotected, as an ordinary VM: "
+                      f"{reason} ([hooks] qemu_incapable = start_unprotected in "
+                      f"{config.path})")
+
+
+def _kept_probe(config: "HostConfig") -> str | None:
+    """The agent's kept QEMU probe says this QEMU cannot do COLO: its reason (a result
+    for another binary, or made before the binary changed, says nothing)."""
+    from vdsm_ft import qemu_probe
+    kept = qemu_probe.load(config.state_dir)
+    if kept is None or kept.capable or kept.path != config.qemu_emulator \
+            or not kept.current():
+        return None
+    return kept.reason
 
 
 def _prepare_here(ctx: HookContext, config: "HostConfig", vm_id: str, xml: str,
                   unreachable: "AgentUnreachable") -> HookResult:
-    """The agent's work done here (cold: lxml, the etcd client, a QEMU subprocess), then
-    `[hooks] agent_unreachable` decides whether the VM starts unprotected."""
+    """The agent's work done here (cold: lxml, the etcd client, asking the QEMU binary),
+    then `[hooks] agent_unreachable` decides whether the VM starts unprotected. The hook
+    starts no QEMU: whether it can do COLO comes from the agent's kept probe."""
     from vdsm_ft import hostconfig
+    incapable = _kept_probe(config)
+    if incapable:
+        return _qemu_incapable(config, vm_id, f"VM {vm_id}: {incapable}")
     try:
         new_xml = prepare_primary(ctx, vm_id, xml)
     except StartRefused as e:
@@ -295,9 +346,9 @@ def _prepare_here(ctx: HookContext, config: "HostConfig", vm_id: str, xml: str,
                           f"FT starts without the agent ([hooks] agent_unreachable = refuse "
                           f"in {config.path}). Start vdsm-ft-agent, then start again")
     return HookResult(hooking.OK, new_xml,
-                      f"vdsm-ft: WARNING: VM {vm_id} starts prepared for protection but "
-                      f"unprotected: {unreachable}. Protection begins when the agent is back "
-                      "(it finds the VM by itself)")
+                      f"vdsm-ft: WARNING: VM {vm_id} starts prepared for protection"
+                      f"{qemu_summary(xml, new_xml)} but unprotected: {unreachable}. "
+                      "Protection begins when the agent is back (it finds the VM by itself)")
 
 
 def prepare_primary(ctx: HookContext, vm_id: str, xml: str) -> str:
@@ -305,7 +356,7 @@ def prepare_primary(ctx: HookContext, vm_id: str, xml: str) -> str:
     COLO primary, ask the arbiter, make the run dir and keep the engine XML there. Returns
     the primary XML; raises `StartRefused`. The agent runs it for the hook (warm), the hook
     itself only when the agent is unreachable."""
-    from vdsm_ft import domxml
+    from vdsm_ft import domxml, emulator
     try:
         problem = _check_engine_xml(xml, vm_id)
     except domxml.DomXmlError as e:
@@ -315,19 +366,31 @@ def prepare_primary(ctx: HookContext, vm_id: str, xml: str) -> str:
     config = ctx.config
     try:
         # Local refusals first: they need no etcd.
-        new_xml = domxml.primary_xml(xml, config.vm_run_dir(vm_id),
-                                     ctx.qemu_version(_emulator(xml)))
+        emu = ctx.emulator(config.qemu_emulator)
+        machine = emulator.colo_machine(domxml.engine_machine(xml), emu)
+        new_xml = domxml.primary_xml(xml, config.vm_run_dir(vm_id), emu.version,
+                                     emulator=emu.path, machine=machine)
     except domxml.Unsupported as e:
         raise StartRefused(f"VM {vm_id}: {e}") from None
-    except (HookError, domxml.DomXmlError) as e:
+    except (HookError, domxml.DomXmlError, emulator.EmulatorError) as e:
         raise StartRefused(f"VM {vm_id} cannot be prepared for fault tolerance: {e}") from None
     _check_arbiter(ctx, vm_id, config.host_id)
     try:
         run_dir = _owned_run_dir(config, vm_id)
         _keep_engine_xml(run_dir, xml)
+        _placeholders(run_dir, new_xml)
     except HookError as e:
         raise StartRefused(f"VM {vm_id} cannot be prepared for fault tolerance: {e}") from None
     return new_xml
+
+
+def _placeholders(run_dir: str, primary_xml: str) -> None:
+    """The disks' placeholder sources the primary XML names (vdsm_ft/runfiles.py)."""
+    from vdsm_ft import runfiles
+    try:
+        runfiles.make_placeholders(primary_xml)
+    except OSError as e:
+        raise HookError(f"cannot create the disk placeholders in {run_dir}: {e}") from None
 
 
 def _keep_engine_xml(run_dir: str, xml: str) -> None:
@@ -346,10 +409,11 @@ def _keep_engine_xml(run_dir: str, xml: str) -> None:
 
 
 def _check_arbiter(ctx: HookContext, vm_id: str, host: str) -> None:
-    """Refuse when another member of the pair is live, or when etcd cannot tell us."""
+    """Refuse when another member of the pair is live, when the VM's storage-domain
+    image is behind (vdsm_ft.imagestate), or when etcd cannot tell us."""
     try:
         from vdsm_ft import arbiter as arb
-        live = ctx.arbiter.other_member_live(vm_id, host)
+        live, mark = ctx.arbiter.start_check(vm_id, host)
     except ImportError as e:
         raise StartRefused(f"VM {vm_id} not started: the etcd client is not installed "
                            f"({e}); install the vdsm-ft host package's dependencies") from None
@@ -358,6 +422,10 @@ def _check_arbiter(ctx: HookContext, vm_id: str, host: str) -> None:
                            f"another copy of it is live, and starting blind could make two: "
                            f"{e}. Fix etcd (or this host's [etcd] endpoints in "
                            f"{ctx.config.path}), then start again") from None
+    if mark is not None:
+        # An ft=true start boots the engine's image too (as the primary's disk).
+        from vdsm_ft import imagestate
+        raise StartRefused(imagestate.stale_reason(vm_id, mark))
     if live is not None:
         raise StartRefused(f"VM {vm_id} not started: its live copy runs on host {live} (per "
                            "the arbiter), and a second copy would split the VM's brain. If "
@@ -416,6 +484,10 @@ def before_vm_dehibernate(env: Mapping[str, str], xml: str, ctx: HookContext) ->
     return _refuse_for_ft(env, DEHIBERNATE_REFUSED)
 
 
+def before_vm_pause(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookResult:
+    return _refuse_for_ft(env, PAUSE_REFUSED)
+
+
 HOOK_POINTS: dict[str, Callable[[Mapping[str, str], str, HookContext], HookResult]] = {
     "before_vm_start": before_vm_start,
     "after_vm_start": after_vm_start,
@@ -424,12 +496,13 @@ HOOK_POINTS: dict[str, Callable[[Mapping[str, str], str, HookContext], HookResul
     "after_vm_destroy": after_vm_destroy,
     "before_vm_hibernate": before_vm_hibernate,
     "before_vm_dehibernate": before_vm_dehibernate,
+    "before_vm_pause": before_vm_pause,
 }
 # before_vm_destroy gets no XML from VDSM (research/ovirt.md §1.4).
 _NO_XML = ("before_vm_destroy",)
 # Where an unexpected error must stop the operation rather than let it go on unchecked.
 _FAIL_CLOSED = ("before_vm_start", "before_vm_migrate_source", "before_vm_hibernate",
-                "before_vm_dehibernate")
+                "before_vm_dehibernate", "before_vm_pause")
 
 
 def run(hook_point: str) -> int:

@@ -15,6 +15,9 @@ required)::
     [etcd]
     endpoints = https://etcd1:2379, https://etcd2:2379, https://etcd3:2379
 
+    [qemu]
+    emulator = /usr/libexec/vdsm-ft/qemu-system-x86_64
+
     [hooks]
     agent_unreachable = start_unprotected
 """
@@ -32,6 +35,8 @@ from urllib.parse import urlsplit
 DEFAULT_PATH = "/etc/vdsm-ft/agent.conf"
 PATH_ENV = "VDSM_FT_CONFIG"
 DEFAULT_API_PORT = 54329      # vdsm_ft.api.DEFAULT_PORT; repeated so hooks need not import it
+# The project's COLO QEMU, as packaging/qemu/vdsm-ft-qemu.spec installs it (docs/qemu.md).
+DEFAULT_EMULATOR = "/usr/libexec/vdsm-ft/qemu-system-x86_64"
 START_UNPROTECTED = "start_unprotected"
 REFUSE = "refuse"
 AGENT_UNREACHABLE_POLICIES = (START_UNPROTECTED, REFUSE)
@@ -97,6 +102,9 @@ class HostConfig:
     replica_dir: str = "/var/lib/vdsm-ft/replicas"      # the secondary's disk copies (D2)
     overlay_dir: str = "/dev/shm/vdsm-ft"               # active/hidden overlays, on tmpfs
     overlay_size_cap: int = 4 << 30                     # bytes of overlays allowed on this host
+    # Copy-back after a failover (vdsm_ft.copyback), bytes/s; 0: unlimited. The default
+    # leaves the guest and the next resync most of a storage link.
+    copyback_rate: int = 64 << 20
     qemu_user: str = field(default_factory=default_qemu_user)
     libvirt_uri: str = "qemu:///system"
     # SASL login to libvirtd (oVirt: vdsm@ovirt, /etc/pki/vdsm/keys/libvirt_password);
@@ -115,7 +123,12 @@ class HostConfig:
     # QEMU x509 creds dir for COLO's migration, NBD and mirror/compare sockets; None:
     # plain TCP. Both hosts of a pair must agree (prepare-secondary checks).
     colo_tls_dir: str | None = None
+    # The QEMU that runs FT VMs (both roles): the <emulator> of the primary and secondary.
+    qemu_emulator: str = DEFAULT_EMULATOR
     agent_unreachable: str = START_UNPROTECTED          # before_vm_start policy (docs/hooks.md)
+    # before_vm_start on a host whose QEMU cannot do COLO (vdsm_ft.qemu_probe): refuse, so
+    # that the engine starts the VM on another host, or start it as an ordinary VM.
+    qemu_incapable: str = REFUSE
     agent_timeout: float = 2.0                          # total bound of one hook -> agent call
 
     def vm_run_dir(self, vm_id: str) -> str:
@@ -191,6 +204,16 @@ def _size(v: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
 
 
+def _rate(v: str) -> int:
+    if v.strip() == "0":
+        return 0
+    try:
+        return _size(v)
+    except ValueError:
+        raise ValueError("bytes per second, with K, M or G (e.g. 64M), or 0 for "
+                         "unlimited") from None
+
+
 def _policy(v: str) -> str:
     if v not in AGENT_UNREACHABLE_POLICIES:
         raise ValueError(" or ".join(AGENT_UNREACHABLE_POLICIES))
@@ -235,6 +258,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("storage", "replica_dir"): ("replica_dir", _path),
     ("storage", "overlay_dir"): ("overlay_dir", _path),
     ("storage", "overlay_size_cap"): ("overlay_size_cap", _size),
+    ("storage", "copyback_rate"): ("copyback_rate", _rate),
     ("libvirt", "uri"): ("libvirt_uri", _uri),
     ("libvirt", "qemu_user"): ("qemu_user", _user),
     ("libvirt", "username"): ("libvirt_username", _text),
@@ -245,8 +269,10 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("etcd", "key"): ("etcd_key", _path),
     ("etcd", "username"): ("etcd_username", _text),
     ("etcd", "password"): ("etcd_password", _text),
+    ("qemu", "emulator"): ("qemu_emulator", _path),
     ("hooks", "agent_unreachable"): ("agent_unreachable", _policy),
     ("hooks", "agent_timeout"): ("agent_timeout", _seconds),
+    ("hooks", "qemu_incapable"): ("qemu_incapable", _policy),
 }
 _REQUIRED = (("host", "id"), ("host", "replication_address"), ("etcd", "endpoints"))
 

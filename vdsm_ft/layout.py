@@ -8,10 +8,25 @@ migration stream).
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 
 # The agent's private QMP monitor chardev (D5).
 QMP_CHARDEV = "ftqmp"
+# Its socket in the VM's run dir. A secondary's domain has its own file: after a failover
+# the survivor migrates into a new domain in the same run dir (vdsm_ft/identity.py), and
+# a QEMU that exits unlinks its listening socket, which must not be the new one's.
+# Names short: a unix socket path has at most 107 bytes, run dir included.
+QMP_SOCKET = "qmp.sock"
+SECONDARY_QMP_SOCKET = "qmp-sec.sock"
+# Secondary domains are named <vm name> + this, with a UUID derived in this namespace
+# (docs/engine-view.md). Never change it: a running pair's secondary UUID is recomputed
+# from it (here, so that the engine side can too).
+SECONDARY_SUFFIX = "-ft-secondary"
+FT_NAMESPACE = uuid.UUID("2fda9e63-be79-5fc0-aa87-dff200e760db")
+# The unix socket a survivor migrates over into the domain that carries the VM's
+# identity (vdsm_ft/identity.py).
+IDENTITY_MIGRATION_SOCKET = "mig.sock"
 # Every guest disk device sits on a quorum node; the secondary's replication node
 # names it as its top-id.
 QUORUM_FMT = "ft-quorum{}"
@@ -19,13 +34,14 @@ QUORUM_FMT = "ft-quorum{}"
 PRIMARY_CHILD_FMT = "ft-disk{}"
 # Primary: the NBD client to the secondary's export, added at runtime as quorum child 1.
 NBD_NODE_FMT = "ft-nbd{}"
+# After a copy-back (vdsm_ft.copyback): the engine's image, opened again on a survivor
+# that ran on its replica; the quorum's only child once the pivot is done.
+STORAGE_CHILD_FMT = "ft-sd{}"
 # Secondary: the replica's format node; exported over NBD under the same name.
 SECONDARY_PARENT_FMT = "ft-parent{}"
 SECONDARY_HIDDEN_FMT = "ft-hidden{}"
 SECONDARY_ACTIVE_FMT = "ft-active{}"
 SECONDARY_REPLICATION_FMT = "ft-repl{}"
-# Guest-visible disk device ids (identical on both sides).
-DISK_DEVICE_FMT = "ft-vd{}"
 # With COLO TLS: the x509 creds where a QEMU listens (secondary: migration, NBD;
 # primary: mirror, compare) and where it dials (the other ends).
 TLS_SERVER_ID = "ft-tls-server"
@@ -52,6 +68,10 @@ class Disk:
         return PRIMARY_CHILD_FMT.format(self.index)
 
     @property
+    def storage_child(self) -> str:
+        return STORAGE_CHILD_FMT.format(self.index)
+
+    @property
     def nbd_node(self) -> str:
         return NBD_NODE_FMT.format(self.index)
 
@@ -62,10 +82,6 @@ class Disk:
     @property
     def export(self) -> str:
         return SECONDARY_PARENT_FMT.format(self.index)
-
-    @property
-    def device(self) -> str:
-        return DISK_DEVICE_FMT.format(self.index)
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,7 @@ class VmLayout:
 
     @property
     def qmp_socket(self) -> str:
-        return os.path.join(self.run_dir, "qmp.sock")
+        return qmp_socket(self.run_dir, self.name)
 
     def unix_socket(self, chardev: str) -> str:
         return os.path.join(self.run_dir, f"{chardev}.sock")
@@ -166,3 +182,13 @@ class Endpoints:
     nbd_port: int             # secondary: nbd-server-start
     mirror_ports: tuple[int, ...] = ()   # primary: one per NIC (filter-mirror out)
     compare_ports: tuple[int, ...] = ()  # primary: one per NIC (colo-compare secondary_in)
+
+
+def qmp_socket(run_dir: str, domain: str) -> str:
+    """The private QMP socket of libvirt domain `domain` in its VM's run dir."""
+    name = SECONDARY_QMP_SOCKET if domain.endswith(SECONDARY_SUFFIX) else QMP_SOCKET
+    return os.path.join(run_dir, name)
+
+
+def secondary_uuid(vm_uuid: str, generation: int) -> str:
+    return str(uuid.uuid5(FT_NAMESPACE, f"{vm_uuid}/secondary/{generation}"))

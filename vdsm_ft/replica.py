@@ -135,3 +135,9 @@ def remove_secondary_disks(vm_id: str, replica_dir: str, overlay_dir: str) -> No
 
     for directory in (os.path.join(replica_dir, vm_id), os.path.join(overlay_dir, vm_id)):
         shutil.rmtree(directory, onerror=failed)
+
+
+def remove_overlays(vm_id: str, overlay_dir: str) -> None:
+    """Drop a promoted secondary's overlays (tmpfs) once no QEMU uses them; the replica
+    stays: it holds the VM's disk now."""
+    shutil.rmtree(os.path.join(overlay_dir, vm_id), ignore_errors=True)

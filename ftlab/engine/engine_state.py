@@ -12,17 +12,19 @@ Calls to the lab's hosts (the `HostDriver`) are made outside the lock.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
+from xml.etree import ElementTree
 
 from . import model
 from .errors import BadRequest, Conflict, IncompleteParameters, LabError, NotFound
-from .model import (AffinityGroup, AffinityLabel, AffinityRule, Cluster, Event, GiB, Hook, Host,
-                    Tag, Vm)
+from .model import (BLANK_TEMPLATE_ID, AffinityGroup, AffinityLabel, AffinityRule, Cluster, Event,
+                    GiB, Hook, Host, Tag, Template, Vm, VmDisk, VmNic)
 
 ENGINE_USER = "admin@internal"
 SEVERITIES = ("normal", "warning", "error", "alert")
@@ -43,6 +45,13 @@ EV_HA_VM_RESTART_FAILED = 9603
 EV_EXTERNAL = {"normal": 9801, "warning": 9802, "error": 9803, "alert": 9804}
 EV_VM_DETECTED_ON_OTHER_HOST = 9999   # the engine only logs this line; kept as an event
 EXTERNAL_EVENT_DEFAULT_FLOOD = 30     # EventFloodRegulator: external events with rate 0
+# The default MAC pool's range start (MacPoolPerCluster: 56:6f:...).
+MAC_POOL_PREFIX = "56:6f:ff"
+# VDSM statuses a report may carry beyond the REST ones ("Migration Destination" and
+# "Migration Source", VdsBrokerObjectsBuilder.convertToVmStatus); the record shows "migrating".
+REPORT_ONLY_STATUSES = {"migrating_to": "migrating", "migrating_from": "migrating"}
+# The actions ActionUtils.canExecute refuses while a VM is Unknown.
+REFUSED_WHEN_UNKNOWN = ("run", "run once", "stop", "shutdown", "migrate", "create a snapshot of")
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,10 @@ class StartRequest:
     cpus: int
     custom_properties: Dict[str, str]
     run_once: bool
+    # The plugged devices only: LibvirtVmXmlBuilder writes no unplugged disk or NIC, so a
+    # VM whose disks the engine unplugged boots without them.
+    disks: Tuple[VmDisk, ...] = ()
+    nics: Tuple[VmNic, ...] = ()
 
 
 class HostDriver(Protocol):
@@ -109,10 +122,28 @@ class VmReport:
     status: str = "up"
     has_ovirt_metadata: bool = True
     memory: int = 1 * GiB
+    # The live domain XML (Host.dumpxmls). None: the devices hash did not change, so the
+    # engine does not fetch it this cycle (VmsMonitoring, vmsWithChangedDevices).
+    domxml: Optional[str] = None
 
 
 def _new_id() -> str:
     return str(uuid.uuid4())
+
+
+def device_aliases(domxml: str) -> Set[str]:
+    """The device ids behind the `ua-<id>` aliases of a domain XML's disks and NICs."""
+    try:
+        root = ElementTree.fromstring(domxml)
+    except ElementTree.ParseError as e:
+        raise LabError("VDSM reported a domain XML that does not parse: %s" % e) from None
+    out = set()
+    for el in [*root.iterfind("devices/disk"), *root.iterfind("devices/interface")]:
+        alias = el.find("alias")
+        name = alias.get("name", "") if alias is not None else ""
+        if name.startswith("ua-"):
+            out.add(name[3:])
+    return out
 
 
 class EngineState:
@@ -138,6 +169,10 @@ class EngineState:
         self._lease_restart_at: Dict[str, float] = {}
         self._memory_dirty = False
         self._vm_names: Dict[str, str] = {}     # name -> id; VM names are unique
+        self.templates: Dict[str, Template] = {
+            BLANK_TEMPLATE_ID: Template(id=BLANK_TEMPLATE_ID, name="Blank",
+                                        description="Blank template")}
+        self._macs = itertools.count(1)
         # Bumped on every change that a list cache depends on (VM set, host set).
         self.generation = 0
 
@@ -168,6 +203,9 @@ class EngineState:
 
     def tag(self, key: str) -> Tag:
         return self._find(self.tags, key)  # type: ignore[return-value]
+
+    def template(self, key: str) -> Template:
+        return self._find(self.templates, key)  # type: ignore[return-value]
 
     def _changed(self, *records: model.Record) -> None:
         for r in records:
@@ -207,15 +245,24 @@ class EngineState:
                custom_properties: Optional[Dict[str, str]] = None, ha: bool = False,
                ha_priority: int = 1, lease_storage_domain: Optional[str] = None,
                status: str = "down", host: Optional[str] = None, tags: Iterable[str] = (),
-               vm_id: Optional[str] = None, origin: str = "ovirt") -> Vm:
+               vm_id: Optional[str] = None, origin: str = "ovirt",
+               template: Optional[str] = None) -> Vm:
+        """AddVm: the new VM gets copies of the template's disks and NICs, with new ids
+        (and MACs from the pool)."""
         with self.lock:
             if name in self._vm_names:
                 raise Conflict("[Cannot add VM. The given name is already in use.]")
+            tpl = self.template(template) if template else self.templates[BLANK_TEMPLATE_ID]
             v = Vm(id=vm_id or _new_id(), name=name, cluster_id=self.cluster(cluster).id,
                    memory=memory, cpus=cpus, custom_properties=dict(custom_properties or {}),
                    ha_enabled=ha, ha_priority=ha_priority,
                    lease_storage_domain=lease_storage_domain, origin=origin,
-                   tags={self.tag(t).id for t in tags})
+                   tags={self.tag(t).id for t in tags}, template_id=tpl.id,
+                   disks=[VmDisk(id=_new_id(), name="%s_Disk%d" % (name, i + 1), size=size,
+                                 interface=iface, bootable=boot)
+                          for i, (_, size, iface, boot) in enumerate(tpl.disks)])
+            for nic in tpl.nics:
+                v.nics.append(VmNic(id=_new_id(), name=nic, mac=self._new_mac()))
             self.vms[v.id] = v
             self._vm_names[v.name] = v.id
             if host is not None:
@@ -228,6 +275,38 @@ class EngineState:
             self._recompute_memory()
             self._changed(v)
             return v
+
+    def add_template(self, name: str, disks: Sequence[Tuple[str, int, str, bool]] = (),
+                     nics: Sequence[str] = (), memory: int = 1 * GiB,
+                     description: str = "") -> Template:
+        """A template whose VMs get these disks (name, size, interface, bootable) and NICs."""
+        with self.lock:
+            if any(t.name == name for t in self.templates.values()):
+                raise Conflict("[Cannot add Template. The given name is already in use.]")
+            t = Template(id=_new_id(), name=name, memory=memory, description=description,
+                         disks=list(disks), nics=list(nics))
+            self.templates[t.id] = t
+            self._changed(t)
+            return t
+
+    def _new_mac(self) -> str:
+        n = next(self._macs)
+        return "%s:%02x:%02x:%02x" % (MAC_POOL_PREFIX, (n >> 16) & 0xFF, (n >> 8) & 0xFF, n & 0xFF)
+
+    def add_nic(self, vm_key: str, name: str, mac: Optional[str] = None,
+                interface: str = "virtio") -> VmNic:
+        """AddVmInterface (hot plug is not modelled: a NIC added to a running VM waits for
+        the next start, unplugged)."""
+        with self.lock:
+            vm = self.vm(vm_key)
+            if any(n.name == name for n in vm.nics):
+                raise Conflict("[Cannot add Interface. The VM Network Interface name is "
+                               "already in use.]")
+            nic = VmNic(id=_new_id(), name=name, mac=mac or self._new_mac(), interface=interface,
+                        plugged=vm.status == "down")
+            vm.nics.append(nic)
+            self._changed(vm)
+            return nic
 
     def add_tag(self, name: str, description: str = "") -> Tag:
         with self.lock:
@@ -245,7 +324,11 @@ class EngineState:
         self._memory_dirty = True
 
     def refresh_memory(self) -> None:
-        """Bring every host's committed memory up to date (call under the lock)."""
+        """Bring every host's committed memory up to date (call under the lock).
+
+        HostMonitoring.refreshCommitedMemory: the sum over the VMs whose run_on_vds is the
+        host, external ones included; a copy another host runs under this VM's id counts
+        only where run_on_vds points."""
         if not self._memory_dirty:
             return
         self._memory_dirty = False
@@ -373,6 +456,7 @@ class EngineState:
         properties replace the VM's set for this run (RunVmOnceCommand)."""
         with self.lock:
             vm = self.vm(vm_key)
+            self.refuse_if_unknown(vm, "run once" if run_once else "run")
             if vm.status in ("up", "powering_up", "wait_for_launch", "paused", "migrating"):
                 raise Conflict("[Cannot run VM. VM is running.]")
             if vm.status != "down":
@@ -406,7 +490,9 @@ class EngineState:
                                            ";".join("%s=%s" % kv for kv in props.items())))
         return StartRequest(vm_id=vm.id, vm_name=vm.name, host_id=host.id, host_name=host.name,
                             host_address=host.address, memory=vm.memory, cpus=vm.cpus,
-                            custom_properties=dict(props), run_once=run_once)
+                            custom_properties=dict(props), run_once=run_once,
+                            disks=tuple(dataclasses.replace(d) for d in vm.disks if d.plugged),
+                            nics=tuple(dataclasses.replace(n) for n in vm.nics if n.plugged))
 
     def _run_on_host(self, request: StartRequest) -> None:
         if self.driver is None:
@@ -445,10 +531,9 @@ class EngineState:
         with self.lock:
             vm = self.vm(vm_key)
             verb = "shutdown" if graceful else "stop"
+            self.refuse_if_unknown(vm, verb)
             if vm.status == "down":
                 raise Conflict("[Cannot %s VM. VM is not running.]" % verb)
-            if vm.status == "unknown":
-                raise Conflict("[Cannot %s VM because the VM is in Unknown status.]" % verb)
             host = self.hosts.get(vm.host_id or "")
             vm.stop_reason = "user"
         if host is not None and self.driver is not None:
@@ -465,8 +550,33 @@ class EngineState:
                           % (vm.name, ENGINE_USER, host.name if host else "-"), vm=vm, host=host)
             return vm
 
+    @staticmethod
+    def refuse_if_unknown(vm: Vm, action: str) -> None:
+        """ActionUtils.canExecute: no run, run once, stop, shutdown, migrate or snapshot of
+        a VM in Unknown status (only a fence confirmation clears it)."""
+        assert action in REFUSED_WHEN_UNKNOWN
+        if vm.status == "unknown":
+            raise Conflict("[Cannot %s VM because the VM is in Unknown status.]" % action)
+
+    def migrate_vm(self, vm_key: str) -> None:
+        """MigrateVm: refused while Unknown; the lab has no migration to offer otherwise."""
+        with self.lock:
+            vm = self.vm(vm_key)
+            self.refuse_if_unknown(vm, "migrate")
+            raise Conflict("[Cannot migrate VM %s: the lab's engine does not migrate VMs.]"
+                           % vm.name)
+
+    def create_snapshot(self, vm_key: str) -> None:
+        """CreateSnapshotForVm: refused while Unknown; the lab has no snapshots otherwise."""
+        with self.lock:
+            vm = self.vm(vm_key)
+            self.refuse_if_unknown(vm, "create a snapshot of")
+            raise Conflict("[Cannot create a snapshot of VM %s: the lab's engine has no "
+                           "storage to snapshot.]" % vm.name)
+
     def _set_down(self, vm: Vm, reason: str) -> None:
         old = self.hosts.get(vm.host_id or "")
+        vm.migrating_to_host_id = None
         vm.status, vm.host_id, vm.stop_reason = "down", None, reason
         vm.run_custom_properties, vm.run_once = None, False
         self._lease_restart_at.pop(vm.id, None)
@@ -521,13 +631,11 @@ class EngineState:
                 self._changed(h)
 
     def revive_host(self, host_key: str) -> None:
-        """VDSM answers again. VMs left Unknown stay so until the host reports them."""
+        """VDSM answers again; the next host monitoring round sets the host Up. VMs left
+        Unknown stay so until the host reports them."""
         with self.lock:
             h = self.host(host_key)
             h.reachable, h.unreachable_since = True, None
-            if h.status in ("connecting", "non_responsive"):
-                h.status = "up"
-                self._log(EV_VDS_DETECTED, "Status of host %s was set to Up." % h.name, host=h)
             self._changed(h)
 
     def _grace(self, h: Host) -> float:
@@ -542,6 +650,13 @@ class EngineState:
         with self.lock:
             now = self.clock()
             for h in self.hosts.values():
+                if h.reachable and h.status in ("connecting", "non_responsive"):
+                    # HostMonitoring.refresh: VDSM answered getVdsStats, the host is Up again.
+                    h.status = "up"
+                    self._log(EV_VDS_DETECTED, "Status of host %s was set to Up." % h.name,
+                              host=h)
+                    self._changed(h)
+                    continue
                 if h.reachable or h.unreachable_since is None:
                     continue
                 if h.status == "up":
@@ -654,7 +769,10 @@ class EngineState:
 
     def report_vms(self, host_key: str, reports: Iterable[VmReport], full: bool = True) -> None:
         """A host's VDSM reports its domains (VmsMonitoring / VmAnalyzer). With `full`, a VM
-        the engine runs on this host that is missing from the report went Down."""
+        the engine runs on this host that is missing from the report went Down.
+
+        The report changes no host status: host monitoring does (see tick). A host that is
+        not Up is not polled (VdsManager.isMonitoringNeeded): its report is dropped."""
         destroys: List[Tuple[str, str]] = []
         ha_starts: List[StartRequest] = []
         with self.lock:
@@ -662,25 +780,28 @@ class EngineState:
             if not h.reachable:
                 raise LabError("host %s is dead: it cannot report VMs" % h.name)
             if h.status in ("connecting", "non_responsive"):
-                h.status = "up"
-                self._log(EV_VDS_DETECTED, "Status of host %s was set to Up." % h.name, host=h)
+                return
             seen = set()
             for r in reports:
                 r = r if isinstance(r, VmReport) else VmReport(**r)  # type: ignore[arg-type]
                 seen.add(r.uuid)
                 vm = self.vms.get(r.uuid)
                 if vm is None:
-                    self._import_external(h, r, destroys)
+                    vm = self._import_external(h, r, destroys)
                 elif r.status == "down":
                     if vm.host_id == h.id:
                         ha_starts += self._vm_went_down(vm, h, "reported down by VDSM")
                     destroys.append((h.id, r.uuid))
+                    continue
                 elif vm.host_id == h.id:
-                    if vm.status != r.status:
-                        vm.status = r.status
+                    status = REPORT_ONLY_STATUSES.get(r.status, r.status)
+                    if vm.status != status:
+                        vm.status = status
                         self._changed(vm)
                 else:
                     self._reported_on_other_host(vm, h, r, destroys)
+                if vm is not None and vm.host_id == h.id and r.domxml is not None:
+                    self._monitor_devices(vm, r.domxml)
             if full:
                 for vm in list(self.vms.values()):
                     if vm.host_id == h.id and vm.id not in seen \
@@ -694,25 +815,32 @@ class EngineState:
         for req in ha_starts:
             self._run_on_host(req)
 
-    def _import_external(self, h: Host, r: VmReport, destroys: List[Tuple[str, str]]) -> None:
+    def _import_external(self, h: Host, r: VmReport,
+                         destroys: List[Tuple[str, str]]) -> Optional[Vm]:
         # processUnmanagedVm: Down or paused-on-EIO external domains are destroyed, the rest
         # is imported (AddUnmanagedVms) whatever VDSM's metadata says.
         if r.status == "down":
             destroys.append((h.id, r.uuid))
             self.actions.append(ObservedAction("destroy", h.id, r.uuid, "external VM down"))
-            return
+            return None
         vm = Vm(id=r.uuid, name="external-%s" % r.name, cluster_id=h.cluster_id,
-                memory=r.memory, status=r.status, host_id=h.id, origin="external",
-                start_time=time.time())
+                memory=r.memory, status=REPORT_ONLY_STATUSES.get(r.status, r.status),
+                host_id=h.id, origin="external", start_time=time.time())
         vm.run_custom_properties = {}
         self.vms[vm.id] = vm
         self._vm_names[vm.name] = vm.id
         self._changed(vm)
+        return vm
 
     def _reported_on_other_host(self, vm: Vm, h: Host, r: VmReport,
                                 destroys: List[Tuple[str, str]]) -> None:
-        """proceedVmReportedOnOtherHost."""
-        if r.status == "paused" and vm.host_id is not None and vm.status != "unknown":
+        """VmAnalyzer.proceedVmReportedOnOtherHost, by the reported status."""
+        if r.status == "migrating_to" and vm.host_id is not None:
+            return      # the destination of a migration: the source still owns the VM
+        if r.status == "migrating_from":
+            return
+        if r.status == "paused" and vm.host_id is not None and vm.status != "unknown" \
+                and vm.migrating_to_host_id != h.id:
             destroys.append((h.id, vm.id))
             self.actions.append(ObservedAction(
                 "destroy", h.id, vm.id, "paused copy of %s while it runs on %s"
@@ -720,13 +848,32 @@ class EngineState:
             return
         if r.status == "wait_for_launch" and vm.status == "unknown":
             return
+        # updateRuntimeData: status and run_on_vds := the reporter, whatever the old host's
+        # state, and also when the record is Down.
         old = self.hosts.get(vm.host_id or "")
         self._log(EV_VM_DETECTED_ON_OTHER_HOST, "VM %s was unexpectedly detected as '%s' on VDS "
                   "%s (expected on %s)" % (vm.name, r.status, h.name, old.name if old else None),
                   "warning", vm=vm, host=h)
-        vm.host_id, vm.status = h.id, r.status
+        vm.host_id, vm.status = h.id, REPORT_ONLY_STATUSES.get(r.status, r.status)
+        vm.migrating_to_host_id = None
+        if vm.start_time is None or old is None:
+            vm.start_time = time.time()
         self._lease_restart_at.pop(vm.id, None)
         self._changed(vm, *([old] if old else []))
+
+    def _monitor_devices(self, vm: Vm, domxml: str) -> None:
+        """VmDevicesMonitoring: the managed disks and NICs found in the domain XML (by alias
+        `ua-<device id>`, VmDevicesConverter.parseDisks/parseNics) are plugged; those
+        missing from it are unplugged (handleRemovedDevices)."""
+        present = device_aliases(domxml)
+        changed = False
+        for dev in [*vm.disks, *vm.nics]:
+            plugged = dev.id in present
+            if dev.plugged != plugged:
+                dev.plugged = plugged
+                changed = True
+        if changed:
+            self._changed(vm)
 
     def _vm_went_down(self, vm: Vm, h: Host, why: str) -> List[StartRequest]:
         user_stop = vm.stop_reason == "user"

@@ -18,11 +18,11 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .engine_state import (EngineState, EngineTiming, HostDriver, ObservedAction, VmReport)
 from .http_server import API_PREFIX, EngineHttpServer
-from .model import GiB, AffinityGroup, AffinityRule, Cluster, Event, Hook, Host, Tag, Vm
+from .model import GiB, AffinityGroup, AffinityRule, Cluster, Event, Hook, Host, Tag, Template, Vm
 from .pki import make_server_pki
 from . import render
 from .rest import RestApi
@@ -123,13 +123,21 @@ class FakeEngine:
                cpus: int = 1, custom_properties: Optional[Dict[str, str]] = None,
                ha: bool = False, ha_priority: int = 1,
                lease_storage_domain: Optional[str] = None, host: Optional[str] = None,
-               status: str = "down", tags: Iterable[str] = ()) -> Vm:
-        """A VM; with `host` it is already running there (status defaults to up)."""
+               status: str = "down", tags: Iterable[str] = (),
+               template: Optional[str] = None) -> Vm:
+        """A VM, with copies of the template's disks and NICs (default Blank: none); with
+        `host` it is already running there (status defaults to up)."""
         return self.state.add_vm(name, self._cluster(cluster), memory=memory, cpus=cpus,
                                  custom_properties=custom_properties, ha=ha,
                                  ha_priority=ha_priority,
                                  lease_storage_domain=lease_storage_domain, host=host,
-                                 status=status, tags=tags)
+                                 status=status, tags=tags, template=template)
+
+    def add_template(self, name: str, disks: Sequence[Tuple[str, int, str, bool]] = (),
+                     nics: Sequence[str] = (), memory: int = 1 * GiB) -> Template:
+        """A template; VMs made from it get these disks (name, size bytes, interface,
+        bootable) and NICs (names)."""
+        return self.state.add_template(name, disks=disks, nics=nics, memory=memory)
 
     def add_tag(self, name: str) -> Tag:
         return self.state.add_tag(name)
@@ -178,7 +186,8 @@ class FakeEngine:
         self.state.revive_host(host)
 
     def report_vms(self, host: str, reports: Iterable[VmReport | dict], full: bool = True) -> None:
-        """A VDSM report from `host`: dicts with uuid, name, status, has_ovirt_metadata, memory."""
+        """A VDSM report from `host`: dicts with uuid, name, status, has_ovirt_metadata,
+        memory and domxml (the live domain XML, Host.dumpxmls; None: devices unchanged)."""
         self.state.report_vms(host, [r if isinstance(r, VmReport) else VmReport(**r)
                                      for r in reports], full=full)
 

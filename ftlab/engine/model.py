@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 GiB = 1 << 30
+# The Blank template's fixed id in every oVirt installation (0000_config.sql, vm_static).
+BLANK_TEMPLATE_ID = "00000000-0000-0000-0000-000000000000"
+# The lab has one data center, named as oVirt's default one; every cluster is in it.
+DATA_CENTER_ID = "5849b030-626e-47cb-ad90-3ce782d831b3"
+DATA_CENTER_NAME = "Default"
 
 # VM statuses in which the VM holds memory on its host (the engine's "running" set).
 VM_RUNNING_STATUSES = frozenset({
@@ -66,6 +71,41 @@ class Host(Record):
 
 
 @dataclass
+class VmDisk:
+    """A managed disk attached to a VM. Its id is the disk's and the device's id, so the
+    domain XML names it `ua-<id>` (alias) and carries it as the serial."""
+
+    id: str
+    name: str
+    size: int = 64 << 20
+    interface: str = "virtio"
+    bootable: bool = False
+    plugged: bool = True                   # DiskAttachment.active (vm_device.is_plugged)
+
+
+@dataclass
+class VmNic:
+    """A managed vNIC; in the domain XML its alias is `ua-<id>`."""
+
+    id: str
+    name: str
+    mac: str
+    interface: str = "virtio"
+    plugged: bool = True
+
+
+@dataclass
+class Template(Record):
+    """What a new VM copies: the disks (name, size, interface, bootable) and NIC names."""
+
+    cluster_id: Optional[str] = None
+    description: str = ""
+    memory: int = 1 * GiB
+    disks: List[Tuple[str, int, str, bool]] = field(default_factory=list)
+    nics: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Vm(Record):
     cluster_id: str = ""
     memory: int = 1 * GiB
@@ -86,6 +126,11 @@ class Vm(Record):
     run_custom_properties: Optional[Dict[str, str]] = None
     start_time: Optional[float] = None
     stop_reason: str = ""
+    template_id: str = BLANK_TEMPLATE_ID
+    disks: List[VmDisk] = field(default_factory=list)
+    nics: List[VmNic] = field(default_factory=list)
+    # migrating_to_vds: set while a migration to that host runs (the lab never migrates).
+    migrating_to_host_id: Optional[str] = None
 
 
 @dataclass

@@ -60,6 +60,7 @@ def vm_type(st: EngineState, vm: model.Vm, follow: Sequence[str] = ()) -> types.
             hosts=[_link(types.Host, "hosts", h) for h in vm.placement_hosts] or None),
         origin=vm.origin, run_once=vm.run_once, start_time=_ts(vm.start_time),
         stop_reason=vm.stop_reason or None,
+        template=_link(types.Template, "templates", vm.template_id),
     )
     if "tags" in follow:
         obj.tags = [tag_type(st.tags[t]) for t in sorted(vm.tags) if t in st.tags]
@@ -96,9 +97,47 @@ def hooks_types(h: model.Host) -> list:
     return out
 
 
+def data_center_type() -> types.DataCenter:
+    obj = types.DataCenter(id=model.DATA_CENTER_ID, name=model.DATA_CENTER_NAME, local=False,
+                           status=types.DataCenterStatus.UP)
+    obj.href = "%s/datacenters/%s" % (API, model.DATA_CENTER_ID)
+    return obj
+
+
 def cluster_type(c: model.Cluster) -> types.Cluster:
-    obj = types.Cluster(id=c.id, name=c.name, description=c.description or None)
+    obj = types.Cluster(id=c.id, name=c.name, description=c.description or None,
+                        data_center=_link(types.DataCenter, "datacenters", model.DATA_CENTER_ID))
     obj.href = "%s/clusters/%s" % (API, c.id)
+    return obj
+
+
+def template_type(t: model.Template) -> types.Template:
+    obj = types.Template(id=t.id, name=t.name, description=t.description or None,
+                         memory=t.memory, status=types.TemplateStatus.OK,
+                         version=types.TemplateVersion(version_number=1, version_name="base"),
+                         cluster=_link(types.Cluster, "clusters", t.cluster_id)
+                         if t.cluster_id else None)
+    obj.href = "%s/templates/%s" % (API, t.id)
+    return obj
+
+
+def disk_attachment_type(vm: model.Vm, d: model.VmDisk) -> types.DiskAttachment:
+    # The attachment's id is the disk's (BackendVmDiskAttachmentsResource).
+    disk = types.Disk(id=d.id, name=d.name, alias=d.name, provisioned_size=d.size,
+                      format=types.DiskFormat.COW, status=types.DiskStatus.OK)
+    disk.href = "%s/disks/%s" % (API, d.id)
+    obj = types.DiskAttachment(id=d.id, active=d.plugged, bootable=d.bootable,
+                               interface=types.DiskInterface(d.interface), disk=disk,
+                               vm=_link(types.Vm, "vms", vm.id))
+    obj.href = "%s/vms/%s/diskattachments/%s" % (API, vm.id, d.id)
+    return obj
+
+
+def nic_type(vm: model.Vm, n: model.VmNic) -> types.Nic:
+    obj = types.Nic(id=n.id, name=n.name, mac=types.Mac(address=n.mac), plugged=n.plugged,
+                    linked=True, interface=types.NicInterface(n.interface),
+                    vm=_link(types.Vm, "vms", vm.id))
+    obj.href = "%s/vms/%s/nics/%s" % (API, vm.id, n.id)
     return obj
 
 

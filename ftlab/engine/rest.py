@@ -114,6 +114,21 @@ class RestApi:
             "DELETE vms/{id}": self._vm_remove,
             "POST vms/{id}/start": self._vm_start, "POST vms/{id}/stop": self._vm_stop,
             "POST vms/{id}/shutdown": self._vm_shutdown,
+            "GET vms/{id}/diskattachments": self._disk_attachments,
+            "GET vms/{id}/diskattachments/{id}": self._disk_attachment,
+            "GET vms/{id}/nics": self._nics, "POST vms/{id}/nics": self._nic_add,
+            "GET vms/{id}/nics/{id}": self._nic,
+            "POST vms/{id}/migrate": self._vm_migrate,
+            "GET vms/{id}/snapshots": self._snapshots,
+            "POST vms/{id}/snapshots": self._snapshot_add,
+            # Devices the lab's VMs never have: listed as empty, as the engine lists a VM
+            # without them (ovirt_vm reads these after every create or update).
+            **{"GET vms/{id}/%s" % sub: self._no_devices(root)
+               for sub, root in (("numanodes", "vm_numa_nodes"), ("watchdogs", "watchdogs"),
+                                 ("graphicsconsoles", "graphics_consoles"),
+                                 ("hostdevices", "host_devices"), ("cdroms", "cdroms"))},
+            "GET templates": self._templates_list, "GET templates/{id}": self._template_get,
+            "GET datacenters": self._data_centers, "GET datacenters/{id}": self._data_center,
             "GET vms/{id}/tags": self._tags_of, "POST vms/{id}/tags": self._tag_assign,
             "DELETE vms/{id}/tags/{id}": self._tag_unassign,
             "GET hosts": self._hosts_list, "GET hosts/{id}": self._host_get,
@@ -232,13 +247,15 @@ class RestApi:
         if not v.name or v.cluster is None:
             raise_incomplete("Vm", ["name", "cluster"], v)
         ha = v.high_availability
+        template = _ref(v.template) if v.template is not None else None
         vm = self.st.add_vm(
             v.name, _ref(v.cluster), memory=v.memory or model.GiB,
             cpus=(v.cpu.topology.sockets or 1) if v.cpu and v.cpu.topology else 1,
             custom_properties=_props(v.custom_properties),
             ha=bool(ha and ha.enabled), ha_priority=(ha.priority or 1) if ha else 1,
             lease_storage_domain=(v.lease.storage_domain.id
-                                  if v.lease and v.lease.storage_domain else None))
+                                  if v.lease and v.lease.storage_domain else None),
+            template=template)
         if v.description:
             self.st.update_vm(vm.id, {"description": v.description})
         return Response(201, render.cached(vm, lambda: render.vm_type(self.st, vm)))
@@ -298,6 +315,98 @@ class RestApi:
     def _vm_shutdown(self, parts, query, body) -> Response:
         self.st.stop_vm(parts[1], graceful=True)
         return self._action()
+
+    def _no_devices(self, root: str) -> Callable:
+        def handler(parts, query, body) -> Response:
+            self._vm_of(parts)
+            return Response(200, render.collection(root, []))
+        return handler
+
+    def _vm_migrate(self, parts, query, body) -> Response:
+        self.st.migrate_vm(parts[1])
+        return self._action()
+
+    def _snapshots(self, parts, query, body) -> Response:
+        self.st.vm(parts[1])
+        return Response(200, render.collection("snapshots", []))
+
+    def _snapshot_add(self, parts, query, body) -> Response:
+        self.st.create_snapshot(parts[1])
+        return self._action()
+
+    # ----- VM devices ----------------------------------------------------------------------
+
+    def _vm_of(self, parts) -> model.Vm:
+        vm = self.st.vms.get(parts[1])
+        if vm is None:
+            raise NotFound(parts[1])
+        return vm
+
+    def _disk_attachments(self, parts, query, body) -> Response:
+        vm = self._vm_of(parts)
+        return Response(200, render.collection("disk_attachments", [
+            render.write(render.disk_attachment_type(vm, d)) for d in vm.disks]))
+
+    def _disk_attachment(self, parts, query, body) -> Response:
+        vm = self._vm_of(parts)
+        for d in vm.disks:
+            if d.id == parts[3]:
+                return self._ok(render.disk_attachment_type(vm, d))
+        raise NotFound(parts[3])
+
+    def _nics(self, parts, query, body) -> Response:
+        vm = self._vm_of(parts)
+        return Response(200, render.collection("nics", [
+            render.write(render.nic_type(vm, n)) for n in vm.nics]))
+
+    def _nic(self, parts, query, body) -> Response:
+        vm = self._vm_of(parts)
+        for n in vm.nics:
+            if n.id == parts[3]:
+                return self._ok(render.nic_type(vm, n))
+        raise NotFound(parts[3])
+
+    def _nic_add(self, parts, query, body) -> Response:
+        n: types.Nic = _read(body, types.Nic)
+        if not n.name:
+            raise_incomplete("Nic", ["name"], n)
+        vm = self._vm_of(parts)
+        nic = self.st.add_nic(vm.id, n.name, mac=n.mac.address if n.mac else None,
+                              interface=_enum(n.interface) or "virtio")
+        return self._ok(render.nic_type(vm, nic), 201)
+
+    # ----- templates -----------------------------------------------------------------------
+
+    def _template_fields(self) -> dict:
+        st = self.st
+        return {"name": (lambda t: [t.name], "text"), "id": (lambda t: [t.id], "text"),
+                # One data center in the lab: every template is in it.
+                "datacenter": (lambda t: [model.DATA_CENTER_NAME], "text"),
+                # The template a VM was made from (ovirt_vm asks for `vm.name=`).
+                "vm.name": (lambda t: [v.name for v in st.vms.values()
+                                       if v.template_id == t.id], "text")}
+
+    def _data_centers(self, parts, query, body) -> Response:
+        return Response(200, render.collection("data_centers",
+                                               [render.write(render.data_center_type())]))
+
+    def _data_center(self, parts, query, body) -> Response:
+        if parts[1] != model.DATA_CENTER_ID:
+            raise NotFound(parts[1])
+        return self._ok(render.data_center_type())
+
+    def _templates_list(self, parts, query, body) -> Response:
+        pred = search.matcher(search.parse(query.get("search", "")), self._template_fields(),
+                              self._case(query))
+        return Response(200, render.collection("templates", [
+            render.write(render.template_type(t)) for t in self.st.templates.values()
+            if pred(t)]))
+
+    def _template_get(self, parts, query, body) -> Response:
+        t = self.st.templates.get(parts[1])
+        if t is None:
+            raise NotFound(parts[1])
+        return self._ok(render.template_type(t))
 
     # ----- hosts ---------------------------------------------------------------------------
 

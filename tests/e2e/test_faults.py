@@ -27,11 +27,11 @@ import pytest
 
 from ftlab import netns, vmlocate
 from ftlab.demo import (BLOCK, FailoverWatch, Lab, Timeline, pattern, probe_layout,
-                        wait_for, wait_protected, wait_up, write_round)
+                        remove_ft_vm, wait_for, wait_protected, wait_up, write_round)
 from ftlab.diskprobe import pattern_matches, write_pattern
 from ftlab.labstate import LabPaths, read_state
-from ftlab.monitor import LibvirtMonitor
-from ftlab.vdsmdriver import DATA_PATTERN, DATA_PROPERTY
+from ftlab.monitor import CHECKPOINT_STOPS, LibvirtMonitor
+from ftlab.vdsmdriver import DATA_PATTERN, DATA_PROPERTY, IDLE_TEMPLATE
 from vdsm_ft import domains, domxml
 from vdsm_ft.api import Role, VmState, VmStatus
 from vdsm_ft.layout import Disk
@@ -124,7 +124,7 @@ def start_ft_vm(fl: FaultLab, data_mib: int = 0) -> FtVm:
     if data_mib:
         custom.append(types.CustomProperty(name=DATA_PROPERTY, value=str(data_mib)))
     vm = vms.add(types.Vm(name=name, cluster=types.Cluster(name="Default"),
-                          template=types.Template(name="Blank"), memory=128 * MiB,
+                          template=types.Template(name=IDLE_TEMPLATE), memory=128 * MiB,
                           custom_properties=custom))
     svc = vms.vm_service(vm.id)
     svc.start()
@@ -135,39 +135,7 @@ def start_ft_vm(fl: FaultLab, data_mib: int = 0) -> FtVm:
 
 
 def remove_vm(fl: FaultLab, vm: FtVm) -> None:
-    """ft=false (the poller turns protection off, so stopping the copies is no failure),
-    stop every engine record of the VM (its own, the external secondaries), remove them;
-    libvirt destroys whatever copy is left on a live host."""
-    system = fl.lab.conn.system_service()
-    vms = system.vms_service()
-    try:
-        vms.vm_service(vm.id).update(types.Vm(custom_properties=[
-            types.CustomProperty(name="ft", value="false")]))
-        wait_for(f"{vm.name} unprotected", lambda: not _agent_states(fl, vm) & {
-            VmState.PROTECTED, VmState.SYNCING, VmState.FAILING_OVER}, 30)
-    except Exception as e:  # cleanup goes on; the test's own verdict is already made
-        fl.tl.say(f"cleanup: turning ft off for {vm.name}: {e}")
-    for v in vms.list(search=f"name={vm.name} or name=external-{vm.name}*"):
-        svc = vms.vm_service(v.id)
-        try:
-            if v.status not in (types.VmStatus.DOWN, types.VmStatus.UNKNOWN):
-                svc.stop()
-            svc.remove()
-        except Exception as e:
-            fl.tl.say(f"cleanup: {v.name} ({v.status}): {e}")
-    for h in fl.lab.state.hosts:
-        for dom in (vm.name, domxml.secondary_name(vm.name)):
-            try:
-                conn = libvirt.open(h.uri)
-            except libvirt.libvirtError:
-                break                           # the host is down
-            try:
-                conn.lookupByName(dom).destroy()
-                fl.tl.say(f"cleanup: libvirt destroyed {dom} left on {h.name}")
-            except libvirt.libvirtError:
-                pass
-            finally:
-                conn.close()
+    remove_ft_vm(fl.lab, fl.tl, vm.name, vm.id)
 
 
 @pytest.fixture
@@ -213,10 +181,16 @@ def copies(fl: FaultLab, vm: FtVm) -> list[Copy]:
     return found
 
 
+def is_up(c: Copy) -> bool:
+    """Running, or in COLO and inside a checkpoint (an unanswering monitor counts as up:
+    it cannot be shown harmless)."""
+    return c.status in ("running", "?") or (c.colo in ("primary", "secondary")
+                                            and c.status in CHECKPOINT_STOPS)
+
+
 def live_outside_colo(found: list[Copy]) -> list[Copy]:
-    """Copies whose output can reach clients: running, and not a COLO secondary (an
-    unanswering monitor counts as live: it cannot be shown harmless)."""
-    return [c for c in found if c.status in ("running", "?") and c.colo != "secondary"]
+    """Copies whose output can reach clients: up, and not a COLO secondary."""
+    return [c for c in found if is_up(c) and c.colo != "secondary"]
 
 
 def assert_one_live_copy(fl: FaultLab, vm: FtVm, running: int | None = None) -> Copy:
@@ -227,17 +201,20 @@ def assert_one_live_copy(fl: FaultLab, vm: FtVm, running: int | None = None) -> 
     assert len(live) == 1, f"{len(live)} copies run outside COLO: {found}"
     if running is not None:
         # A secondary the poller is already preparing waits in inmigrate: not running.
-        up = [c for c in found if c.status in ("running", "?")]
+        up = [c for c in found if is_up(c)]
         assert len(up) == running, f"expected {running} running QEMUs of the pair: {found}"
     return live[0]
 
 
 def survivor_holds(fl: FaultLab, host: str, vm: FtVm, covered: list[int]) -> None:
-    """The copy on `host` runs outside COLO and every covered block is intact there."""
+    """The copy on `host` is up and not a secondary (the poller may already have made it
+    a primary again), and every covered block is intact there."""
     dom = vmlocate.vm_domain(fl.lab.state.host(host).uri, vm.name)
     assert dom is not None, f"no running copy of {vm.name} on {host}"
     mon = LibvirtMonitor(fl.lab.state.host(host).uri, dom)
-    assert mon.execute("query-status")["status"] == "running"
+    here = Copy(host, dom, 0, mon.execute("query-status")["status"],
+                mon.execute("query-colo-status")["mode"])
+    assert is_up(here) and here.colo != "secondary", here
     layout, disk = probe_layout(fl.lab.state.host(host), vm.id, vm.name)
     lost = [seq for seq in covered
             if not pattern_matches(mon, layout, disk, seq * BLOCK, BLOCK, pattern(seq))]
@@ -473,13 +450,18 @@ def test_slow_link_loss_and_rate_keep_protection_and_data(fl, vms):
         for host in (vm.primary, secondary):
             s = fl.lab.vm_status(host, vm.id)
             assert s.state is VmState.PROTECTED and s.failovers == 0, (host, s)
+        crashed = {c.pid for c in copies(fl, vm) if c.host == vm.primary}
+        assert crashed, copies(fl, vm)
         after = fail_over(fl, vm, secondary, lambda: fl.fault("qemu-crash", vm.name))
         assert after.failovers == 1
         survivor_holds(fl, secondary, vm, covered)
         assert_one_live_copy(fl, vm)
-        # The poller may already have re-protected onto a third host; the crashed
-        # primary's QEMU, though, must be gone.
-        assert all(c.host != vm.primary for c in copies(fl, vm)), copies(fl, vm)
+        # The poller may already have re-protected, onto any healthy host, the crashed
+        # primary's own included (only its QEMU died); that QEMU, though, must be gone,
+        # and nothing there may run as primary.
+        now = copies(fl, vm)
+        assert not crashed & {c.pid for c in now}, now
+        assert all(c.colo != "primary" for c in now if c.host == vm.primary), now
     finally:
         fl.fault("slow-link", vm.primary, "--clear")
     final_state(fl, vm)
@@ -500,10 +482,13 @@ def test_engine_down_host_crash_still_fails_over_then_one_reprotection(fl, vms,
         assert after.failovers == 1
         assert assert_one_live_copy(fl, vm, running=1).host == secondary
         survivor_holds(fl, secondary, vm, covered)
-        # Without the engine the poller cannot act: the survivor waits for a peer.
+        # Without the engine the poller cannot act: once its copy-back made the
+        # storage-domain image current, the survivor waits for a peer.
+        wait_state(fl, secondary, vm, {VmState.NEED_SECONDARY}, timeout=30)
         time.sleep(3)
         waiting = fl.lab.vm_status(secondary, vm.id)
         assert waiting.state is VmState.NEED_SECONDARY, waiting
+        assert waiting.image_current_at is not None, waiting
         log_mark = len(fl.poller_log())
     finally:
         fl.fault("engine-down", "--up")

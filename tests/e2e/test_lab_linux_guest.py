@@ -4,9 +4,10 @@ the lab's `ftlab_guest=linux-tcg` (TCG, without COLO: DESIGN.md's tier 2), serve
 HTTP counter to the demo's client (`ftlab.counterclient` in namespace ftlab-client), and
 the counter rises by one with every reply.
 
-Tier 3, the same guest under KVM with ft=true and a client across failovers, is
-`vdsm-ft lab demo --guest linux`; it runs only where KVM runs a Linux guest at speed,
-which this kind of machine cannot (DESIGN.md), so no test here claims it.
+Tier 3T, the same guest with ft=true and a client across failovers under TCG with the
+project's QEMU patches, is tests/e2e/test_tier3t.py (and `vdsm-ft lab demo --guest
+linux`); on a QEMU without the patches the lab refuses ft=true for it
+(tests/unit/test_lab_guests.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ftlab import counterclient, netns
 from ftlab.demo import (DEMO_GUEST_IP, DemoFailed, DemoGuest, DemoVm, Lab, MiB, Results,
                         Timeline, start_client, stop_client, wait_for, wait_up)
 from ftlab.labstate import read_state
-from ftlab.vdsmdriver import GUEST_IP_PROPERTY, GUEST_PROPERTY
+from ftlab.vdsmdriver import GUEST_IP_PROPERTY, GUEST_PROPERTY, LINUX_TEMPLATE
 
 pytestmark = [pytest.mark.slow, pytest.mark.tcg]
 
@@ -39,7 +40,7 @@ def _create(lab: Lab, custom: dict[str, str]) -> types.Vm:
     vms = lab.conn.system_service().vms_service()
     return vms.add(types.Vm(
         name=f"linux-{uuid.uuid4().hex[:6]}", cluster=types.Cluster(name="Default"),
-        template=types.Template(name="Blank"), memory=256 * MiB,
+        template=types.Template(name=LINUX_TEMPLATE), memory=256 * MiB,
         custom_properties=[types.CustomProperty(name=k, value=v) for k, v in custom.items()]))
 
 
@@ -72,15 +73,3 @@ def test_linux_guest_started_through_the_lab_serves_a_rising_counter(lab):
     assert counterclient.forks(res.client_replies) == []
     assert all(b == a + 1 for a, b in zip(values, values[1:])), values
     assert not netns.exists(netns.CLIENT_NS)
-
-
-def test_linux_guest_under_tcg_with_ft_is_refused_with_the_reason(lab):
-    vm = _create(lab, {"ft": "true", GUEST_PROPERTY: "linux-tcg",
-                       GUEST_IP_PROPERTY: DEMO_GUEST_IP})
-    svc = lab.conn.system_service().vms_service().vm_service(vm.id)
-    try:
-        svc.start()
-        with pytest.raises(DemoFailed, match="could not start .*deadlocks under TCG"):
-            wait_up(svc, vm.name, 60)
-    finally:
-        _remove(lab, vm)

@@ -16,6 +16,7 @@ from pathlib import Path
 from ftlab.pki import issue, make_ca
 from vdsm_ft.api import (AgentServer, Backend, Conflict, HostStatus, NotFound, PeerSpec,
                          PrepareSecondary, Role, SecondaryReady, TlsFiles, VmState, VmStatus)
+from vdsm_ft.qemu_probe import QemuCapability
 
 
 class ScriptedBackend(Backend):
@@ -25,6 +26,7 @@ class ScriptedBackend(Backend):
         self.vms: dict[str, VmStatus] = {}
         self.calls: list[tuple] = []
         self.on_call = None          # optional hook(name, *args), e.g. to inject a fault
+        self.qemu: QemuCapability | None = None     # what the host status says of its QEMU
         self.lock = threading.Lock()
 
     def _record(self, *call) -> None:
@@ -60,7 +62,8 @@ class ScriptedBackend(Backend):
         with self.lock:
             return HostStatus(host_id=self.host_id,
                               replication_address=self.replication_address,
-                              agent_version="scripted", vms=tuple(self.vms.values()))
+                              agent_version="scripted", vms=tuple(self.vms.values()),
+                              qemu=self.qemu)
 
     def vm_status(self, vm_id: str) -> VmStatus:
         return self._get(vm_id)

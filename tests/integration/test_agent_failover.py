@@ -9,18 +9,22 @@ import http.client
 import os
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from ftlab.agentlab import MiB, AgentLab, LabVm
 from ftlab.diskprobe import pattern_matches, write_pattern
+from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT
 from ftlab.monitor import LibvirtMonitor
 from ftlab.colopair import QEMU_USER
 from ftlab.pki import issue, make_ca, qemu_creds_dir
+from ftlab.vdsm import recover_status
 from vdsm_ft import domxml
 from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, client_context
 from vdsm_ft.arbiter import Arbiter
@@ -71,7 +75,7 @@ def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
     assert after.last_failover is not None
-    survivor = monitor(lab, "ag-b", vm, True)
+    survivor = monitor(lab, "ag-b", vm, False)
     assert survivor.execute("query-colo-status")["mode"] == "none"
     assert survivor.execute("query-status")["status"] == "running"
     assert holds(lab, "ag-b", vm, survivor, 0, 0x5A)
@@ -79,6 +83,101 @@ def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
                           after.generation)
     assert holder == "ag-b"
+
+
+class DomainStates:
+    """Samples, every few ms from its own thread, the libvirt state of the domain with a
+    given UUID on one lab host: what VDSM's lookup would read whenever it ran."""
+
+    def __init__(self, host: LabHost, vm_id: str):
+        self.host, self.vm_id = host, vm_id
+        self.seen: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "DomainStates":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn = self.host.connect()
+        try:
+            while not self._stop.wait(0.002):
+                try:
+                    state = tuple(conn.lookupByUUIDString(self.vm_id).state(0))
+                except libvirt.libvirtError:
+                    continue                    # not there (yet, or any more)
+                if not self.seen or self.seen[-1] != state:
+                    self.seen.append(state)
+        finally:
+            conn.close()
+
+
+def test_survivor_becomes_the_vm_itself_and_fails_over_again_from_it(lab):
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
+    write(monitor(lab, "ag-a", vm, False), 0, 0x3A)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
+    sec_name = domxml.secondary_name(vm.name)
+
+    with DomainStates(lab.host("ag-b"), vm.vm_id) as states:
+        os.kill(lab.qemu_pid("ag-a", vm.name), 9)
+        deadline = time.monotonic() + 30
+        while (lf := lab.status("ag-b", vm.vm_id).last_failover) is None or \
+                lf.domain != vm.name:
+            assert time.monotonic() < deadline, lf
+            time.sleep(0.05)
+    # Whenever VDSM's lookup had adopted the new domain during the move,
+    # Vm._recover_status would have made it Up, never Paused (which the engine destroys
+    # from another host): apart from libvirt's own start-up, before the start event that
+    # tells VDSM of it, the domain with the VM's UUID is never paused
+    # (vdsm_ft/identity.py). The copy-back's pivot, after the move, does pause it.
+    started = [s for s in states.seen if s != (libvirt.VIR_DOMAIN_PAUSED,
+                                               libvirt.VIR_DOMAIN_PAUSED_STARTING_UP)]
+    assert started and {recover_status(st, why, False) for st, why in started} == {"up"}, \
+        states.seen
+    after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
+    lf = after.last_failover
+    assert after.role is Role.PRIMARY and lf.domain == vm.name, after.reason
+    assert lf.identity_pause_ms is not None and lf.identity_pause_ms < 1000, lf
+    assert lab.qemu_pid("ag-b", sec_name) is None, "the secondary's domain is still there"
+    conn = lab.host("ag-b").connect()
+    try:
+        dom = conn.lookupByName(vm.name)
+        assert dom.UUIDString() == vm.vm_id
+        assert domxml.OVIRT_VM_NS in dom.XMLDesc(0)      # VDSM adopts it as the VM
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert sec_name not in {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+    survivor = monitor(lab, "ag-b", vm, False)
+    assert survivor.execute("query-status")["status"] == "running"
+    assert survivor.execute("query-colo-status")["mode"] == "none"
+    caps = {c["capability"]: c["state"]
+            for c in survivor.execute("query-migrate-capabilities")}
+    assert not caps["x-colo"]
+    objects = {o["name"] for o in survivor.execute("qom-list", {"path": "/objects"})}
+    assert not {n for n in objects if n.startswith(("ft-rew", "ft-f"))}, objects
+    assert holds(lab, "ag-b", vm, survivor, 0, 0x3A)
+    assert not os.path.exists(os.path.join(lab.agent("ag-b").overlay_dir, vm.vm_id))
+
+    # Protected again from the renamed domain, and a second failover works the same way.
+    write(survivor, 1 * MiB, 0x3B)
+    lab.protect(vm, "ag-b", "ag-c")
+    lab.wait_checkpoints("ag-b", vm.vm_id)
+    os.kill(lab.qemu_pid("ag-b", vm.name), 9)
+    again = lab.wait_status("ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
+    assert again.role is Role.PRIMARY and again.last_failover.domain == vm.name, again
+    assert lab.qemu_pid("ag-c", sec_name) is None
+    second = monitor(lab, "ag-c", vm, False)
+    assert second.execute("query-status")["status"] == "running"
+    assert holds(lab, "ag-c", vm, second, 0, 0x3A)
+    assert holds(lab, "ag-c", vm, second, 1 * MiB, 0x3B)
+    lab.remove_vm(vm)
 
 
 def partition(lab: AgentLab, a: str, b: str, cut: bool) -> None:
@@ -99,7 +198,7 @@ def test_whole_primary_host_lost(lab):
     try:
         after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
         assert after.role is Role.PRIMARY and after.last_failover.to_host == "ag-b"
-        survivor = monitor(lab, "ag-b", vm, True)
+        survivor = monitor(lab, "ag-b", vm, False)
         assert survivor.execute("query-colo-status")["mode"] == "none"
         assert holds(lab, "ag-b", vm, survivor, 0, 0x61)
         assert not holds(lab, "ag-b", vm, survivor, 2 * MiB, 0x61)
@@ -141,8 +240,10 @@ def test_partition_leaves_exactly_one_live_copy(lab, run):
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
+            # A winning secondary moves into a domain named like the VM.
             alive = {"ag-a": lab.qemu_pid("ag-a", vm.name),
-                     "ag-b": lab.qemu_pid("ag-b", sec_name)}
+                     "ag-b": lab.qemu_pid("ag-b", sec_name) or
+                     lab.qemu_pid("ag-b", vm.name)}
             if sum(p is not None for p in alive.values()) == 1:
                 break
             time.sleep(0.1)
@@ -152,7 +253,7 @@ def test_partition_leaves_exactly_one_live_copy(lab, run):
     winner = next(h for h, p in alive.items() if p is not None)
     won = lab.wait_status(winner, vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert won.role is Role.PRIMARY
-    survivor = monitor(lab, winner, vm, winner == "ag-b")
+    survivor = monitor(lab, winner, vm, False)
     assert survivor.execute("query-colo-status")["mode"] == "none"
     assert holds(lab, winner, vm, survivor, 0, 0x80 + run)
     holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
@@ -196,7 +297,7 @@ def test_losing_one_etcd_member_changes_nothing(lab):
         lab.wait_checkpoints("ag-a", vm.vm_id)
         os.kill(lab.qemu_pid("ag-a", vm.name), 9)
         after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
-        assert holds(lab, "ag-b", vm, monitor(lab, "ag-b", vm, True), 0, 0xA1)
+        assert holds(lab, "ag-b", vm, monitor(lab, "ag-b", vm, False), 0, 0xA1)
         assert after.failovers == 1
     finally:
         lab.etcd.start_member(2)
@@ -241,7 +342,7 @@ def test_secondary_outwaits_an_etcd_outage_then_takes_over_with_the_data(lab):
         lab.etcd.start_members([0, 1, 2])
     after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
     assert after.role is Role.PRIMARY and after.failovers == 1
-    survivor = monitor(lab, "ag-b", vm, True)
+    survivor = monitor(lab, "ag-b", vm, False)
     assert survivor.execute("query-colo-status")["mode"] == "none"
     assert survivor.execute("query-status")["status"] == "running"
     assert holds(lab, "ag-b", vm, survivor, 0, 0x6E)
@@ -475,7 +576,7 @@ def test_admin_operations_suspend_resume_migrate_secondary_and_test_failover(lab
     lab.call("ag-a", "test_failover", vm.vm_id)
     after = lab.wait_status("ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
-    assert holds(lab, "ag-c", vm, monitor(lab, "ag-c", vm, True), 0, 0xE1)
+    assert holds(lab, "ag-c", vm, monitor(lab, "ag-c", vm, False), 0, 0xE1)
 
 
 def test_colo_over_tls_through_the_agents_and_a_mismatch_is_refused(lab):
@@ -509,7 +610,7 @@ def test_colo_over_tls_through_the_agents_and_a_mismatch_is_refused(lab):
         os.kill(lab.qemu_pid("ag-a", vm.name), 9)
         after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
         assert after.role is Role.PRIMARY
-        survivor = monitor(lab, "ag-b", vm, True)
+        survivor = monitor(lab, "ag-b", vm, False)
         assert holds(lab, "ag-b", vm, survivor, 0, 0x7C)
         assert survivor.execute("query-migrate-parameters")["tls-creds"] == ""
     finally:

@@ -11,8 +11,10 @@ import uuid
 import pytest
 
 from ftlab.etcd import EtcdCluster, MemberSpec
-from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterUnavailable, LeaderLease,
-                             NoSuchPair, NotAPairMember, PairConflict, StaleGeneration)
+from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterUnavailable, HostRecord,
+                             LeaderLease, NoSuchPair, NotAPairMember, PairConflict,
+                             StaleGeneration, StaleImage)
+from vdsm_ft.qemu_probe import QemuCapability
 
 # What "within the bound" may overshoot by: the last attempt's socket timeout and the
 # pause between rounds.
@@ -27,6 +29,22 @@ def new_vm() -> str:
 @pytest.fixture
 def arbiter(etcd_cluster):
     return Arbiter(etcd_cluster.endpoints)
+
+
+def test_host_records_are_published_and_read_back(arbiter):
+    names = [f"host-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    bad = QemuCapability(capable=False, reason="cannot do COLO: x-colo cannot be set",
+                         path="/usr/libexec/qemu-kvm", version="10.1.0", failed=("x-colo",))
+    before = time.time()
+    stored = arbiter.put_host(HostRecord(names[0], "0.1.0", bad))
+    arbiter.put_host(HostRecord(names[1], "0.1.0", None))
+    assert stored.updated_at >= before
+    assert arbiter.get_host(names[0]) == stored
+    assert arbiter.get_host(names[0]).qemu.failed == ("x-colo",)
+    assert arbiter.get_host("host-never-published") is None
+    mine = [r for r in arbiter.hosts() if r.host_id in names]
+    assert [r.host_id for r in mine] == sorted(names)
+    assert {r.host_id: r.qemu for r in mine} == {names[0]: bad, names[1]: None}
 
 
 def test_generations_strictly_increase(arbiter):
@@ -210,6 +228,47 @@ def test_concurrent_updates_all_land(etcd_cluster):
     # Each CAS write got its own revision: none overwrote another unseen.
     assert len(set(revisions)) == len(reasons)
     assert a.get_pair(vm).reason in reasons
+
+
+def test_a_secondary_that_wins_marks_the_image_stale_until_it_is_current(arbiter):
+    vm = new_vm()
+    g1 = arbiter.begin_generation(vm, "hostA", "hostB")
+    assert arbiter.claim_live(vm, g1, "hostA")          # the primary: its image is current
+    assert arbiter.stale_image(vm) is None
+    g2 = arbiter.begin_generation(vm, "hostA", "hostB")
+    before = time.time()
+    assert arbiter.claim_live(vm, g2, "hostB")          # the secondary: on its replica
+    mark = arbiter.stale_image(vm)
+    assert (mark.vm_id, mark.generation, mark.host) == (vm, g2, "hostB")
+    assert before <= mark.since <= time.time()
+    assert arbiter.live_claim(vm, g2) == ("hostB", mark.since)
+    assert arbiter.start_check(vm, "hostC") == ("hostB", mark)   # the start hook's one read
+    assert arbiter.claim_live(vm, g2, "hostB") and arbiter.stale_image(vm) == mark
+    arbiter.delete_pair(vm)                             # forgetting the pair keeps it
+    assert arbiter.stale_image(vm) == mark
+    arbiter.image_current(vm, g2 - 1, "hostB")          # an older copy-back: not this one
+    arbiter.image_current(vm, g2, "hostA")              # another host's: not its mark
+    assert arbiter.stale_image(vm) == mark
+    arbiter.image_current(vm, g2, "hostB")
+    assert arbiter.stale_image(vm) is None
+    arbiter.image_current(vm, g2, "hostB")              # again: nothing left, no error
+
+
+def test_a_later_failovers_mark_outlives_an_earlier_copy_back(arbiter):
+    vm = new_vm()
+    g1 = arbiter.begin_generation(vm, "hostA", "hostB")
+    assert arbiter.claim_live(vm, g1, "hostB")
+    g2 = arbiter.begin_generation(vm, "hostB", "hostC")
+    assert arbiter.stale_image(vm).generation == g1     # a new pairing alone clears nothing
+    arbiter.image_current(vm, g2, "hostB")              # hostB's copy-back, told late
+    assert arbiter.stale_image(vm) is None
+    g3 = arbiter.begin_generation(vm, "hostB", "hostC")
+    assert arbiter.claim_live(vm, g3, "hostC")
+    arbiter.image_current(vm, g3, "hostB")              # hostB again: not hostC's mark
+    assert arbiter.stale_image(vm) == StaleImage(vm, g3, "hostC",
+                                                 arbiter.live_claim(vm, g3)[1])
+    assert arbiter.discard_stale_image(vm).generation == g3
+    assert arbiter.stale_image(vm) is None and arbiter.discard_stale_image(vm) is None
 
 
 def test_other_member_live(arbiter):

@@ -12,9 +12,11 @@ import sys
 import pytest
 
 from engine_plugin import config
+from ftlab import qemubuild
 from ftlab.engine.fake_engine import FakeEngine
 from ftlab.engine.model import GiB, Hook
 from tests.integration.scripted_agents import AgentFleet, primary_status
+from vdsm_ft import qemu_probe
 from vdsm_ft.api import Role, VmState, VmStatus
 
 USER, PASSWORD = "admin@internal", "cli-pass-8f2"
@@ -86,6 +88,44 @@ def test_status_json_for_one_vm(lab):
     assert (row["vm"], row["state"], row["primary_host"], row["secondary_host"]) == \
         ("web", "Protected", "h1", "h2")
     assert row["generation"] == 3 and row["replication_bytes"] == 10 << 20
+
+
+def test_status_shows_a_copy_back_in_progress(lab):
+    vm = lab["engine"].add_vm("batch", host="h1", custom_properties={"ft": "true"})
+    lab["fleet"].backends["h1"].set_vm(primary_status(
+        vm.id, "batch", lab["ids"]["h1"], VmState.NOT_PROTECTED, generation=4, failovers=1,
+        reason="copying back to the storage domain, 63%"))
+    r = ovirt_ft(lab["conf"], "status", "batch")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("batch"))
+    assert "Not Protected" in row and "copying back to the storage domain, 63%" in row
+
+
+def test_hosts_show_what_each_agents_qemu_probe_found(lab, tmp_path):
+    """h1 reports a real probe of this machine's QEMU, h2 one of a QEMU that is not
+    there, h3 none (an agent from before the probe)."""
+    backends = lab["fleet"].backends
+    backends["h1"].qemu = qemu_probe.probe(qemubuild.DEBIAN_QEMU, str(tmp_path))
+    backends["h2"].qemu = qemu_probe.probe("/opt/none/qemu-system-x86_64", str(tmp_path))
+    try:
+        r = ovirt_ft(lab["conf"], "hosts")
+        assert r.returncode == 0, r.stderr
+        header, *rows = r.stdout.splitlines()
+        assert header.split() == ["HOST", "COLO", "QEMU", "EMULATOR", "REASON"]
+        by_host = {line.split()[0]: line for line in rows}
+        assert by_host["h1"].split()[1:4] == ["yes", backends["h1"].qemu.version,
+                                             qemubuild.DEBIAN_QEMU]
+        assert by_host["h2"].split()[1] == "no" and "does not exist" in by_host["h2"]
+        assert by_host["h3"].split()[1] == "unknown" and "no QEMU probe" in by_host["h3"]
+        status = ovirt_ft(lab["conf"], "status")
+        assert status.returncode == 0 and "\n\nHOST " in status.stdout
+        assert by_host["h2"] in status.stdout
+        [h2] = [row for row in json.loads(ovirt_ft(lab["conf"], "hosts", "--json").stdout)
+                if row["host"] == "h2"]
+        assert (h2["colo"], h2["failed"]) == ("no", ["run"])
+        assert h2["reason"] == backends["h2"].qemu.reason
+    finally:
+        backends["h1"].qemu = backends["h2"].qemu = None
 
 
 def test_enable_and_disable_keep_the_other_custom_properties(lab):
@@ -169,3 +209,44 @@ def test_settings_from_the_environment_only(lab, tmp_path):
 def test_no_password_option(lab):
     r = ovirt_ft(lab["conf"], "--help")
     assert r.returncode == 0 and "password" not in r.stdout.lower()
+
+
+def test_accept_stale_image_is_refused_while_the_replica_is_held_then_needs_the_flag(
+        lab, etcd_cluster, tmp_path):
+    """The admin's way out when a survivor's replica is lost (vdsm_ft.imagestate)."""
+    from vdsm_ft.arbiter import Arbiter
+    ids = lab["ids"]
+    vm = lab["engine"].add_vm("orphan", host="h2", custom_properties={"ft": "false"})
+    arbiter = Arbiter(etcd_cluster.endpoints)
+    generation = arbiter.begin_generation(vm.id, ids["h1"], ids["h2"])
+    assert arbiter.claim_live(vm.id, generation, ids["h2"])     # h2 took over on its replica
+    conf = tmp_path / "with-etcd.conf"
+    text = open(lab["conf"]).read()
+    config.write(str(conf), {**_sections(text), "poller": {
+        "etcd_endpoints": ",".join(etcd_cluster.endpoints)}})
+    lab["fleet"].backends["h2"].set_vm(primary_status(
+        vm.id, "orphan", ids["h2"], VmState.DOWN, generation=generation, failovers=1,
+        reason="stopped; the storage-domain image is NOT current (the offline copy failed)"))
+    try:
+        r = ovirt_ft(conf, "accept-stale-image", "orphan", "--lose-writes-since-failover")
+        assert r.returncode == 1 and "still has its replica" in r.stderr, r
+        assert "the offline copy failed" in r.stderr and "Nothing was changed" in r.stderr
+        assert arbiter.stale_image(vm.id) is not None
+    finally:
+        lab["fleet"].backends["h2"].drop_vm(vm.id)
+    r = ovirt_ft(conf, "accept-stale-image", "orphan")
+    assert r.returncode == 1 and "--lose-writes-since-failover" in r.stderr, r
+    assert f"generation {generation}" in r.stderr and "h2" in r.stderr
+    assert arbiter.stale_image(vm.id) is not None
+    r = ovirt_ft(conf, "accept-stale-image", "orphan", "--lose-writes-since-failover")
+    assert r.returncode == 0 and "accepted as it is" in r.stdout, r
+    assert arbiter.stale_image(vm.id) is None
+    r = ovirt_ft(conf, "accept-stale-image", "orphan", "--lose-writes-since-failover")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r
+
+
+def _sections(text: str) -> dict:
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(text)
+    return {name: dict(parser[name]) for name in parser.sections()}

@@ -38,7 +38,7 @@ import pytest
 from lxml import etree
 from qemu.qmp import QMPClient
 
-from vdsm_ft import domxml, layout
+from vdsm_ft import domxml, layout, runfiles
 
 pytestmark = pytest.mark.kvm
 
@@ -210,6 +210,35 @@ def _block_nodes(sock: str) -> dict[str, dict]:
     return {n["node-name"]: n for n in nodes}
 
 
+def _engine_disks(xml: str) -> list[dict]:
+    """Alias, serial, target, PCI slot / drive address, boot order and source per disk."""
+    root = etree.fromstring(xml.encode())
+    out = []
+    for d in root.iterfind("devices/disk[@device='disk']"):
+        addr, boot, src = d.find("address"), d.find("boot"), d.find("source")
+        out.append({"alias": d.find("alias").get("name"), "serial": d.findtext("serial"),
+                    "target": d.find("target").get("dev"),
+                    "address": {k: v for k, v in (addr.attrib.items() if addr is not None
+                                                  else ()) if k in ("type", "slot", "unit",
+                                                                    "controller")},
+                    "boot": boot.get("order") if boot is not None else None,
+                    "source": src.get("file") or src.get("dev")})
+    return out
+
+
+def _devices_on(sock: str) -> dict[str, str]:
+    """Block node -> the guest device that uses it (query-block)."""
+    (blocks,) = _qmp(sock, ("query-block", None))
+    return {b["inserted"]["node-name"]: b["qdev"] for b in blocks
+            if b.get("inserted") and b.get("qdev")}
+
+
+def _qemu_io_write(sock: str, qdev: str) -> None:
+    (out,) = _qmp(sock, ("human-monitor-command",
+                         {"command-line": f'qemu-io -d {qdev} "write -P 0x5a 0 64k"'}))
+    assert out.strip() == "", out
+
+
 def _pci(sock: str) -> list[tuple]:
     (buses,) = _qmp(sock, ("query-pci", None))
     return sorted((d["bus"], d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"],
@@ -240,8 +269,10 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qe
 
     # --- primary: running under KVM, its quorums on the private QMP socket
     prun = lab.dir("run,p'1")
-    primary = lab.start(conn, domxml.primary_xml(engine_xml, prun, qemu_version))
     vm = domxml.layout_from_domxml(engine_xml, prun)
+    pxml = domxml.primary_xml(engine_xml, prun, qemu_version)
+    runfiles.make_placeholders(pxml)
+    primary = lab.start(conn, pxml)
     _wait_for(vm.qmp_socket)
     state, _ = primary.state()
     assert state == libvirt.VIR_DOMAIN_RUNNING
@@ -253,10 +284,19 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qe
         assert nodes[d.quorum]["drv"] == "quorum"
         assert nodes[d.primary_child]["drv"] == d.fmt
         assert nodes[d.primary_child]["file"] == d.image
-    (blocks,) = _qmp(vm.qmp_socket, ("query-block", None))
-    qdevs = {b.get("qdev", "") for b in blocks}
-    assert {f"/machine/peripheral/{d.device}/virtio-backend" for d in vm.disks[:2]} <= qdevs
-    assert f"{vm.disks[2].device}" in qdevs
+    # libvirt built each guest disk device from the engine's <disk> (named by its alias)
+    # and <qemu:override> put it on our quorum.
+    aliases = _engine_disks(engine_xml)
+    assert _devices_on(vm.qmp_socket) == {
+        vm.disks[0].quorum: f"/machine/peripheral/{aliases[0]['alias']}/virtio-backend",
+        vm.disks[1].quorum: f"/machine/peripheral/{aliases[1]['alias']}/virtio-backend",
+        vm.disks[2].quorum: aliases[2]["alias"]}
+    # Host-side qemu-io through the guest device lands in the quorum's image.
+    _qemu_io_write(vm.qmp_socket, f"/machine/peripheral/{aliases[0]['alias']}/virtio-backend")
+    # No image is opened twice: each appears once on the command line, in our node.
+    cmd_args = _cmdline(primary)
+    for d in vm.disks:
+        assert sum(domxml.qemu_escape(d.image) in a for a in cmd_args) == 1, d.image
     # libvirt derives the netdev ids layout_from_domxml predicts.
     cmd = " ".join(_cmdline(primary))
     assert [n.netdev for n in vm.nics] == ["hostua-7d7b11a5-ccd5-4528-9273-4b9d328e61e8",
@@ -264,9 +304,18 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qe
                                            "hostnet0"]
     for nic in vm.nics:
         assert f'"id":"{nic.netdev}"' in cmd
-    # The libvirt disk is gone (no second opener); the CD-ROM stays a libvirt device.
+    # Host.dumpxmls shows every engine disk as the engine wrote it: alias, serial,
+    # address, boot order; only the source is the placeholder. The CD-ROM is untouched.
     live = etree.fromstring(primary.XMLDesc(0).encode())
-    assert [d.get("device") for d in live.iterfind("devices/disk")] == ["cdrom"]
+    assert [d.get("device") for d in live.iterfind("devices/disk")] == ["cdrom", "disk",
+                                                                         "disk", "disk"]
+    shown = _engine_disks(primary.XMLDesc(0))
+    assert [d["source"] for d in shown] == [domxml.placeholder_path(prun, vm_uuid, i)
+                                            for i in range(len(aliases))]
+    for want, got in zip(aliases, shown):
+        assert {k: got[k] for k in ("alias", "serial", "target", "boot")} == \
+            {k: want[k] for k in ("alias", "serial", "target", "boot")}
+        assert want["address"].items() <= got["address"].items()     # the engine's address
     assert all(i.find("driver").get("name") == "qemu" for i in live.iterfind("devices/interface"))
 
     # --- secondary: started, paused in inmigrate, replication chain in place
@@ -283,8 +332,9 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qe
                                  migration_port=0, nbd_port=0,
                                  mirror_ports=(1, 3, 5), compare_ports=(2, 4, 6))
     sxml = domxml.secondary_xml(engine_xml, srun, disks, endpoints, 1, qemu_version)
+    runfiles.make_placeholders(sxml)
     secondary = lab.start(conn, sxml)
-    ssock = os.path.join(srun, "qmp.sock")
+    ssock = layout.qmp_socket(srun, domxml.secondary_name(primary.name()))
     _wait_for(ssock)
     assert secondary.UUIDString() == domxml.secondary_uuid(vm_uuid, 1)
     assert secondary.name() == domxml.secondary_name(primary.name())
@@ -310,7 +360,8 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qe
     # --- both sides: identical guest-visible PCI layout and libvirt addresses
     ppci = _pci(vm.qmp_socket)
     assert ppci == _pci(ssock)
-    assert {d.device for d in vm.disks if d.index < 2} <= {p[-1] for p in ppci}
+    assert {aliases[0]["alias"], aliases[1]["alias"]} <= {p[-1] for p in ppci}
+    assert _devices_on(ssock) == _devices_on(vm.qmp_socket)
     paddr, saddr = _libvirt_addresses(primary), _libvirt_addresses(secondary)
     assert paddr == saddr and len(paddr) >= 8
 
@@ -323,6 +374,7 @@ def test_block_disk_needs_libvirt_host_config(lab, libvirtd):
     engine_xml, _ = runnable_engine_xml(lab, block_disk=True)
     run = lab.dir("run-blk")
     xml = domxml.primary_xml(engine_xml, run, QEMU_VERSION)
+    runfiles.make_placeholders(xml)
     assert "driver=host_device,filename=/dev/loop" in xml
     if _block_disks_allowed():
         lab.start(conn, xml)

@@ -595,3 +595,187 @@ def test_ten_thousand_vms_list_fast(engine, conn):
     assert len(first) == len(again) == 10000 and len(all_hosts) == 500
     assert sum(1 for v in again if props(v).get("ft") == "true") == 5000
     assert min(warm) < 2.0 and host_time < 1.0
+
+
+# ----- strict engine rules (research/engine-behaviour.md) -----------------------------------
+
+def _domxml(disk_ids=(), nic_ids=()) -> str:
+    """A reported live domain XML with these `ua-` aliases (what Host.dumpxmls returns)."""
+    disks = "".join("<disk type='file' device='disk'><target dev='vd%s'/><alias name='ua-%s'/>"
+                    "</disk>" % (chr(97 + i), d) for i, d in enumerate(disk_ids))
+    nics = "".join("<interface type='bridge'><alias name='ua-%s'/></interface>" % n
+                   for n in nic_ids)
+    return "<domain><devices>%s%s</devices></domain>" % (disks, nics)
+
+
+@pytest.mark.parametrize("db_status,reported,migrating_here,outcome", [
+    ("up", "migrating_to", False, "ignored"),           # the source still owns it
+    ("up", "migrating_from", False, "ignored"),
+    ("down", "migrating_from", False, "ignored"),
+    ("down", "migrating_to", False, "moved"),           # MigratingTo only ignored with a host
+    ("up", "paused", False, "destroyed"),
+    ("unknown", "paused", False, "moved"),
+    ("up", "paused", True, "moved"),                    # migrating to the reporter
+    ("down", "paused", False, "moved"),                 # no run_on_vds: nothing to protect
+    ("unknown", "wait_for_launch", False, "ignored"),
+    ("up", "wait_for_launch", False, "moved"),
+    ("up", "up", False, "moved"),
+    ("unknown", "up", False, "moved"),
+    ("down", "up", False, "moved"),                     # even a Down record is taken over
+])
+def test_vm_reported_on_other_host_follows_the_engine_table(engine, driver, db_status,
+                                                            reported, migrating_here, outcome):
+    h1 = engine.add_host("h1")
+    h2 = engine.add_host("h2")
+    vm = engine.add_vm("vm1", host=None if db_status == "down" else "h1")
+    if db_status == "unknown":
+        engine.kill_host("h1")
+        engine.wait_vm_status("vm1", "unknown")
+    if migrating_here:
+        with engine.state.lock:
+            engine.state.vm("vm1").migrating_to_host_id = h2.id
+    engine.report_vms("h2", [VmReport(uuid=vm.id, name="vm1", status=reported)], full=False)
+    got = engine.vm("vm1")
+    if outcome == "ignored":
+        assert got.host_id == (None if db_status == "down" else h1.id)
+        assert got.status == db_status and driver.destroys == []
+    elif outcome == "destroyed":
+        assert got.host_id == h1.id and got.status == db_status
+        assert driver.destroys == [(h2.id, vm.id)]
+    else:
+        want = {"migrating_to": "migrating", "migrating_from": "migrating"}.get(reported, reported)
+        assert (got.host_id, got.status) == (h2.id, want) and driver.destroys == []
+
+
+def test_devices_follow_the_reported_domain_xml(engine, driver, conn):
+    engine.add_host("h1")
+    engine.add_template("tpl", disks=[("disk1", 64 << 20, "virtio", True),
+                                      ("disk2", 32 << 20, "virtio_scsi", False)], nics=["nic1"])
+    vms = conn.system_service().vms_service()
+    vm = vms.add(types.Vm(name="vm1", cluster=types.Cluster(name="Default"),
+                          template=types.Template(name="tpl")))
+    svc = vms.vm_service(vm.id)
+    atts = svc.disk_attachments_service().list()
+    nics = svc.nics_service().list()
+    assert [a.active for a in atts] == [True, True] and atts[0].bootable and not atts[1].bootable
+    assert atts[1].interface == types.DiskInterface.VIRTIO_SCSI and atts[0].disk.id == atts[0].id
+    assert [n.name for n in nics] == ["nic1"] and nics[0].plugged
+    assert nics[0].mac.address.startswith("56:6f:")
+    disk1, disk2 = atts[0].id, atts[1].id
+    svc.start()
+    wait_until(lambda: engine.vm("vm1").status == "up", what="vm1 up")
+    assert [d.id for d in driver.starts[-1].disks] == [disk1, disk2]
+    # The running domain no longer shows disk2 (VmDevicesMonitoring.handleRemovedDevices).
+    engine.report_vms("h1", [VmReport(uuid=vm.id, name="vm1",
+                                      domxml=_domxml([disk1], [nics[0].id]))])
+    assert [a.active for a in svc.disk_attachments_service().list()] == [True, False]
+    assert svc.disk_attachments_service().attachment_service(disk2).get().active is False
+    assert svc.nics_service().list()[0].plugged
+    # A report without XML (devices hash unchanged) changes no device.
+    engine.report_vms("h1", [VmReport(uuid=vm.id, name="vm1")])
+    assert [a.active for a in svc.disk_attachments_service().list()] == [True, False]
+    # The next ordinary start boots without the unplugged disk.
+    svc.stop()
+    svc.start()
+    wait_until(lambda: engine.vm("vm1").status == "up", what="vm1 up again")
+    assert [d.id for d in driver.starts[-1].disks] == [disk1]
+    # Back in the XML: plugged again.
+    engine.report_vms("h1", [VmReport(uuid=vm.id, name="vm1",
+                                      domxml=_domxml([disk1, disk2], [nics[0].id]))])
+    assert [a.active for a in svc.disk_attachments_service().list()] == [True, True]
+
+
+def test_devices_of_a_vm_taken_over_follow_the_new_hosts_xml(engine):
+    engine.add_host("h1")
+    engine.add_host("h2")
+    engine.add_template("tpl", disks=[("disk1", 64 << 20, "virtio", True)])
+    vm = engine.add_vm("vm1", host="h1", template="tpl")
+    disk = vm.disks[0].id
+    engine.report_vms("h2", [VmReport(uuid=vm.id, name="vm1", domxml=_domxml())], full=False)
+    assert engine.vm("vm1").host_id == engine.host("h2").id
+    assert engine.vm("vm1").disks[0].plugged is False
+    engine.report_vms("h2", [VmReport(uuid=vm.id, name="vm1", domxml=_domxml([disk]))])
+    assert engine.vm("vm1").disks[0].plugged is True
+
+
+def test_host_status_comes_from_host_monitoring_and_a_non_responsive_host_is_not_polled():
+    # Hand-driven monitoring rounds: tick() is one VdsManager.onTimer.
+    eng = FakeEngine(users={USER: PASSWORD}, timing=EngineTiming(refresh=3600, grace=0.0))
+    eng.start()
+    try:
+        eng.add_host("h1")
+        vm = eng.add_vm("vm1", host="h1")
+        eng.kill_host("h1")
+        eng.state.tick()
+        assert eng.host("h1").status == "connecting"
+        eng.state.tick()
+        assert eng.host("h1").status == "non_responsive" and eng.vm("vm1").status == "unknown"
+        eng.revive_host("h1")
+        # VDSM answers again, but until host monitoring sees it the host stays
+        # NonResponsive, and its VM report is not taken.
+        eng.report_vms("h1", [VmReport(uuid=vm.id, name="vm1", status="up")])
+        assert eng.host("h1").status == "non_responsive" and eng.vm("vm1").status == "unknown"
+        eng.state.tick()
+        assert eng.host("h1").status == "up"
+        eng.report_vms("h1", [VmReport(uuid=vm.id, name="vm1", status="up")])
+        assert eng.vm("vm1").status == "up"
+    finally:
+        eng.stop()
+
+
+def test_actions_on_an_unknown_vm_are_refused(engine, conn):
+    engine.add_host("h1")
+    engine.add_host("h2")
+    vm = engine.add_vm("vm1", host="h1")
+    engine.kill_host("h1")
+    engine.wait_vm_status("vm1", "unknown")
+    svc = conn.system_service().vms_service().vm_service(vm.id)
+    for call in (svc.start, lambda: svc.start(vm=types.Vm()), svc.stop, svc.shutdown,
+                 svc.migrate, lambda: svc.snapshots_service().add(types.Snapshot())):
+        with pytest.raises(sdk.Error) as e:
+            call()
+        assert e.value.code == 409 and "Unknown status" in str(e.value)
+    assert engine.vm("vm1").status == "unknown"
+
+
+def test_committed_memory_follows_run_on_vds(engine):
+    engine.add_host("h1", memory=32 * GiB, reserved_memory=0)
+    engine.add_host("h2", memory=32 * GiB, reserved_memory=0)
+    vm = engine.add_vm("vm1", host="h1", memory=4 * GiB)
+    # A migration destination copy on h2 does not count there: run_on_vds is h1.
+    engine.report_vms("h2", [VmReport(uuid=vm.id, name="vm1", status="migrating_to",
+                                      memory=4 * GiB)])
+    assert engine.host("h1").max_scheduling_memory == 28 * GiB
+    assert engine.host("h2").max_scheduling_memory == 32 * GiB
+    # An external VM counts where it runs.
+    engine.report_vms("h2", [VmReport(uuid="0b1d2c3e-1111-5222-8333-444455556666", name="x",
+                                      has_ovirt_metadata=False, memory=2 * GiB)])
+    assert engine.host("h2").max_scheduling_memory == 30 * GiB
+    # Taken over by h2 (reported Up there): the memory moves with run_on_vds.
+    engine.report_vms("h2", [VmReport(uuid=vm.id, name="vm1", memory=4 * GiB),
+                             VmReport(uuid="0b1d2c3e-1111-5222-8333-444455556666", name="x",
+                                      has_ovirt_metadata=False, memory=2 * GiB)])
+    assert engine.host("h1").max_scheduling_memory == 32 * GiB
+    assert engine.host("h2").max_scheduling_memory == 26 * GiB
+
+
+def test_collections_real_clients_use(engine, conn):
+    engine.add_host("h1")
+    engine.add_template("tpl", disks=[("disk1", 64 << 20, "virtio", True)])
+    system = conn.system_service()
+    blank = system.templates_service().list(search="name=Blank and datacenter=Default")
+    assert [t.id for t in blank] == ["00000000-0000-0000-0000-000000000000"]
+    assert [t.name for t in system.templates_service().list()] == ["Blank", "tpl"]
+    vm = system.vms_service().add(types.Vm(name="vm1", cluster=types.Cluster(name="Default"),
+                                           template=types.Template(name="Blank")))
+    svc = system.vms_service().vm_service(vm.id)
+    assert svc.get().template.id == blank[0].id and svc.disk_attachments_service().list() == []
+    nic = svc.nics_service().add(types.Nic(name="nic1"))
+    assert nic.plugged and svc.nics_service().nic_service(nic.id).get().name == "nic1"
+    assert svc.snapshots_service().list() == []
+    assert [c.name for c in system.clusters_service().list()] == ["Default"]
+    assert len(system.hosts_service().list()) == 1
+    tag = system.tags_service().add(types.Tag(name="ft"))
+    svc.tags_service().add(types.Tag(id=tag.id))
+    assert [t.name for t in svc.tags_service().list()] == ["ft"]
+    assert isinstance(system.events_service().list(max=1), list)

@@ -13,7 +13,7 @@ import pytest
 
 from ftlab import guest, netns
 from ftlab.host import LabHost
-from vdsm_ft import domxml
+from vdsm_ft import domxml, runfiles
 
 pytestmark = pytest.mark.kvm
 
@@ -38,7 +38,9 @@ def test_idle_guest_waits_in_firmware_without_rebooting(kvm):
         engine_xml = guest.idle_guest_xml("idle1", disk, serial_log=serial)
         assert "type=\"kvm\"" in engine_xml
         conn = host.connect()
-        dom = conn.createXML(domxml.primary_xml(engine_xml, run_dir, (7, 2, 0)), 0)
+        xml = domxml.primary_xml(engine_xml, run_dir, (7, 2, 0))
+        runfiles.make_placeholders(xml)
+        dom = conn.createXML(xml, 0)
         try:
             deadline = time.monotonic() + FIRMWARE_TIMEOUT
             console = ""

@@ -15,14 +15,18 @@ import tempfile
 import uuid
 
 import libvirt
+import ovirtsdk4 as sdk
+import ovirtsdk4.types as types
 import pytest
 
-from ftlab import guest
+from ftlab import guest, qemubuild
+from ftlab.engine import EngineTiming, FakeEngine
 from ftlab.vdsm import HookError, Vdsm
 from tests.unit.test_hooks_api import Recorder
 from vdsm_ft import hostconfig, layout
 from vdsm_ft.arbiter import Arbiter
-from vdsm_ft.hooks import CachedQemuVersion, HookContext
+from vdsm_ft.emulator import CachedEmulators
+from vdsm_ft.hooks import HookContext
 from vdsm_ft.hookapi import serve_hooks
 
 pytestmark = pytest.mark.kvm
@@ -76,6 +80,8 @@ run_dir = {self.run_dir}
 endpoints = {", ".join(etcd)}
 [libvirt]
 qemu_user = {guest.QEMU_USER}
+[qemu]
+emulator = {qemubuild.ft_emulator().path}
 [hooks]
 agent_unreachable = {policy}
 agent_timeout = 1.0
@@ -95,7 +101,7 @@ def host(base, etcd_cluster, agent, libvirtd, kvm):
 def _prepares_for(backend: Recorder, h: Host) -> None:
     """The recording agent does the real agent's `prepare` work, with the host's config."""
     config = hostconfig.load(h.config)
-    backend.parts = HookContext({}, config=config, qemu_probe=CachedQemuVersion(),
+    backend.parts = HookContext({}, config=config, emulators=CachedEmulators(),
                                 arbiter=Arbiter(config.etcd_endpoints))
 
 
@@ -119,6 +125,14 @@ def _domain_names() -> set[str]:
     conn = libvirt.open(URI)
     try:
         return {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def _domain_state(name: str) -> int:
+    conn = libvirt.open(URI)
+    try:
+        return conn.lookupByName(name).state()[0]
     finally:
         conn.close()
 
@@ -152,7 +166,8 @@ def test_no_ft_vm_starts_with_the_engine_xml_untouched(host, agent, base, cached
     assert record.name in _domain_names()
     host.vdsm.destroy_vm(vm_id)
     assert record.name not in _domain_names()
-    assert agent[0].calls == []                      # the agent never hears of it
+    # The agent is asked only whether the VM's storage-domain image is current.
+    assert agent[0].calls == [("image", vm_id, ft)]
 
 
 def test_ft_true_vm_starts_as_primary_and_its_qmp_answers(host, agent, base, cached_disk):
@@ -175,6 +190,37 @@ def test_ft_true_vm_starts_as_primary_and_its_qmp_answers(host, agent, base, cac
     host.vdsm.destroy_vm(vm_id)
     assert [c[0] for c in backend.calls[2:]] == ["stopping", "destroyed"]
     assert record.name not in _domain_names()
+
+
+def test_ft_primary_keeps_the_engine_disks_plugged(host, agent, base, cached_disk):
+    """The strict engine unplugs a managed disk missing from Host.dumpxmls
+    (VmDevicesMonitoring.handleRemovedDevices); the primary's live XML keeps it."""
+    engine = FakeEngine(users={"admin@internal": "pw-hooks"}, timing=EngineTiming(refresh=3600))
+    engine.start()
+    try:
+        engine.add_host("host-a")
+        engine.add_template("tpl", disks=[("disk1", 64 << 20, "virtio", True)])
+        vm = engine.add_vm("hk-disks", template="tpl", host="host-a",
+                           custom_properties={"ft": "true"})
+        disk = guest.install_disk(cached_disk, os.path.join(base, f"{vm.id}.qcow2"))
+        xml = guest.idle_guest_xml(f"hk-{vm.id[:8]}", disk, vm_id=vm.id,
+                                   image_id=vm.disks[0].id,
+                                   serial_log=os.path.join(base, f"{vm.id}.serial"))
+        record, outcome = host.vdsm.start_vm(xml)
+        assert "prepared as COLO primary" in outcome.runs[0].stderr
+        engine.report_vms("host-a", host.vdsm.report())
+        conn = sdk.Connection(url=engine.info.url, username="admin@internal",
+                              password="pw-hooks", ca_file=str(engine.info.ca_file))
+        try:
+            svc = conn.system_service().vms_service().vm_service(vm.id)
+            assert svc.get().status == types.VmStatus.UP
+            assert [(a.id, a.active) for a in svc.disk_attachments_service().list()] == \
+                [(vm.disks[0].id, True)]
+        finally:
+            conn.close()
+        host.vdsm.destroy_vm(vm.id)
+    finally:
+        engine.stop()
 
 
 def test_invalid_ft_value_refuses_the_start(host, agent, base, cached_disk):
@@ -318,6 +364,20 @@ def test_migration_of_an_ft_vm_is_refused(host, agent, base, cached_disk):
         host.vdsm.migrate_check(vm_id)
     assert "not live-migrated by the engine" in e.value.message
     assert "ovirt-ft migrate-secondary" in e.value.message
+
+
+def test_pause_of_an_ft_vm_is_refused_and_of_another_vm_done(host, agent, base,
+                                                               cached_disk):
+    vm_id, xml = _vm_xml(base, cached_disk, "true")
+    record, _ = host.vdsm.start_vm(xml)
+    with pytest.raises(HookError) as e:
+        host.vdsm.pause_vm(vm_id)
+    assert "cannot be paused" in e.value.message and "ft=false" in e.value.message
+    assert _domain_state(record.name) == libvirt.VIR_DOMAIN_RUNNING
+    plain_id, plain_xml = _vm_xml(base, cached_disk, "false")
+    plain, _ = host.vdsm.start_vm(plain_xml)
+    host.vdsm.pause_vm(plain_id)
+    assert _domain_state(plain.name) == libvirt.VIR_DOMAIN_PAUSED
 
 
 def test_destroy_completes_while_the_agent_hangs(host, agent, base, cached_disk):

@@ -6,8 +6,11 @@ that is up, and its cleanup touches only what it made.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -135,3 +138,27 @@ def test_down_leaves_no_namespace_process_or_link(hosts):
     assert set(root_links.split("\n")) <= root_links_before
     for name in ("tlh-", "vnet", "r1@", "g1@"):
         assert name not in root_links
+
+
+def test_host_comes_up_on_a_machine_without_run_libvirt():
+    """Issue 10, item 5: without systemd nothing creates /run/libvirt, and the lab's bind
+    mount over it failed ("mount point does not exist"). The host is brought up in a
+    private mount namespace whose /run lacks libvirt/ (lab_host_without_run_libvirt.py);
+    the machine's own /run is not touched."""
+    base = tempfile.mkdtemp(prefix="ftlab-t-", dir="/tmp")
+    os.chmod(base, 0o755)
+    try:
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-m",
+             "tests.integration.lab_host_without_run_libvirt", base,
+             str(os.stat("/proc/self/ns/mnt").st_ino)],
+            capture_output=True, text=True, timeout=120,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["missing_before"] is True
+        assert result["made_by_lab"] is True
+        assert result["libvirt_version"] >= 9000000
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert not os.path.exists(os.path.join(netns.NETNS_DIR, netns.netns_name("tlh-nr")))

@@ -12,15 +12,18 @@ import time
 
 import pytest
 
-from engine_plugin import config
+from engine_plugin import config, reconcile
 from engine_plugin.agents import Agents
 from engine_plugin.engine import Engine
 from engine_plugin.events import ORIGIN
 from engine_plugin.poller import Poller
+from ftlab import qemubuild
 from ftlab.engine.fake_engine import FakeEngine
 from ftlab.engine.model import GiB, Hook
 from tests.integration.scripted_agents import AgentFleet, primary_status
+from vdsm_ft import qemu_probe
 from vdsm_ft.api import Failover, Role, VmState, VmStatus
+from vdsm_ft.layout import secondary_uuid
 
 USER, PASSWORD = "ft-poller@internal", "s3cret-poller"
 FT_HOOK = [Hook("before_vm_start", "50_ft", "0" * 32)]
@@ -132,6 +135,62 @@ def test_no_qualifying_host_posts_one_refusal_event(lab):
     assert "h3: needs 80.0 GiB schedulable memory" in text
 
 
+def test_no_secondary_on_a_host_whose_qemu_cannot_do_colo_and_one_event(lab, tmp_path):
+    """The agents report what the real probe found: h3 runs the EL9 look-alike QEMU."""
+    el9 = qemu_probe.probe(qemubuild.require(qemubuild.EL9_LOOKALIKE), str(tmp_path / "p"))
+    assert not el9.capable
+    lab.fleet.backends["h3"].qemu = el9
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+    for _ in range(3):
+        res = poller.cycle()
+        assert res.engine_ok and res.failures == [], res.failures
+    [(_, _, peer)] = lab.fleet.backends["h1"].calls_named("protect")
+    assert peer.host_id == _host_id(lab, "h4")           # h3 has more memory, but no COLO
+    events = [e for e in lab.our_events() if "cannot run FT VMs" in e.description]
+    assert len(events) == 1, [e.description for e in events]
+    assert events[0].description == f"Host h3 cannot run FT VMs: {el9.reason}"
+    assert events[0].host_id == _host_id(lab, "h3") and events[0].severity == "error"
+
+    # A VM that its host started unprotected ([hooks] qemu_incapable = start_unprotected)
+    # is reported with the host's reason, not as started without the hook.
+    other = lab.engine.add_vm("plain", memory=GiB, cpus=1, host="h3",
+                              custom_properties={"ft": "true"})
+    res = poller.cycle()
+    assert res.reasons["plain"] == "not protected: the QEMU on h3 cannot do COLO"
+    [note] = [e for e in lab.our_events() if e.vm_id == other.id]
+    assert "whose QEMU cannot do COLO (x-colo" in note.description
+    assert "install vdsm-ft-qemu" in note.description
+    for _ in range(2):
+        poller.cycle()
+    assert len([e for e in lab.our_events() if "cannot run FT VMs" in e.description]) == 1
+
+
+def test_copy_back_is_one_event_then_one_when_the_image_is_current(lab):
+    """The agent's reason carries the copy-back's progress: one event for the copy, not
+    one per percent; one more once the storage-domain image is current."""
+    vm = _ft_vm(lab)
+    h1, b1 = _host_id(lab, "h1"), lab.fleet.backends["h1"]
+    poller = lab.poller()
+    for percent in (10, 40, 90):
+        b1.set_vm(primary_status(vm.id, "web", h1, VmState.NOT_PROTECTED, generation=2,
+                                 failovers=1,
+                                 reason=f"copying back to the storage domain, {percent}%"))
+        res = poller.cycle()
+        assert res.reasons["web"] == f"not protected: copying back to the storage " \
+            f"domain, {percent}%"
+    assert b1.calls_named("protect") == []       # protection waits for the copy-back
+    copying = [e for e in lab.our_events() if "copying back" in e.description]
+    assert len(copying) == 1 and copying[0].vm_id == vm.id, copying
+    b1.set_vm(primary_status(vm.id, "web", h1, VmState.NEED_SECONDARY, generation=2,
+                             failovers=1, image_current_at=time.time()))
+    poller.cycle()
+    assert len(b1.calls_named("protect")) == 1   # and now it is re-protected
+    poller.cycle()
+    current = [e for e in lab.our_events() if "current again" in e.description]
+    assert len(current) == 1 and "storage domain" in current[0].description
+
+
 def test_ha_vm_with_ft_is_flagged_not_protected(lab):
     _ft_vm(lab, name="hadb", ha=True)
     res = lab.poller().cycle()
@@ -191,6 +250,108 @@ def test_failover_is_reprotected_onto_a_third_host_with_no_human_step(lab):
     assert len(b3.calls_named("protect")) == 1 and b4.calls == []
     ids = [e.custom_id for e in lab.our_events()]
     assert len(ids) == len(set(ids))
+
+
+def test_survivor_running_as_the_vm_itself_is_one_event_and_stray_externals_go(lab):
+    h1, h3, h4 = (_host_id(lab, h) for h in ("h1", "h3", "h4"))
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+    b3 = lab.fleet.backends["h3"]
+    # While protected, h3's VDSM reported the secondary (generation 1): imported external.
+    gen1 = secondary_uuid(vm.id, 1)
+    lab.engine.report_vms("h3", [{"uuid": gen1, "name": "web-ft-secondary",
+                                  "status": "up", "has_ovirt_metadata": False,
+                                  "memory": 4 * GiB}])
+    # The survivor moved into the VM's own domain: h3 reports the VM itself, and the
+    # secondary's domain is gone (its external record goes Down).
+    lab.fleet.kill("h1")
+    lab.engine.kill_host("h1")
+    lab.engine.report_vms("h3", [{"uuid": vm.id, "name": "web", "status": "up",
+                                  "has_ovirt_metadata": True, "memory": 4 * GiB}])
+    assert lab.engine.vm("web").host_id == h3
+    assert lab.engine.vm("external-web-ft-secondary").status == "down"
+    lf = Failover(at=7.25, from_host=h1, to_host=h3, duration_ms=95,
+                  old_primary_cannot_run=True, domain="web", identity_pause_ms=31.8)
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.NEED_SECONDARY,
+                       role=Role.PRIMARY, primary_host=h3, generation=1, failovers=1,
+                       last_failover=lf))
+    _cycle_until(poller, lambda: any("failed over" in e.description
+                                     for e in lab.our_events()))
+    [told] = [e for e in lab.our_events() if "failed over" in e.description]
+    assert told.description == ("VM web failed over from host h1 to host h3: the "
+                                "secondary took over in 95 ms and now runs as web itself; "
+                                "the workload paused 32 ms while it moved.")
+    assert "external-web-ft-secondary" not in {v.name for v in lab.engine.vms()}
+
+    # Re-protected onto h4: the new secondary's record is live and stays, the event is
+    # not repeated for the next generation.
+    lab.engine.report_vms("h4", [{"uuid": secondary_uuid(vm.id, 2),
+                                  "name": "web-ft-secondary", "status": "up",
+                                  "has_ovirt_metadata": False, "memory": 4 * GiB}])
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.PROTECTED, role=Role.PRIMARY,
+                       primary_host=h3, secondary_host=h4, generation=2, failovers=1,
+                       last_failover=lf))
+    time.sleep(1.2)                              # past the engine's flood window
+    poller.cycle()
+    poller.cycle()
+    assert [v.status for v in lab.engine.vms()
+            if v.name == "external-web-ft-secondary"] == ["up"]
+    assert len([e for e in lab.our_events() if "failed over" in e.description]) == 1
+
+
+def test_reprotection_waits_until_the_engine_shows_the_vm_on_the_survivors_host(lab):
+    h1, h3, h4 = (_host_id(lab, h) for h in ("h1", "h3", "h4"))
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+    b3 = lab.fleet.backends["h3"]
+    lab.fleet.kill("h1")
+    lab.engine.kill_host("h1")
+    lf = Failover(at=time.time(), from_host=h1, to_host=h3, duration_ms=60,
+                  old_primary_cannot_run=True, domain="web", identity_pause_ms=30.0)
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.NEED_SECONDARY,
+                       role=Role.PRIMARY, primary_host=h3, generation=1, failovers=1,
+                       last_failover=lf))
+    # VDSM on h3 has not adopted the VM yet: the engine still has it on h1, and a
+    # checkpoint's pause that the adoption caught would make the engine destroy it.
+    for _ in range(3):
+        res = poller.cycle()
+        assert res.engine_ok, res.failures
+        assert b3.calls_named("protect") == []
+        assert res.reasons["web"].startswith("re-protection waits until the engine shows "
+                                             "web on h3"), res.reasons
+    assert lab.engine.vm("web").host_id == h1
+
+    lab.engine.report_vms("h3", [{"uuid": vm.id, "name": "web", "status": "up",
+                                  "has_ovirt_metadata": True, "memory": 4 * GiB}])
+    assert lab.engine.vm("web").host_id == h3
+    res = poller.cycle()
+    calls = b3.calls_named("protect")
+    assert len(calls) == 1 and calls[0][2].host_id == h4, calls
+    assert res.reasons["web"] == "re-protecting onto h4"
+
+
+def test_reprotection_goes_ahead_with_a_warning_when_the_engine_never_follows(
+        lab, monkeypatch):
+    monkeypatch.setattr(reconcile, "ADOPTION_WAIT_S", 1.5)
+    h1, h3, h4 = (_host_id(lab, h) for h in ("h1", "h3", "h4"))
+    vm = _ft_vm(lab)
+    poller = lab.poller()
+    b3 = lab.fleet.backends["h3"]
+    lab.fleet.kill("h1")
+    lf = Failover(at=time.time(), from_host=h1, to_host=h3, duration_ms=60,
+                  old_primary_cannot_run=True, domain="web")
+    b3.set_vm(VmStatus(vm_id=vm.id, name="web", state=VmState.NEED_SECONDARY,
+                       role=Role.PRIMARY, primary_host=h3, generation=1, failovers=1,
+                       last_failover=lf))
+    poller.cycle()
+    assert b3.calls_named("protect") == []
+    time.sleep(1.6)                              # the wait, and the engine's flood window
+    _cycle_until(poller, lambda: any("does not show it there yet" in e.description
+                                     for e in lab.our_events()))
+    calls = b3.calls_named("protect")
+    assert calls and calls[0][2].host_id == h4, calls
+    [late] = [e for e in lab.our_events() if "does not show it there yet" in e.description]
+    assert late.severity == "warning" and "check VDSM on h3" in late.description
 
 
 def test_a_retried_reprotection_is_one_event(lab, monkeypatch):

@@ -22,7 +22,7 @@ from ftlab import guest, netns
 from ftlab.colopair import ColoPair, Member
 from ftlab.diskprobe import pattern_matches, write_pattern
 from ftlab.host import LabHost
-from vdsm_ft import colo
+from vdsm_ft import colo, copyback
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -44,8 +44,10 @@ def three_hosts(prefix: str) -> Iterator[list[LabHost]]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def idle_pair(hosts: list[LabHost], prefix: str) -> Iterator[ColoPair]:
-    """A fresh idle VM whose engine XML is what oVirt would send, disk on host a."""
+def idle_pair(hosts: list[LabHost], prefix: str, qemu: str | None = None
+              ) -> Iterator[ColoPair]:
+    """A fresh idle VM whose engine XML is what oVirt would send, disk on host a; both
+    members on `qemu` (default: the lab's choice, ftlab.qemubuild)."""
     vm_id = str(uuid.uuid4())
     disk = guest.install_disk(guest.build_idle_disk(64 * MiB),
                               hosts[0].path("images", f"{vm_id}.qcow2"))
@@ -54,7 +56,7 @@ def idle_pair(hosts: list[LabHost], prefix: str) -> Iterator[ColoPair]:
     xml = guest.idle_guest_xml(f"{prefix}-{vm_id[:8]}", disk, mac=guest.guest_mac(1),
                                serial_log=hosts[0].path("images", f"{vm_id}.serial"),
                                vm_id=vm_id)
-    made = ColoPair(xml)
+    made = ColoPair(xml, qemu)
     yield made
     made.destroy_all()
     os.unlink(disk)
@@ -154,6 +156,40 @@ def test_secondary_killed_primary_carries_on_and_later_writes_land(pair, hosts):
     assert holds(primary, 0, 0xC3)
     assert holds(primary, 3 * MiB, 0xD4)
     assert not holds(primary, 4 * MiB, 0xD4), "negative control: never written"
+
+
+def test_a_primary_cut_off_with_nobody_to_fail_it_over_stops_at_its_next_checkpoint(
+        pair, hosts):
+    """A primary whose link to the secondary is cut (no RST: a blackhole) and whose agent
+    is dead, so that nobody kills it or sends x-colo-lost-heartbeat. Its vCPUs must stop
+    by its next checkpoint and stay stopped: the survivor's copy-back onto the image this
+    primary opened starts copyback.FENCE_WINDOW_S after the claim, and a guest that still
+    ran would write that image meanwhile (patch 0006, docs/qemu.md experiment 20)."""
+    primary, secondary = protected_pair(pair, hosts, delay_ms=colo.DEFAULT_CHECKPOINT_DELAY_MS)
+    write_covered(primary, 0, 0xE1)
+    wire, port = hosts[0].wire, f"r{hosts[0].index}"
+    cursor = primary.qmp.cursor()
+    netns.ip("link", "set", port, "down", netns=wire)
+    try:
+        cut = time.monotonic()
+        # Events, not query-status: the stop's flush waits on the NBD child, with the
+        # BQL, until a yank (the agent's first failover step, out of band) cuts it.
+        bound = colo.DEFAULT_CHECKPOINT_DELAY_MS / 1000 + 1.0
+        time.sleep(copyback.FENCE_WINDOW_S + 1.0)
+        # A checkpoint that ended just as the link went down may show a RESUME; the
+        # last word must be a STOP, within the checkpoint delay of the cut.
+        last = [e for e in primary.qmp.events(cursor) if e.name in ("STOP", "RESUME")]
+        assert last and last[-1].name == "STOP", \
+            f"the cut-off primary runs: {[(e.name, e.received - cut) for e in last]}"
+        assert last[-1].received - cut < bound, last[-1].received - cut
+        assert primary.qmp.execute_oob("query-yank") is not None   # QEMU is alive
+    finally:
+        netns.ip("link", "set", port, "up", netns=wire)
+    # A failover still brings it back: the checkpoint's stop is COLO's to end.
+    secondary.kill()
+    colo.failover_primary(primary.qmp, primary.layout)
+    assert colo.run_state(primary.qmp) == "running"
+    assert holds(primary, 0, 0xE1)
 
 
 def test_reprotect_twice_a_to_b_to_c(pair, hosts):

@@ -92,7 +92,13 @@ def test_tls_protect_checkpoints_failover_and_reprotect(pair, hosts):
     assert len(passes) >= 3, passes
     assert passes == sorted(passes) and len(set(passes)) == len(passes)
 
+    # A new x-checkpoint-delay checkpoints at once (QEMU's migrate_params_apply ->
+    # colo_checkpoint_notify). HMP's qemu-io write holds the BQL while it waits on the
+    # NBD child; started inside that checkpoint it once got no answer for 10 s in CI
+    # (not reproduced here), so the write waits until that checkpoint is over.
+    cursor = a.qmp.cursor()
     colo.set_checkpoint_delay(a.qmp, 2000)
+    a.qmp.wait_event("RESUME", 10.0, since=cursor)
     write_covered(a, 0, 0xA1)
     lost = write_uncovered(a, 1 * MiB, 0xB2)
     a.kill()

@@ -25,7 +25,7 @@ import pytest
 
 from ftlab import guest, netns
 from ftlab.host import LabHost
-from vdsm_ft import domxml, layout, replica
+from vdsm_ft import domxml, layout, replica, runfiles
 from vdsm_ft.qmp import Qmp
 
 pytestmark = [pytest.mark.tcg, pytest.mark.slow]
@@ -101,6 +101,7 @@ def test_primary_boots_from_quorum_disk_and_serves_counter(lab):
     a: LabHost = lab["a"]
     run_dir = _qemu_owned_dir(os.path.join(lab["base"], "run-a"))
     xml = domxml.primary_xml(lab["engine_xml"], run_dir, QEMU_VERSION)
+    runfiles.make_placeholders(xml)
     assert "<kernel>" not in xml and "<initrd>" not in xml   # boots from the disk itself
     serial_log = os.path.join(lab["base"], "serial-a.log")
     conn = a.connect()
@@ -170,11 +171,12 @@ def test_secondary_starts_and_waits_in_inmigrate(lab):
                                  migration_port=49152, nbd_port=49153,
                                  mirror_ports=(49154,), compare_ports=(49155,))
     xml = domxml.secondary_xml(engine_xml, run_dir, list(disks), endpoints, 1, QEMU_VERSION)
+    runfiles.make_placeholders(xml)
     conn = b.connect()
     dom = conn.createXML(xml, 0)
     try:
         assert dom.name() == domxml.secondary_name("t2vm")
-        qmp = Qmp(layout.VmLayout(vm_id="", name="", run_dir=run_dir).qmp_socket).connect()
+        qmp = Qmp(layout.qmp_socket(run_dir, dom.name())).connect()
         try:
             status = qmp.execute("query-status")
             assert status["status"] == "inmigrate" and status["running"] is False

@@ -7,10 +7,11 @@ import time
 
 import pytest
 
+from vdsm_ft import identity
 from vdsm_ft.agent import ports, states
 from vdsm_ft.agent.checkpoints import CheckpointStats
 from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_key
-from vdsm_ft.agent.store import Store, StoreError, VmRecord
+from vdsm_ft.agent.store import ImageNote, ImageNotes, Store, StoreError, VmRecord
 from vdsm_ft.api import Failover, PeerSpec, Role, VmState
 from vdsm_ft.qmp import Event
 
@@ -39,8 +40,19 @@ def seen(**kw: bool) -> states.Observation:
     (S.PROTECTED, seen(qemu_alive=False, peer_lost=True), "mark_down", None),
     (S.SYNCING, seen(), "abandon", None),
     (S.SYNCING, seen(in_colo=True), "none", S.PROTECTED),
+    # A promoted secondary moves into the VM's own identity; a dead one is Down.
+    (S.TAKING_IDENTITY, seen(), "take_identity", S.NEED_SECONDARY),
+    (S.TAKING_IDENTITY, seen(qemu_alive=False), "mark_down", S.DOWN),
     (S.DISABLED, seen(), "none", S.NEED_SECONDARY),
     (S.DISABLED, seen(disable_requested=True), None, None),
+    # A survivor on its replica copies back before anything re-protects it; a stop or a
+    # dead QEMU comes first (they finish the copy themselves).
+    (S.NEED_SECONDARY, seen(image_stale=True, peer_assigned=True), "copy_back", None),
+    (S.NOT_PROTECTED, seen(image_stale=True, peer_assigned=True), "copy_back", None),
+    (S.NOT_PROTECTED, seen(image_stale=True, stopping=True), "teardown", None),
+    (S.NOT_PROTECTED, seen(image_stale=True, qemu_alive=False), "mark_down", None),
+    (S.DOWN, seen(image_stale=True, qemu_alive=False), "retry_copy_back", None),
+    (S.DOWN, seen(qemu_alive=False), None, None),
 ])
 def test_table_picks_the_row_an_admin_would_expect(state, observation, action, result):
     row = states.next_row(state, observation)
@@ -87,6 +99,21 @@ def test_an_unreadable_record_says_what_to_do(tmp_path):
     (tmp_path / f"{VM}.json").write_text("{truncated")
     with pytest.raises(StoreError, match="move it away"):
         store.load_all()
+
+
+def test_image_notes_outlive_records_and_bad_ones_say_what_to_do(tmp_path):
+    notes = ImageNotes(str(tmp_path / "image-current"))
+    note = ImageNote(VM, "web", 4)
+    notes.save(note)
+    Store(str(tmp_path / "vms")).delete(VM)       # a stop forgets the VM's record only
+    assert notes.load_all() == [note]
+    assert notes.get(VM) == note
+    assert (tmp_path / "image-current" / f"{VM}.json").stat().st_mode & 0o777 == 0o600
+    notes.delete(VM)
+    assert notes.load_all() == [] and notes.get(VM) is None
+    (tmp_path / "image-current" / f"{VM}.json").write_text('{"vm_id": "x"}')
+    with pytest.raises(StoreError, match="move it away"):
+        notes.load_all()
 
 
 def test_port_plan_skips_held_and_bound_ports():
@@ -221,3 +248,23 @@ def test_checkpoint_stats_from_stop_and_resume_timestamps():
     assert stats.pause_quantile_ms(0.5) == pytest.approx(60.0)
     assert stats.per_minute() == 2.0
     assert stats.lag_seconds() is not None and stats.lag_seconds() < 5
+
+
+def test_copy_back_waits_for_the_winners_fencing_window():
+    from vdsm_ft import copyback
+    window = copyback.FENCE_WINDOW_S
+    assert window > 3.0        # colo-compare's hold time (COMPARE_TIMEOUT_MS) and more
+    assert copyback.old_primary_fenced(("h2", 100.0), "h2", 7, now=100.0) == window
+    assert copyback.old_primary_fenced(("h2", 100.0), "h2", 7, now=100.0 + window) == 0
+    with pytest.raises(copyback.NotYetSafe, match="h1, not this host"):
+        copyback.old_primary_fenced(("h1", 100.0), "h2", 7, now=200.0)
+    with pytest.raises(copyback.NotYetSafe, match="no live claim"):
+        copyback.old_primary_fenced(None, "h2", 7, now=200.0)
+
+
+def test_identity_start_failure_on_image_locks_names_the_missing_qemu_patch():
+    locked = identity.start_failure('internal error: qemu unexpectedly closed the monitor: '
+                                    'Failed to get "write" lock')
+    assert "packaging/qemu/patches/0004-monitor-cont-in-inmigrate" in locked
+    assert identity.start_failure("no space left") == \
+        "the new domain did not start: no space left"

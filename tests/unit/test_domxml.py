@@ -36,6 +36,23 @@ def devices(xml: str) -> list[dict]:
     return [json.loads(d) for d in options(xml, "-device")]
 
 
+def overrides(xml: str) -> dict[str, dict[str, tuple[str, str]]]:
+    """<qemu:override>: device alias -> {property: (type, value)}."""
+    root = etree.fromstring(xml.encode())
+    return {dev.get("alias"): {p.get("name"): (p.get("type"), p.get("value"))
+                               for p in dev.iterfind(f"{Q}frontend/{Q}property")}
+            for dev in root.iterfind(f"{Q}override/{Q}device")}
+
+
+def guest_disks(xml: str) -> list[etree._Element]:
+    return tree(xml).findall("devices/disk[@device='disk']")
+
+
+ENGINE_DISK_ALIASES = ["ua-c3f2a1b0-9e8d-4c7b-a6f5-e4d3c2b1a0f9",
+                       "ua-d4e3f2a1-0b9c-4d8e-b7a6-f5e4d3c2b1a0",
+                       "ua-b07a37de-95d6-4682-84cd-c8c9201327e3"]
+
+
 def replicas(n: int = 3) -> list[layout.Disk]:
     return [layout.Disk(index=i, image=f"/var/lib/vdsm-ft/replicas/{VM_UUID}/disk{i}.qcow2",
                         size=1 << 30, fmt="qcow2", active=f"/dev/shm/vdsm-ft/active{i}.qcow2",
@@ -84,11 +101,28 @@ def with_devices(extra: str, xml: str | None = None) -> str:
 
 # ---------------------------------------------------------------------------- primary
 
-def test_primary_replaces_each_disk_with_a_quorum_and_keeps_the_cdrom():
+def test_primary_keeps_every_engine_disk_with_its_device_on_a_quorum():
     out = domxml.primary_xml(engine(), RUN, QEMU_72)
     root = tree(out)
     disks = root.findall("devices/disk")
-    assert [d.get("device") for d in disks] == ["cdrom"]
+    assert [d.get("device") for d in disks] == ["cdrom", "disk", "disk", "disk"]
+    cdrom = tree(engine()).find("devices/disk[@device='cdrom']")
+    shape = lambda el: [(e.tag, dict(e.attrib), (e.text or "").strip()) for e in el.iter()]
+    assert shape(disks[0]) == shape(cdrom)                 # the CD-ROM is untouched
+    # Each engine disk stays for libvirt and dumpxmls, on a placeholder source: libvirt
+    # opens no image; the device is pointed at our quorum.
+    for i, (el, alias) in enumerate(zip(guest_disks(out), ENGINE_DISK_ALIASES)):
+        assert el.find("alias").get("name") == alias
+        assert el.get("type") == "file"
+        assert el.find("source").attrib == {"file": f"{RUN}/{VM_UUID}-disk{i}.placeholder"}
+        assert el.find("driver").get("type") == "raw"
+        assert el.find("driver").get("cache") is None and el.find("driver").get("io") is None
+        assert el.find("backingStore") is None
+    assert overrides(out) == {
+        alias: {"drive": ("string", f"ft-quorum{i}"), "share-rw": ("bool", "true"),
+                "write-cache": ("string", "on")}
+        for i, alias in enumerate(ENGINE_DISK_ALIASES)}
+    assert devices(out) == []                  # libvirt builds the guest disk devices
     blockdevs = options(out, "-blockdev")
     assert blockdevs[0].startswith("driver=file,filename=/rhev/data-center/mnt/nfs.example.com")
     assert blockdevs[0].endswith(",node-name=ft-disk0-file,cache.direct=on")
@@ -102,18 +136,33 @@ def test_primary_replaces_each_disk_with_a_quorum_and_keeps_the_cdrom():
     assert blockdevs[8].endswith("children.0=ft-disk2")
 
 
-def test_primary_guest_devices_keep_engine_slots_boot_order_and_serial():
-    devs = devices(domxml.primary_xml(engine(), RUN, QEMU_72))
-    assert devs[0] == {"driver": "virtio-blk-pci", "drive": "ft-quorum0", "id": "ft-vd0",
-                       "bus": "pci.0", "addr": "0x7.0x0", "share-rw": True, "bootindex": 1,
-                       "serial": "c3f2a1b0-9e8d-4c7b-a6f5-e4d3c2b1a0f9",
-                       "werror": "stop", "rerror": "stop"}
-    assert devs[1]["addr"] == "0x6.0x0" and "bootindex" not in devs[1]
-    assert devs[2] == {"driver": "scsi-hd", "drive": "ft-quorum2", "id": "ft-vd2",
-                       "bus": "ua-1c6e2f4a-7b83-4d9f-a1e5-6d2c8b3f0e21.0", "channel": 0,
-                       "scsi-id": 0, "lun": 1, "share-rw": True,
-                       "serial": "b07a37de-95d6-4682-84cd-c8c9201327e3",
-                       "werror": "stop", "rerror": "stop"}
+def test_primary_guest_disks_keep_engine_slots_boot_order_serial_and_error_policy():
+    engine_disks = tree(engine()).findall("devices/disk[@device='disk']")
+    out = guest_disks(domxml.primary_xml(engine(), RUN, QEMU_72))
+    for want, got in zip(engine_disks, out):
+        assert got.find("address").attrib == want.find("address").attrib
+        assert got.findtext("serial") == want.findtext("serial")
+        assert got.find("target").attrib == want.find("target").attrib
+        assert got.find("driver").get("error_policy") == want.find("driver").get("error_policy")
+        assert (got.find("boot") is None) == (want.find("boot") is None)
+    assert out[0].find("address").get("slot") == "0x07" and out[0].find("boot").get("order") == "1"
+    assert out[2].find("address").attrib["type"] == "drive"
+
+
+def test_write_through_cache_modes_keep_the_guests_write_cache_off():
+    xml = engine().replace('cache="none"', 'cache="writethrough"', 1)
+    got = overrides(domxml.primary_xml(xml, RUN, QEMU_72))
+    assert got[ENGINE_DISK_ALIASES[0]]["write-cache"] == ("string", "off")
+    assert got[ENGINE_DISK_ALIASES[1]]["write-cache"] == ("string", "on")
+
+
+def test_a_disk_without_a_user_alias_gets_one_for_the_override():
+    root = tree(engine())
+    first = root.find("devices/disk[@device='disk']")
+    first.remove(first.find("alias"))
+    out = domxml.primary_xml(etree.tostring(root, encoding="unicode"), RUN, QEMU_72)
+    assert guest_disks(out)[0].find("alias").get("name") == "ua-ft-disk0"
+    assert overrides(out)["ua-ft-disk0"]["drive"] == ("string", "ft-quorum0")
 
 
 def test_primary_turns_vhost_off_on_every_nic_and_keeps_queues():
@@ -133,6 +182,32 @@ def test_primary_has_the_private_qmp_monitor_and_keeps_identity():
     assert root.find("os/type").get("machine") == "pc-i440fx-rhel7.6.0"
     assert root.find("metadata") is not None and root.find("devices/lease") is not None
     assert "-incoming" not in args(out)
+
+
+def test_identity_domain_is_the_primary_on_the_replicas_waiting_for_a_migration():
+    out = domxml.identity_xml(engine(), RUN, tuple(replicas()), QEMU_72)
+    root = tree(out)
+    # The VM's own identity, so that VDSM adopts it as the VM (docs/engine-view.md).
+    assert root.findtext("uuid") == VM_UUID and root.findtext("name") == "web01"
+    assert root.find(f"metadata/{{{domxml.OVIRT_VM_NS}}}vm") is not None
+    blockdevs = options(out, "-blockdev")
+    assert blockdevs[0] == (f"driver=file,filename=/var/lib/vdsm-ft/replicas/{VM_UUID}/"
+                            "disk0.qcow2,node-name=ft-disk0-file,cache.direct=on")
+    assert blockdevs[1] == "driver=qcow2,file=ft-disk0-file,node-name=ft-disk0"
+    assert blockdevs[6].startswith("driver=file,filename=/var/lib/vdsm-ft/replicas/")
+    assert blockdevs[8].endswith("children.0=ft-disk2")
+    # Same guest devices as on the primary (the migration stream needs them), none of
+    # the secondary's filters, and the primary's QMP socket, not the secondary's.
+    assert devices(out) == devices(domxml.primary_xml(engine(), RUN, QEMU_72))
+    assert options(out, "-object") == []
+    assert options(out, "-chardev") == [
+        f"socket,id={layout.QMP_CHARDEV},path={RUN}/qmp.sock,server=on,wait=off"]
+    assert args(out)[-2:] == ["-incoming", "defer"]
+
+
+def test_identity_domain_needs_a_replica_for_every_disk():
+    with pytest.raises(domxml.DomXmlError, match="3 disks"):
+        domxml.identity_xml(engine(), RUN, tuple(replicas(2)), QEMU_72)
 
 
 def test_primary_without_machine_type_gets_i440fx():
@@ -158,8 +233,12 @@ def test_paths_and_names_with_commas_and_quotes_are_escaped():
     out = domxml.primary_xml(xml, run, QEMU_72)
     assert options(out, "-blockdev")[0].startswith(
         "driver=file,filename=/rhev/data-center/mnt/srv:_ex,,ports/it's,,here/disk,node-name=")
-    # Guest devices are JSON (see domxml._guest_device): the value goes in verbatim.
-    assert devices(out)[0]["serial"] == "ser,ial"
+    # The serial stays in the <disk>: libvirt writes the JSON device, no escaping here.
+    assert guest_disks(out)[0].findtext("serial") == "ser,ial"
+    assert guest_disks(out)[0].find("source").get("file") == \
+        f"/run/ft,vm'1/{VM_UUID}-disk0.placeholder"
+    assert domxml.placeholders(out) == [f"/run/ft,vm'1/{VM_UUID}-disk{i}.placeholder"
+                                        for i in range(3)]
     assert options(out, "-chardev")[0] == "socket,id=ftqmp,path=/run/ft,,vm'1/qmp.sock,server=on,wait=off"
     disks = replicas()
     disks[0] = layout.Disk(index=0, image="/srv/re,p'l/d0", size=1, fmt="raw",
@@ -218,9 +297,9 @@ def test_q35_is_refused_on_qemu_7_2_with_the_chipset_fix():
 def test_q35_is_kept_where_colo_handles_it():
     out = domxml.primary_xml(engine("engine-q35.xml"), RUN, (11, 0, 0))
     assert tree(out).find("os/type").get("machine") == "pc-q35-rhel8.6.0"
-    devs = devices(out)
-    assert (devs[0]["bus"], devs[0]["addr"]) == ("pcie.0", "0x1e.0x0")
-    assert (devs[1]["bus"], devs[1]["addr"]) == ("pcie.0", "0x1d.0x0")
+    disks = guest_disks(out)
+    assert [(d.find("address").get("bus"), d.find("address").get("slot")) for d in disks[:2]] \
+        == [("0x00", "0x1e"), ("0x00", "0x1d")]
 
 
 def test_other_architectures_and_machines_are_refused():
@@ -285,7 +364,7 @@ def test_parse_ft_value_refuses_anything_else(value):
 def test_secondary_identity_is_derived_and_has_no_metadata_or_lease():
     out = secondary(generation=4)
     root = tree(out)
-    expected = str(uuid.uuid5(domxml.FT_NAMESPACE, f"{VM_UUID}/secondary/4"))
+    expected = str(uuid.uuid5(layout.FT_NAMESPACE, f"{VM_UUID}/secondary/4"))
     assert root.findtext("uuid") == expected == domxml.secondary_uuid(VM_UUID, 4)
     assert tree(secondary(generation=5)).findtext("uuid") != expected
     assert root.findtext("name") == "web01-ft-secondary"
@@ -296,6 +375,16 @@ def test_secondary_identity_is_derived_and_has_no_metadata_or_lease():
     assert options(out, "-smbios") == [f"type=1,uuid={VM_UUID}"]
     paths = [c.find("source").get("path") for c in root.iterfind("devices/channel[@type='unix']")]
     assert paths and all(expected in p and VM_UUID not in p for p in paths)
+
+
+def test_secondary_console_log_is_its_own_file():
+    log = f"/var/log/ftlab/{VM_UUID}.serial"
+    root = tree(secondary(with_devices(
+        f"<serial type='file'><source path='{log}'/><target port='0'/></serial>"),
+        generation=3))
+    expected = domxml.secondary_uuid(VM_UUID, 3)
+    assert root.find("devices/serial/source").get("path") == \
+        f"/var/log/ftlab/{expected}.serial"
 
 
 def test_secondary_waits_for_migration_with_a_replication_chain_per_disk():
@@ -313,8 +402,9 @@ def test_secondary_waits_for_migration_with_a_replication_chain_per_disk():
                     "node-name=ft-repl0")
     assert b[7] == ("driver=quorum,node-name=ft-quorum0,read-pattern=fifo,vote-threshold=1,"
                     "children.0=ft-repl0")
-    assert [x["driver"] for x in devices(out)] == [
-        "virtio-blk-pci", "virtio-blk-pci", "scsi-hd"]
+    # The same <disk> representation as the primary, each device on its quorum.
+    assert overrides(out) == overrides(domxml.primary_xml(engine(), RUN, QEMU_72))
+    assert [d.find("alias").get("name") for d in guest_disks(out)] == ENGINE_DISK_ALIASES
 
 
 def test_secondary_has_redirectors_and_rewriter_per_nic_on_libvirts_netdev():
@@ -326,14 +416,14 @@ def test_secondary_has_redirectors_and_rewriter_per_nic_on_libvirts_netdev():
         "socket,id=ft-red0-1,host=192.0.2.1,port=49155,reconnect=1",
         "socket,id=ft-red1-0,host=192.0.2.1,port=49156,reconnect=1",
         "socket,id=ft-red1-1,host=192.0.2.1,port=49157,reconnect=1",
-        f"socket,id=ftqmp,path={RUN}/qmp.sock,server=on,wait=off"]
+        f"socket,id=ftqmp,path={RUN}/qmp-sec.sock,server=on,wait=off"]
     assert options(out, "-object") == [
-        f"filter-redirector,id=ft-f0-1,netdev={net0},queue=tx,indev=ft-red0-0",
-        f"filter-redirector,id=ft-f0-2,netdev={net0},queue=rx,outdev=ft-red0-1",
-        f"filter-rewriter,id=ft-rew0,netdev={net0},queue=all",
-        f"filter-redirector,id=ft-f1-1,netdev={net1},queue=tx,indev=ft-red1-0",
-        f"filter-redirector,id=ft-f1-2,netdev={net1},queue=rx,outdev=ft-red1-1",
-        f"filter-rewriter,id=ft-rew1,netdev={net1},queue=all"]
+        f"filter-redirector,id=ft-f0-1,netdev={net0},queue=tx,indev=ft-red0-0,vnet_hdr_support=on",
+        f"filter-redirector,id=ft-f0-2,netdev={net0},queue=rx,outdev=ft-red0-1,vnet_hdr_support=on",
+        f"filter-rewriter,id=ft-rew0,netdev={net0},queue=all,vnet_hdr_support=on",
+        f"filter-redirector,id=ft-f1-1,netdev={net1},queue=tx,indev=ft-red1-0,vnet_hdr_support=on",
+        f"filter-redirector,id=ft-f1-2,netdev={net1},queue=rx,outdev=ft-red1-1,vnet_hdr_support=on",
+        f"filter-rewriter,id=ft-rew1,netdev={net1},queue=all,vnet_hdr_support=on"]
     assert [i.find("driver").get("name") for i in tree(out).iterfind("devices/interface")] == [
         "qemu", "qemu"]
 
@@ -347,6 +437,20 @@ def test_secondary_input_mismatches_are_errors():
     no_overlay = [layout.Disk(index=i, image=f"/r{i}", size=1) for i in range(3)]
     with pytest.raises(domxml.DomXmlError, match="overlay"):
         secondary(disks=no_overlay)
+
+
+def test_secondary_has_its_own_console_sockets_and_logs():
+    # After a failover the VM's own domain starts beside the secondary on its host.
+    xml = with_devices(
+        f"<serial type='unix'><source mode='bind' path='/var/run/ovirt-vmconsole-console/"
+        f"{VM_UUID}.sock'/><log file='/var/log/{VM_UUID}.serial'/></serial>"
+        f"<console type='file'><source path='/var/log/{VM_UUID}.console'/></console>")
+    root = tree(secondary(xml))
+    sec_uuid = domxml.secondary_uuid(VM_UUID, 1)
+    assert root.find("devices/serial/source").get("path") == \
+        f"/var/run/ovirt-vmconsole-console/{sec_uuid}.sock"
+    assert root.find("devices/serial/log").get("file") == f"/var/log/{sec_uuid}.serial"
+    assert root.find("devices/console/source").get("path") == f"/var/log/{sec_uuid}.console"
 
 
 def test_secondary_refuses_the_legacy_agent_channel():
@@ -364,7 +468,7 @@ def test_both_sides_have_identical_device_addresses(sample):
     primary = pci_addresses(domxml.primary_xml(engine(sample), RUN, QEMU_72))
     second = pci_addresses(secondary(engine(sample)))
     assert primary == second
-    assert "qemu:ft-vd0" in primary and len(primary) > 8
+    assert f"disk:{ENGINE_DISK_ALIASES[0]}" in primary and len(primary) > 8
 
 
 def test_first_run_gets_every_pci_slot_pinned_without_collisions():
@@ -375,9 +479,8 @@ def test_first_run_gets_every_pci_slot_pinned_without_collisions():
         addr = el.find("address") if isinstance(el.tag, str) else None
         if addr is not None and addr.get("type") == "pci":
             slots.setdefault(int(addr.get("slot"), 16), []).append(el.tag)
-    devs = devices(out)
-    assert devs[0]["addr"] == "0x1f.0x0" and devs[1]["addr"] == "0x1e.0x0"
-    assert 0x1f not in slots and 0x1e not in slots
+    # The virtio disks without an address take slots from the top.
+    assert slots[0x1f] == ["disk"] and slots[0x1e] == ["disk"]
     assert all(len(v) == 1 for v in slots.values()), slots
     assert slots[0x02] == ["video"]
     # libvirt would add a balloon by itself; it is named here so its slot is pinned.
@@ -434,3 +537,18 @@ def test_secondary_with_colo_tls_dials_the_primary_sockets_over_tls():
     # The creds exist before the first chardev that names them.
     assert a.index("tls-creds-x509," + creds[0].split(",", 1)[1]) < \
         a.index(sockets[0])
+
+
+def test_both_roles_run_on_the_given_emulator_and_machine_type():
+    emu, machine = "/usr/libexec/vdsm-ft/qemu-system-x86_64", "pc-i440fx-7.2"
+    for out in (domxml.primary_xml(engine(), RUN, QEMU_72, emulator=emu, machine=machine),
+                domxml.secondary_xml(engine(), RUN, replicas(), ENDPOINTS, 1, QEMU_72,
+                                     emulator=emu, machine=machine)):
+        root = tree(out)
+        assert root.findtext("devices/emulator") == emu
+        assert root.find("os/type").get("machine") == machine
+    # The engine's own <emulator> is replaced, never doubled.
+    with_one = engine().replace(
+        "<devices>", "<devices><emulator>/usr/libexec/qemu-kvm</emulator>", 1)
+    root = tree(domxml.primary_xml(with_one, RUN, QEMU_72, emulator=emu, machine=machine))
+    assert [e.text for e in root.iterfind("devices/emulator")] == [emu]

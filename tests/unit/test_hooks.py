@@ -17,9 +17,9 @@ import time
 import pytest
 from lxml import etree
 
-from ftlab import guest
-from vdsm_ft import hooking, hooks, hostconfig
-from vdsm_ft.arbiter import Arbiter
+from ftlab import guest, qemubuild
+from vdsm_ft import emulator, hooking, hooks, hostconfig
+from vdsm_ft.arbiter import Arbiter, ArbiterUnavailable, StaleImage
 from vdsm_ft.hookapi import HookClient
 from vdsm_ft.hooks import HookContext, HookResult
 
@@ -42,6 +42,8 @@ replication_address = 127.0.0.1
 [agent]
 hook_socket = {hook_socket}
 run_dir = {tmp_path}/run
+[qemu]
+emulator = {qemubuild.ft_emulator().path}
 [etcd]
 endpoints = http://127.0.0.1:{_free_port()}
 [hooks]
@@ -59,7 +61,10 @@ def config(tmp_path, agent):
 class _NobodyLive:
     """A `LiveCheck` whose arbiter knows no other live copy (a real one needs etcd)."""
 
-    def other_member_live(self, vm_id, host, timeout=None):
+    def start_check(self, vm_id, host, timeout=None):
+        return None, self.stale_image(vm_id)
+
+    def stale_image(self, vm_id, timeout=None):
         return None
 
 
@@ -91,21 +96,124 @@ def _engine_xml(vm_id: str = VM, machine: str | None = None) -> str:
 # ---------------------------------------------------------------- before_vm_start
 
 @pytest.mark.parametrize("ft", [None, "false"])
-def test_no_ft_leaves_the_xml_alone_and_asks_nobody(ft):
-    env = dict(_env(ft), VDSM_FT_CONFIG="/nonexistent/agent.conf")
-    ctx = HookContext(env)
-    assert hooks.before_vm_start(env, _engine_xml(), ctx) == HookResult(0, None, "")
-    assert "config" not in ctx.__dict__ and "agent" not in ctx.__dict__
+def test_no_ft_asks_the_agent_only_whether_the_image_is_current(ft, config, agent):
+    ctx = HookContext(_env(ft), config=config, agent=HookClient(agent[1], timeout=0.5))
+    assert hooks.before_vm_start(_env(ft), _engine_xml(), ctx) == HookResult(0, None, "")
+    assert agent[0].calls == [("image", VM, ft)]
+    assert "arbiter" not in ctx.__dict__
 
 
-def test_no_ft_fast_path_imports_nothing_heavy():
-    code = ("import sys; from vdsm_ft import hooks; "
-            "r = hooks.before_vm_start({'vmId': 'x'}, '', hooks.HookContext({})); "
-            "print(r.rc, sorted(m for m in ('lxml', 'requests', 'etcd3gw', 'vdsm_ft.arbiter', "
-            "'vdsm_ft.domxml', 'vdsm_ft.hostconfig') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=REPO), timeout=30, check=True)
-    assert out.stdout.strip() == "0 []"
+@pytest.mark.parametrize("ft", [None, "false"])
+def test_no_ft_start_is_refused_while_the_agent_says_the_image_is_behind(ft, config, agent):
+    agent[0].stale = f"VM {VM} not started: its storage-domain image is behind"
+    ctx = HookContext(_env(ft), config=config, agent=HookClient(agent[1], timeout=0.5))
+    r = hooks.before_vm_start(_env(ft), _engine_xml(), ctx)
+    assert r == HookResult(2, None, f"vdsm-ft: VM {VM} not started: its storage-domain "
+                                    "image is behind")
+
+
+class _Marks:
+    """The arbiter's stale-image answer, for a hook whose agent does not answer."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.asked: list[str] = []
+
+    def stale_image(self, vm_id, timeout=None):
+        self.asked.append(vm_id)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+MARK = StaleImage(VM, 3, "host-b", 1_790_000_000.0)
+
+
+@pytest.mark.parametrize("ft", [None, "false"])
+def test_agent_down_the_hook_asks_etcd_and_a_mark_refuses_the_start(tmp_path, ft):
+    config = hostconfig.load(_write_config(tmp_path, str(tmp_path / "none.sock")))
+    marks = _Marks(MARK)
+    r = hooks.before_vm_start(_env(ft), _engine_xml(),
+                              HookContext(_env(ft), config=config, arbiter=marks))
+    assert r.rc == 2 and r.xml is None and marks.asked == [VM]
+    assert "storage-domain image is behind" in r.message
+    assert "host host-b has run it on its own replica" in r.message
+    assert "generation 3" in r.message
+    assert (f"ovirt-ft accept-stale-image {VM} --lose-writes-since-failover"
+            in r.message)
+    marks.answer = None
+    r = hooks.before_vm_start(_env(ft), _engine_xml(),
+                              HookContext(_env(ft), config=config, arbiter=marks))
+    assert r == HookResult(0, None, "")
+
+
+def test_nobody_can_tell_refuses_an_ft_history_vm_and_warns_for_others(tmp_path):
+    config = hostconfig.load(_write_config(tmp_path, str(tmp_path / "none.sock")))
+    down = _Marks(ArbiterUnavailable("no etcd endpoint answered within 0.3 s"))
+    r = hooks.before_vm_start(_env("false"), _engine_xml(),
+                              HookContext(_env("false"), config=config, arbiter=down))
+    assert r.rc == 2 and r.xml is None
+    assert "it was an FT VM (ft=false)" in r.message and "cannot be checked" in r.message
+    assert "not reachable" in r.message and "no etcd endpoint answered" in r.message
+    r = hooks.before_vm_start(_env(None), _engine_xml(),
+                              HookContext(_env(None), config=config, arbiter=down))
+    assert r.rc == 0 and r.xml is None
+    assert "WARNING" in r.message and "without the storage-domain image check" in r.message
+
+
+def test_no_config_refuses_an_ft_history_vm_and_warns_for_others():
+    for ft, rc in ((None, 0), ("false", 2)):
+        env = dict(_env(ft), VDSM_FT_CONFIG="/nonexistent/agent.conf")
+        ctx = HookContext(env)
+        r = hooks.before_vm_start(env, _engine_xml(), ctx)
+        assert r.rc == rc and r.xml is None and "/nonexistent/agent.conf" in r.message
+        assert "agent" not in ctx.__dict__ and "arbiter" not in ctx.__dict__
+
+
+def test_ft_true_start_is_refused_while_the_image_is_behind(tmp_path):
+    config = hostconfig.load(_write_config(tmp_path, str(tmp_path / "none.sock")))
+
+    class Behind(_NobodyLive):
+        def stale_image(self, vm_id, timeout=None):
+            return MARK
+
+    r = hooks.before_vm_start(_env("true"), _engine_xml(),
+                              HookContext(_env("true"), config=config, arbiter=Behind()))
+    assert r.rc == 2 and r.xml is None
+    assert "storage-domain image is behind" in r.message and "host-b" in r.message
+
+
+def _run_start_hook_listing_heavy_imports(tmp_path, agent, xml_file, ft: str | None
+                                          ) -> subprocess.CompletedProcess:
+    """Run the real before_vm_start script as VDSM does (`ft` unset when None); it
+    prints its exit code and which heavy modules it had imported."""
+    code = ("import runpy, sys\n"
+            "try:\n"
+            f"    runpy.run_path({os.path.join(REPO, 'hooks', 'before_vm_start', '50_ft')!r},"
+            " run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('lxml', 'etcd3gw', 'requests', "
+            "'vdsm_ft.arbiter', 'vdsm_ft.domxml', 'http.client') if m in sys.modules))\n")
+    env = dict(os.environ, PYTHONPATH=REPO, vmId=VM,
+               VDSM_FT_CONFIG=_write_config(tmp_path, agent[1]))
+    env.pop("ft", None)
+    if ft is not None:
+        env["ft"] = ft
+    env[hooking.DOMXML_ENV] = str(xml_file)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=30, check=True)
+
+
+@pytest.mark.parametrize("ft", [None, "false"])
+def test_no_ft_start_imports_nothing_heavy(tmp_path, agent, ft):
+    """The real script, as VDSM runs it, the agent up: no lxml, no etcd client."""
+    xml_file = tmp_path / "domxml"
+    xml = _engine_xml()
+    xml_file.write_text(xml)
+    out = _run_start_hook_listing_heavy_imports(tmp_path, agent, xml_file, ft)
+    assert out.stdout.strip() == "0 []", out.stderr
+    assert agent[0].calls == [("image", VM, ft)]
+    assert xml_file.read_text() == xml
 
 
 @pytest.mark.parametrize("value", ["yes", "TRUE", "1", ""])
@@ -204,9 +312,33 @@ def test_agent_down_the_hook_prepares_itself_then_applies_the_policy(tmp_path, p
     assert r.rc == rc and "not reachable" in r.message
     if rc == 0:
         assert "ft-quorum0" in r.xml and "WARNING" in r.message
+        assert f"<emulator>{config.qemu_emulator}</emulator>" in r.xml
     else:
         assert r.xml is None and "agent_unreachable = refuse" in r.message
     assert os.path.exists(os.path.join(config.vm_run_dir(VM), hooks.ENGINE_XML))
+
+
+def test_an_el9_clusters_machine_type_is_mapped_and_logged(tmp_path):
+    config = hostconfig.load(_write_config(tmp_path, str(tmp_path / "none.sock")))
+    ctx = HookContext(_env("true"), config=config, arbiter=_NobodyLive())
+    r = hooks.before_vm_start(_env("true"), _engine_xml(machine="pc-i440fx-rhel7.6.0"), ctx)
+    own = emulator.identify(config.qemu_emulator).i440fx
+    assert r.rc == 0 and f'machine="{own}"' in r.xml
+    assert (f"(on {config.qemu_emulator}, machine type pc-i440fx-rhel7.6.0 mapped to "
+            f"{own})") in r.message
+
+
+def test_a_missing_emulator_refuses_the_start_naming_the_fix(tmp_path):
+    path = _write_config(tmp_path, str(tmp_path / "none.sock"))
+    with open(path) as f:
+        text = f.read().replace(qemubuild.ft_emulator().path, "/nonexistent/qemu-system-x86_64")
+    with open(path, "w") as f:
+        f.write(text)
+    config = hostconfig.load(path)
+    ctx = HookContext(_env("true"), config=config, arbiter=_NobodyLive())
+    r = hooks.before_vm_start(_env("true"), _engine_xml(), ctx)
+    assert r.rc == 2 and r.xml is None
+    assert "/nonexistent/qemu-system-x86_64 does not exist: install vdsm-ft-qemu" in r.message
 
 
 def test_agent_down_keeps_every_refusal_of_the_local_path(tmp_path):
@@ -235,35 +367,10 @@ def test_ft_true_with_the_agent_imports_no_lxml_nor_etcd_client(tmp_path, agent)
     loads none of the heavy modules."""
     xml_file = tmp_path / "domxml"
     xml_file.write_text(_engine_xml())
-    code = ("import runpy, sys\n"
-            "try:\n"
-            f"    runpy.run_path({os.path.join(REPO, 'hooks', 'before_vm_start', '50_ft')!r},"
-            " run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    print(e.code, sorted(m for m in ('lxml', 'etcd3gw', 'requests', "
-            "'vdsm_ft.arbiter', 'vdsm_ft.domxml', 'http.client') if m in sys.modules))\n")
-    env = dict(os.environ, PYTHONPATH=REPO, ft="true", vmId=VM,
-               VDSM_FT_CONFIG=_write_config(tmp_path, agent[1]))
-    env[hooking.DOMXML_ENV] = str(xml_file)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=30, check=True)
+    out = _run_start_hook_listing_heavy_imports(tmp_path, agent, xml_file, "true")
     assert out.stdout.strip() == "0 []", out.stderr
     assert "registered with the agent" in out.stderr
     assert xml_file.read_text() == f"<domain>primary of {VM}</domain>"
-
-
-def test_the_agents_qemu_version_is_asked_once_per_binary(tmp_path):
-    qemu, asked = tmp_path / "qemu", tmp_path / "asked"
-    qemu.write_text(f"#!/bin/sh\necho x >> {asked}\necho 'QEMU emulator version 9.2.1'\n")
-    qemu.chmod(0o755)
-    cached = hooks.CachedQemuVersion()
-    assert cached(str(qemu)) == cached(str(qemu)) == (9, 2, 1)
-    assert asked.read_text() == "x\n"
-    qemu.write_text(f"#!/bin/sh\necho x >> {asked}\necho 'QEMU emulator version 11.0.0'\n")
-    os.utime(qemu, ns=(0, time.time_ns() + 10**9))      # an upgrade replaced the binary
-    assert cached(str(qemu)) == (11, 0, 0)
-    with pytest.raises(hooks.HookError, match="cannot ask"):
-        cached("/nonexistent/qemu")
 
 
 def test_run_dir_made_by_the_agent_stays_usable_by_the_hooks_group(tmp_path, config):
@@ -280,18 +387,13 @@ def test_run_dir_made_by_the_agent_stays_usable_by_the_hooks_group(tmp_path, con
     assert stat.S_IMODE(st.st_mode) == 0o2770
 
 
-def test_qemu_version_of_this_host():
-    assert hooks.qemu_version() >= (7, 2, 0)
-    with pytest.raises(hooks.HookError, match="cannot ask"):
-        hooks.qemu_version("/nonexistent/qemu")
-
-
 # ---------------------------------------------------------------- other hook points
 
 @pytest.mark.parametrize("func, message", [
     (hooks.before_vm_migrate_source, "not live-migrated by the engine"),
     (hooks.before_vm_hibernate, "cannot be suspended"),
     (hooks.before_vm_dehibernate, "cannot be restored"),
+    (hooks.before_vm_pause, "cannot be paused"),
 ])
 def test_refused_operations(func, message):
     assert func(_env(None), "<domain/>", HookContext({})) == HookResult(0, None, "")

@@ -30,6 +30,7 @@ class Recorder(HookBackend):
         self.stall = threading.Event()
         self.stalling = False
         self.parts: hooks.HookContext | None = None
+        self.stale: str | None = None
 
     def _check(self) -> None:
         if self.stalling:
@@ -60,6 +61,13 @@ class Recorder(HookBackend):
 
     def stopping(self, vm_id: str) -> None:
         self._do("stopping", vm_id)
+
+    def image(self, vm_id: str, ft: str | None) -> str:
+        """A normal start: refused while `stale` names a reason (`refuse` refuses too)."""
+        self._do("image", vm_id, ft)
+        if self.stale:
+            raise AgentRefused(self.stale)
+        return ""
 
     def destroyed(self, vm_id: str) -> None:
         self._do("destroyed", vm_id)

@@ -2,9 +2,11 @@
 counter that must rise with every reply, and the gap a fault leaves."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ftlab import counterclient
+from ftlab import counterclient, guest, qemubuild
 from ftlab.counterclient import Reply
 from ftlab.preflight import is_lab_namespace
 from ftlab.vdsm import VdsmError
@@ -24,12 +26,69 @@ def test_linux_guest_gets_its_address():
     ({"ftlab_guest": "windows"}, "give one of idle, linux, linux-tcg"),
     ({"ftlab_guest": "linux"}, "needs ftlab_guest_ip"),
     ({"ftlab_guest": "linux", "ftlab_guest_ip": "10.78.0.10,x"}, "not a dotted IPv4"),
-    ({"ftlab_guest": "linux-tcg", "ftlab_guest_ip": "10.78.0.10", "ft": "true"},
-     "deadlocks under TCG"),
 ])
 def test_bad_guest_choice_is_refused_with_what_to_give(custom, words):
     with pytest.raises(VdsmError, match=words):
         _guest(custom)
+
+
+TCG_FT = {"ftlab_guest": "linux-tcg", "ftlab_guest_ip": "10.78.0.10", "ft": "true"}
+
+
+def _lab_qemu(monkeypatch, tmp_path, source: str, patches: list[str] | None,
+              upstream: str = "7.2.22") -> None:
+    """The lab's FT QEMU is tmp_path/bin/qemu-system-x86_64; `patches`: what its
+    build-info.json says went in (None: no build-info.json, as for Debian's QEMU)."""
+    binary = tmp_path / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir()
+    binary.write_text("")
+    if patches is not None:
+        (tmp_path / "build-info.json").write_text(json.dumps(
+            {"variant": "colo", "upstream_version": upstream, "patches": patches}))
+    monkeypatch.setattr(qemubuild, "ft_emulator",
+                        lambda: qemubuild.Choice(str(binary), source, ""))
+
+
+PATCHES = ["0001-colo-savevm-live-state-under-bql-7.2.patch",
+           "0002-ram_addr-rearm-tcg-notdirty-traps-in-fast-sync.patch",
+           "0003-migration-socket-tcp-nodelay.patch"]
+
+
+def test_tcg_guest_with_ft_is_refused_on_a_qemu_without_the_patches(monkeypatch, tmp_path):
+    _lab_qemu(monkeypatch, tmp_path, "Debian fallback", None)
+    with pytest.raises(VdsmError, match="linux-tcg cannot have ft=true here: FT VMs run on "
+                       ".*lacks the project's QEMU patches .*0001-colo-savevm.*0002-ram_addr"
+                       ".*scripts/build-qemu --variant colo"):
+        _guest(TCG_FT)
+
+
+def test_a_build_without_the_dirty_tracking_fix_is_refused(monkeypatch, tmp_path):
+    _lab_qemu(monkeypatch, tmp_path, "VDSM_FT_EMULATOR", [PATCHES[0], PATCHES[2]])
+    with pytest.raises(VdsmError, match=r"patches for COLO under TCG \(0002-ram_addr-rearm"):
+        _guest(TCG_FT)
+
+
+@pytest.mark.parametrize("upstream, patches", [
+    ("7.2.22", PATCHES),
+    # Upstream has the dirty-tracking fix from 9.0 on; only the BQL patch is needed.
+    ("10.0.13", ["0001-colo-savevm-live-state-under-bql.patch", PATCHES[2]]),
+])
+def test_tcg_guest_with_ft_runs_on_the_projects_colo_build(monkeypatch, tmp_path, upstream,
+                                                           patches):
+    _lab_qemu(monkeypatch, tmp_path, "project build", patches, upstream)
+    kind, net = _guest(TCG_FT)
+    assert kind == "linux-tcg" and net is not None and net.address == "10.78.0.10"
+
+
+def test_console_errors_find_kernel_trouble_not_boot_chatter():
+    log = ("Kernel command line: console=ttyS0,115200 panic=10 loglevel=5\n"
+           "virtio_net virtio0: input.0:id 22 is not a head!\n"
+           "FTLAB-GUEST-READY\n"
+           "Kernel panic - not syncing: Fatal exception in interrupt\n")
+    assert guest.console_errors(log) == [
+        "virtio_net virtio0: input.0:id 22 is not a head!",
+        "Kernel panic - not syncing: Fatal exception in interrupt"]
+    assert guest.console_errors("ftlab: ip=10.78.0.10/24 counter=0\n") == []
 
 
 def _replies(*points):

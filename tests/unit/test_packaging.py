@@ -25,7 +25,8 @@ SITELIB = "/usr/lib/python3.9/site-packages"
 HOOKS_DIR = "/usr/libexec/vdsm/hooks"
 HOST_RPM, ENGINE_RPM = "vdsm-hook-ft", "ovirt-ft-engine"
 # The vdsm_ft modules engine_plugin imports, shipped in the engine package too.
-ENGINE_VDSM_FT = {"__init__.py", "api.py", "layout.py", "arbiter.py"}
+ENGINE_VDSM_FT = {"__init__.py", "api.py", "layout.py", "arbiter.py", "qemu_probe.py",
+                  "emulator.py", "imagestate.py"}
 TIMEOUT = 120
 
 
@@ -102,7 +103,7 @@ def test_two_noarch_packages_at_the_setup_py_version(rpms):
 def test_host_package_file_list(rpms):
     rpm = rpms[HOST_RPM]
     hook_points = sorted(p.name for p in (REPO / "hooks").iterdir() if (p / "50_ft").is_file())
-    assert len(hook_points) == 7
+    assert len(hook_points) == 9
     expected = _repo_py("vdsm_ft") | {f"{HOOKS_DIR}/{p}/50_ft" for p in hook_points} | {
         "/usr/bin/vdsm-ft-agent",
         "/usr/lib/systemd/system/vdsm-ft-agent.service",

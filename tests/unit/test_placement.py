@@ -148,3 +148,13 @@ def test_a_peer_that_just_refused_the_vm_is_passed_over():
     assert choice.rejected["host-b"] == why
     only = choose_peer(VM, "a", hosts[:2], {}, Limits(), {}, avoid={"b": why})
     assert only.host is None and why in only.refusal
+
+
+def test_hosts_whose_qemu_cannot_hold_the_secondary_are_passed_over():
+    hosts = [host("a"), host("b"), host("c")]
+    problems = {"b": "its QEMU cannot do COLO (x-colo, quorum; see the host's event)"}
+    choice = choose_peer(VM, "a", hosts, {}, Limits(), {}, qemu_problems=problems)
+    assert choice.host.id == "c"
+    assert choice.rejected["host-b"] == problems["b"]
+    refused = choose_peer(VM, "a", hosts[:2], {}, Limits(), {}, qemu_problems=problems)
+    assert refused.host is None and "host-b: its QEMU cannot do COLO" in refused.refusal

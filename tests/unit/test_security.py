@@ -108,6 +108,9 @@ class _NoHooks(hookapi.HookBackend):
     def started(self, vm_id, live_xml):
         pass
 
+    def image(self, vm_id, ft):
+        return ""
+
     def stopping(self, vm_id):
         pass
 

@@ -15,15 +15,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from vdsm_ft import colo, domains, domxml
+from vdsm_ft import (colo, copyback, domains, domxml, emulator, identity, libvirtconn,
+                     replica, runfiles)
 from vdsm_ft.agent import states
 from vdsm_ft.agent.checkpoints import CheckpointStats
+from vdsm_ft.agent.registry import NotOwner
 from vdsm_ft.agent.store import VmRecord
 from vdsm_ft.agent.traffic import TrafficMeter
-from vdsm_ft.api import (AgentClient, AgentError, Failover, PrepareSecondary, Role,
-                         VmState, VmStatus)
+from vdsm_ft.api import (COPYING_BACK, AgentClient, AgentError, Failover,
+                         PrepareSecondary, Role, VmState, VmStatus)
 from vdsm_ft.arbiter import ArbiterError, ArbiterUnavailable
-from vdsm_ft.layout import Disk, Endpoints, Nic, VmLayout
+from vdsm_ft.layout import (IDENTITY_MIGRATION_SOCKET, Disk, Endpoints, Nic, VmLayout,
+                            qmp_socket)
 from vdsm_ft.qmp import Event, Qmp, QmpError
 
 if TYPE_CHECKING:
@@ -40,12 +43,18 @@ QMP_CONNECT_TIMEOUT = 5.0
 
 
 WAITING_FOR_ARBITER = "waiting for the arbiter (etcd) to confirm this side"
+# A stop while the engine's image is behind finishes the copy first, this long at most;
+# one that could not is tried again this often.
+STOP_COPY_BOUND_S = 120.0
+STALE_RETRY_S = 30.0
 
 
 class VmController:
     def __init__(self, agent: "Agent", record: VmRecord):
         self.agent = agent
         self._record = record
+        self.vm_id = record.vm_id
+        self.epoch = record.epoch     # its owner epoch (vdsm_ft/agent/registry.py)
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._removed = threading.Event()
@@ -55,6 +64,10 @@ class VmController:
         self._pid: int | None = None
         self._peer_lost_at: float | None = None
         self._peer_lost_why = ""
+        # VDSM released the VM while it finished a copy-back (daemon.destroyed).
+        self.forget_when_down = False
+        self._copy_attached = False   # this process started or resumed the copy-back
+        self._stale_retry_at = 0.0
         self._thread = threading.Thread(target=self._run, name=f"vm-{record.vm_id[:8]}",
                                         daemon=True)
 
@@ -66,10 +79,13 @@ class VmController:
             return self._record
 
     def update(self, **changes: object) -> VmRecord:
+        """Change and persist the record; NotOwner once this controller was removed or
+        replaced, so that its writes never land over the new owner's."""
         with self._lock:
-            self._record = self._record.evolve(**changes)
-            self.agent.store.save(self._record)
-            return self._record
+            record = self._record.evolve(**changes)
+            self.agent.registry.save(self, record)
+            self._record = record
+            return record
 
     def wake(self) -> None:
         self._wake.set()
@@ -78,9 +94,17 @@ class VmController:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def retire(self) -> None:
+        """Removed or replaced (by the registry): the loop ends at its next look."""
         self._removed.set()
         self._wake.set()
+
+    @property
+    def retired(self) -> bool:
+        return self._removed.is_set()
+
+    def stop(self) -> None:
+        self.retire()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
         if self.qmp is not None:
@@ -93,9 +117,12 @@ class VmController:
         base = domxml.layout_from_domxml(rec.engine_xml, self.run_dir)
         disks = tuple(replace(d, size=size) for d, size in zip(base.disks,
                                                                rec.disk_sizes))
-        if rec.role is Role.SECONDARY or rec.was_secondary:
+        if rec.role is Role.SECONDARY or rec.on_replica:
             disks = tuple(self.agent.replica_disk(rec.vm_id, d) for d in disks)
         return replace(base, name=rec.domain, disks=disks)
+
+    def copyback_targets(self) -> tuple[copyback.Target, ...]:
+        return copyback.targets(domxml.layout_from_domxml(self.record.engine_xml, "/"))
 
     @property
     def run_dir(self) -> str:
@@ -112,7 +139,7 @@ class VmController:
             return self.qmp
         if not self.qemu_alive():
             return None
-        qmp = Qmp(os.path.join(self.run_dir, "qmp.sock"), self.record.domain)
+        qmp = Qmp(qmp_socket(self.run_dir, self.record.domain), self.record.domain)
         try:
             qmp.connect(timeout=QMP_CONNECT_TIMEOUT)
         except QmpError as exc:
@@ -129,7 +156,10 @@ class VmController:
             self.peer_lost(f"COLO link lost ({event.data.get('reason')})")
         elif event.name == "SHUTDOWN" and event.data.get("guest"):
             # The guest powered off: an intentional stop on both sides, never a failure.
-            self.update(stopping=True)
+            try:
+                self.update(stopping=True)
+            except NotOwner:
+                return              # a QEMU this controller no longer owns
             self.wake()
 
     def colo_mode(self) -> str | None:
@@ -161,7 +191,9 @@ class VmController:
             stopping=rec.stopping,
             disable_requested=rec.disabled,
             peer_assigned=rec.peer is not None,
-            peer_lost=self._peer_lost_at is not None)
+            peer_lost=self._peer_lost_at is not None,
+            image_stale=rec.on_replica,
+            move_requested=rec.move_to is not None)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -173,6 +205,8 @@ class VmController:
                 return
             try:
                 self.step()
+            except NotOwner:
+                return              # removed or replaced while it acted
             except Exception:  # one VM's failure must not stop its loop or the agent
                 log.exception("%s: reconcile step failed", self.record.name)
 
@@ -187,6 +221,9 @@ class VmController:
         else:
             action: Callable[[], VmState] = getattr(self, "_do_" + row.action)
             result = states.check(row, action())
+        if self.retired:
+            # The action removed the VM (forget): its record is gone and stays gone.
+            return
         if result is not self.record.state:
             log.info("%s: %s -> %s (%s, %s)", rec.name, rec.state.value, result.value,
                      row.condition, row.action)
@@ -205,12 +242,14 @@ class VmController:
             return VmState.DOWN
         if rec.peer is not None:
             reason = f"QEMU exited; the secondary on {rec.peer.host_id} takes over"
+        elif rec.on_replica:
+            reason = "QEMU exited; " + self._copy_back_offline(STOP_COPY_BOUND_S)
         else:
             reason = (f"QEMU exited; the last copy of the data is on this host "
                       f"({self.agent.config.host_id})")
         self.update(reason=reason)
         if rec.peer is None and rec.generation:
-            self.agent.pair_down(rec, reason)
+            self._record_down(reason)
         return VmState.DOWN
 
     def _do_teardown(self) -> VmState:
@@ -219,9 +258,37 @@ class VmController:
             self.agent.forget(self, reason="stopped")
             return VmState.DOWN
         self._end_pair()
-        self.update(reason="stopped by the admin or the guest", peer=None)
+        reason = "stopped by the admin or the guest"
+        if rec.on_replica:
+            reason += "; " + self._finish_copy_back(STOP_COPY_BOUND_S)
+        self.update(reason=reason, peer=None)
         if rec.generation:
-            self.agent.pair_down(rec, "stopped by the admin or the guest")
+            self._record_down(reason)
+        return VmState.DOWN
+
+    def _record_down(self, reason: str) -> None:
+        """The pair is Down, unless the engine's image is still behind: then it stays
+        this host's (Not Protected), so the start hook elsewhere refuses a start."""
+        rec = self.record
+        if not rec.on_replica:
+            self.agent.pair_down(rec, reason)
+            return
+        try:
+            self.agent.arbiter.update_pair(rec.vm_id, rec.generation, state="Not Protected",
+                                           reason=reason[:512])
+        except ArbiterError as exc:
+            log.warning("%s: pair record not updated: %s", rec.name, exc)
+
+    def _do_retry_copy_back(self) -> VmState:
+        if time.monotonic() < self._stale_retry_at:
+            return VmState.DOWN
+        self._stale_retry_at = time.monotonic() + STALE_RETRY_S
+        reason = "stopped; " + self._copy_back_offline(STOP_COPY_BOUND_S)
+        self.update(reason=reason)
+        if not self.record.on_replica:
+            self.agent.pair_down(self.record, reason)
+            if self.forget_when_down:
+                self.agent.forget(self, reason="VDSM released the VM")
         return VmState.DOWN
 
     def _do_unprotect(self) -> VmState:
@@ -233,6 +300,19 @@ class VmController:
         self.update(peer=None, reason="suspended by the admin" if self.record.suspended
                     else "protection turned off")
         return VmState.DISABLED
+
+    def _do_move_secondary(self) -> VmState:
+        """restart-secondary / migrate-secondary: end the pair on purpose, then protect
+        onto the recorded peer from Need Secondary."""
+        target = self.record.move_to
+        if not self._end_pair():
+            self.kill_qemu()
+            self.update(peer=None, move_to=None, reason="the secondary had already taken "
+                        "over; this copy stopped to avoid two live copies")
+            return VmState.DOWN
+        self.update(peer=target, move_to=None,
+                    reason=f"the secondary moves to {target.host_id}")
+        return VmState.NEED_SECONDARY
 
     def _end_pair(self) -> bool:
         """End protection on purpose, so that the secondary never mistakes it for a loss.
@@ -263,7 +343,7 @@ class VmController:
         return VmState.NEED_SECONDARY
 
     def _do_protect(self) -> VmState:
-        rec = self.update(state=VmState.SYNCING, reason="")
+        rec = self.update(state=VmState.SYNCING, reason="", move_to=None)
         self.agent.state_changed(self)
         qmp = self._ensure_qmp()
         if qmp is None:
@@ -276,7 +356,7 @@ class VmController:
         try:
             generation = self.agent.arbiter.begin_generation(
                 rec.vm_id, self.agent.config.host_id, peer.host_id, state="Syncing")
-            ports = self.agent.allocate_ports(rec.vm_id, "primary", 2 * len(layout.nics))
+            ports = self.agent.allocate_ports(self, "primary", 2 * len(layout.nics))
             self.update(generation=generation)
             client = self.agent.peer_client(peer)
             ready = client.prepare_secondary(PrepareSecondary(
@@ -285,7 +365,8 @@ class VmController:
                 disks=tuple((d.index, d.size) for d in layout.disks),
                 nics=tuple((n.index, n.netdev, n.mac) for n in layout.nics),
                 mirror_ports=tuple(ports[0::2]), compare_ports=tuple(ports[1::2]),
-                colo_tls=self.agent.colo_tls() is not None))
+                colo_tls=self.agent.colo_tls() is not None, qemu_build=rec.qemu_build,
+                machine=rec.machine))
             self.update(peer_ports=(ready.migration_port, ready.nbd_port))
             ep = ready.endpoints(self.agent.config.replication_address,
                                  peer.replication_address, tuple(ports[0::2]),
@@ -306,7 +387,7 @@ class VmController:
     def _protect_failed(self, reason: str) -> VmState:
         log.warning("%s: %s", self.record.name, reason)
         self._drop_peer_secondary()
-        self.agent.release_ports(self.record.vm_id, "primary")
+        self.agent.release_ports(self, "primary")
         self.update(peer=None, reason=reason)
         return VmState.NEED_SECONDARY
 
@@ -358,11 +439,15 @@ class VmController:
         failover = Failover(at=time.time(), from_host=rec.peer.host_id if (
             rec.role is Role.SECONDARY and rec.peer) else me, to_host=me,
             duration_ms=took_ms, old_primary_cannot_run=rec.role is Role.SECONDARY)
-        self.agent.release_ports(rec.vm_id, "secondary" if rec.role is Role.SECONDARY
+        self.agent.release_ports(self, "secondary" if rec.role is Role.SECONDARY
                                  else "primary")
+        # A secondary runs on its replica from here: the engine's image is behind (D2).
         self.update(role=Role.PRIMARY, was_secondary=rec.was_secondary or
                     rec.role is Role.SECONDARY, peer=None, failovers=rec.failovers + 1,
-                    last_failover=failover, reason=f"failed over after: {why}")
+                    last_failover=failover, reason=f"failed over after: {why}",
+                    on_replica=rec.on_replica or rec.role is Role.SECONDARY,
+                    image_current_at=None if rec.role is Role.SECONDARY
+                    else rec.image_current_at)
         with self._lock:
             self._peer_lost_at = None
         try:
@@ -372,7 +457,283 @@ class VmController:
         except ArbiterError as exc:
             log.warning("%s: pair record not updated after failover: %s", rec.name, exc)
         log.warning("%s: failed over in %.1f ms (%s)", rec.name, took_ms, why)
+        if rec.role is Role.SECONDARY:
+            return VmState.TAKING_IDENTITY
         return VmState.NEED_SECONDARY
+
+    def _do_take_identity(self) -> VmState:
+        """Move the survivor into a domain with the VM's own name, UUID and metadata
+        (vdsm_ft/identity.py). Any failure leaves the survivor running where it was."""
+        rec = self.record
+        if rec.domain == rec.name:
+            # Moved already; an agent restart cut the cleanup short.
+            self._finish_identity(domxml.secondary_name(rec.name))
+            return VmState.NEED_SECONDARY
+        src = self._ensure_qmp()
+        if src is None:
+            self.update(reason=f"{rec.reason}; not moved into its own identity: the "
+                        "survivor's QMP socket does not answer")
+            return VmState.NEED_SECONDARY
+        started = time.monotonic()
+        old_domain, new_domain = rec.domain, rec.name
+        src_layout = self.layout()
+        try:
+            moved = self._migrate_into(src, src_layout, new_domain)
+        except (identity.IdentityError, QmpError, domains.DomainError,
+                domxml.DomXmlError, libvirtconn.LibvirtConnectError,
+                emulator.EmulatorError) as exc:
+            why = f"not moved into its own identity ({exc}); it runs on as {old_domain}"
+            log.warning("%s: %s", rec.name, why)
+            self.update(reason=f"{rec.reason}; {why}")
+            return VmState.NEED_SECONDARY
+        failover = rec.last_failover
+        if failover is not None:
+            failover = replace(failover, domain=new_domain, identity_pause_ms=(
+                moved.pause_ms if moved.pause_ms is not None else moved.downtime_ms))
+        # The new domain is the VM from here on: recorded before the old one goes, so a
+        # restarted agent never takes the old domain's end for the VM's.
+        self.update(domain=new_domain, was_secondary=False, on_replica=True,
+                    last_failover=failover)
+        self._pid = None
+        log.warning("%s: runs as domain %s now (local migration %.0f ms, guest paused "
+                    "%s ms, QEMU's downtime %.0f ms, %.0f ms in all)", rec.name, new_domain,
+                    moved.total_ms, "?" if moved.pause_ms is None else
+                    f"{moved.pause_ms:.0f}", moved.downtime_ms,
+                    (time.monotonic() - started) * 1000)
+        self._finish_identity(old_domain)
+        return VmState.NEED_SECONDARY
+
+    def _migrate_into(self, src: Qmp, src_layout: VmLayout,
+                      new_domain: str) -> identity.Moved:
+        rec = self.record
+        t0 = time.monotonic()
+        self.update(reason=f"{rec.reason}; waiting for the replica to take the overlays")
+        identity.wait_committed(src, src_layout)
+        t_commit = time.monotonic()
+        if domains.qemu_pid(new_domain) is not None:
+            # An attempt cut short by an agent restart. QEMU finished the migration by
+            # itself if the survivor waits in postmigrate: then the new domain is the VM.
+            if identity.run_state(src) == "postmigrate":
+                return self._adopt_moved(src, new_domain)
+            self.agent.destroy_domain(new_domain)      # it never ran
+        emu = self.agent.emulator()
+        if rec.qemu_build and emu.identity != rec.qemu_build:
+            raise identity.IdentityError(
+                f"{emu.path} is now build {emu.identity!r}, the survivor runs "
+                f"{rec.qemu_build!r}: a migration between them is not safe")
+        xml = domxml.identity_xml(rec.engine_xml, self.run_dir, src_layout.disks,
+                                  emu.version, emulator=emu.path,
+                                  machine=rec.machine or None)
+        conn = libvirtconn.connect(self.agent.config)
+        try:
+            self.update(reason=f"{rec.reason}; starting domain {new_domain}")
+            runfiles.make_placeholders(xml)
+            try:
+                domains.start(conn, xml)
+            except domains.DomainError as exc:
+                raise identity.IdentityError(identity.start_failure(str(exc))) from None
+        finally:
+            conn.close()
+        t_start = time.monotonic()
+        dst = Qmp(qmp_socket(self.run_dir, new_domain), new_domain)
+        try:
+            dst.connect(timeout=QMP_CONNECT_TIMEOUT)
+            self.update(reason=f"{rec.reason}; migrating into domain {new_domain}")
+            moved = identity.migrate_local(
+                src, dst, os.path.join(self.run_dir, IDENTITY_MIGRATION_SOCKET))
+        except (identity.IdentityError, QmpError) as exc:
+            dst.close()
+            # Never two live copies: the new domain is dead before the survivor resumes.
+            self.agent.destroy_domain(new_domain)
+            try:
+                identity.resume_source(src)
+            except (identity.IdentityError, QmpError) as again:
+                raise identity.IdentityError(f"{exc}; and the survivor did not resume: "
+                                             f"{again}") from None
+            raise
+        t_end = time.monotonic()
+        log.info("%s: replica commit %.0f ms, domain start %.0f ms, migration and run "
+                 "%.0f ms", rec.name, (t_commit - t0) * 1000, (t_start - t_commit) * 1000,
+                 (t_end - t_start) * 1000)
+        self.update(reason=rec.reason)
+        self._close_qmp()
+        self.qmp = dst
+        dst.subscribe(self._on_event)
+        return moved
+
+    def _adopt_moved(self, src: Qmp, new_domain: str) -> identity.Moved:
+        info = src.execute("query-migrate")
+        dst = Qmp(qmp_socket(self.run_dir, new_domain), new_domain)
+        try:
+            dst.connect(timeout=QMP_CONNECT_TIMEOUT)
+            state = identity.run_state(dst)
+        except QmpError:
+            dst.close()
+            raise
+        if state != "running":
+            dst.close()
+            raise identity.IdentityError(f"the survivor waits in postmigrate but domain "
+                                         f"{new_domain} is {state!r}; check both domains")
+        self._close_qmp()
+        self.qmp = dst
+        dst.subscribe(self._on_event)
+        return identity.Moved(pause_ms=None, downtime_ms=float(info.get("downtime", 0)),
+                              total_ms=float(info.get("total-time", 0)))
+
+    def _finish_identity(self, old_domain: str) -> None:
+        """The old domain (paused after the migration) and its overlays go. Its images
+        are inactive and flushed, so it is killed at once rather than asked to quit."""
+        pid = domains.qemu_pid(old_domain)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.agent.destroy_domain(old_domain)
+        replica.remove_overlays(self.record.vm_id, self.agent.config.overlay_dir)
+
+    def _do_copy_back(self) -> VmState:
+        """One step of the copy-back (vdsm_ft.copyback): prove, start or resume, report,
+        and once in sync pivot onto the engine's image. The loop takes a step a tick,
+        so a stop or a crash is seen between steps."""
+        rec = self.record
+        qmp = self._ensure_qmp()
+        to = self.copyback_targets()
+        try:
+            if qmp is None:
+                raise copyback.CopybackError("the VM's QMP socket does not answer")
+            layout = self.layout()
+            if copyback.on_engine_image(qmp, layout, to):
+                return self._image_current(qmp, layout, None)   # pivoted, then restarted
+            running = {t.job for t in to} <= {
+                j["id"] for j in qmp.execute("query-jobs")
+                if j["status"] in ("running", "ready", "paused")}
+            if running and not self._copy_attached:
+                # Started by an earlier run of this agent: the job went on in QEMU.
+                copyback.start(qmp, layout, to, self.agent.config.copyback_rate)
+                log.info("%s: copy-back resumed in QEMU", rec.name)
+            elif not running:
+                wait = self._fencing_wait()
+                if wait > 0:
+                    self.update(reason=f"{COPYING_BACK}: waiting {wait:.1f} s until the "
+                                "old primary is provably fenced")
+                    self._wake_in(wait)
+                    return VmState.NOT_PROTECTED
+                copyback.start(qmp, layout, to, self.agent.config.copyback_rate)
+                log.info("%s: copy-back started at %d bytes/s", rec.name,
+                         self.agent.config.copyback_rate)
+            self._copy_attached = True
+            p = copyback.progress(qmp, to)
+            if not p.ready:
+                self.update(reason=f"{COPYING_BACK}, {p.percent}%")
+                return VmState.NOT_PROTECTED
+            pivot = copyback.pivot(qmp, layout, to)
+            return self._image_current(qmp, layout, pivot)
+        except (copyback.CopybackError, QmpError, ArbiterError) as exc:
+            log.warning("%s: copy-back: %s", rec.name, exc)
+            self.update(reason=f"{COPYING_BACK} is held up: {exc}")
+            return VmState.NOT_PROTECTED
+
+    def _fencing_wait(self) -> float:
+        """Seconds until the arbiter proves the old primary fenced (copyback's rule);
+        raises NotYetSafe or ArbiterError when it proves nothing yet."""
+        rec = self.record
+        return copyback.old_primary_fenced(
+            self.agent.arbiter.live_claim(rec.vm_id, rec.generation,
+                                          timeout=self.agent.arbiter_bound),
+            self.agent.config.host_id, rec.generation)
+
+    def _await_fenced(self, deadline: float) -> str | None:
+        """Wait (until `deadline`) for the proof before a stop's copy writes the image;
+        None once proven, else why not."""
+        why = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                wait = self._fencing_wait()
+            except (copyback.CopybackError, ArbiterError) as exc:
+                why = str(exc)
+                time.sleep(0.5)
+                continue
+            if wait <= 0:
+                return None
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+        return f"the arbiter did not prove the old primary fenced: {why}"
+
+    def _image_current(self, qmp: Qmp, layout: VmLayout,
+                       pivot: copyback.PivotResult | None) -> VmState:
+        """Verified on the engine's image: close and remove this host's replica."""
+        rec = self.record
+        copyback.verify(qmp, layout, self.copyback_targets())
+        copyback.drop_replica_nodes(qmp, layout)
+        self._replica_done()
+        if pivot is not None:
+            log.warning("%s: the storage-domain image is current again (pivot paused the "
+                        "guest %.1f ms)", rec.name, pivot.pause_ms)
+        self.update(reason="")
+        return VmState.NEED_SECONDARY
+
+    def _replica_done(self) -> None:
+        rec = self.record
+        replica.remove_secondary_disks(rec.vm_id, self.agent.config.replica_dir,
+                                       self.agent.config.overlay_dir)
+        self.update(on_replica=False, image_current_at=time.time())
+        self.agent.image_made_current(rec.vm_id, rec.name, rec.generation)
+
+    def _finish_copy_back(self, bound: float) -> str:
+        """A stop while the image is behind: pivot online if the copy gets in sync in
+        time, else (QEMU gone) copy the replica offline. Returns what happened."""
+        deadline = time.monotonic() + bound
+        unproven = self._await_fenced(deadline)
+        if unproven is not None:
+            return self._stale_left(unproven)
+        qmp = self._ensure_qmp()
+        to = self.copyback_targets()
+        try:
+            if qmp is not None and self.qemu_alive():
+                layout = self.layout()
+                copyback.start(qmp, layout, to, 0)
+                copyback.wait_ready(qmp, to, max(0.0, deadline - time.monotonic()),
+                                    interval=0.1)
+                copyback.pivot(qmp, layout, to)
+                copyback.verify(qmp, layout, to)
+                copyback.drop_replica_nodes(qmp, layout)
+                self._replica_done()
+                return "the storage-domain image was made current before the stop"
+        except (copyback.CopybackError, QmpError) as exc:
+            log.warning("%s: online copy-back at stop: %s", self.record.name, exc)
+        self._close_qmp()
+        return self._copy_back_offline(max(1.0, deadline - time.monotonic()))
+
+    def _copy_back_offline(self, bound: float) -> str:
+        rec = self.record
+        deadline = time.monotonic() + bound
+        unproven = self._await_fenced(deadline)
+        if unproven is not None:
+            return self._stale_left(unproven)
+        while self.qemu_alive():
+            if time.monotonic() > deadline:
+                return self._stale_left("the QEMU did not exit")
+            time.sleep(0.1)
+        try:
+            for disk, t in zip(self.layout().disks, self.copyback_targets()):
+                copyback.copy_offline(disk, t, max(1.0, deadline - time.monotonic()))
+        except copyback.CopybackError as exc:
+            return self._stale_left(str(exc))
+        self._replica_done()
+        log.warning("%s: the storage-domain image was made current from the replica",
+                    rec.name)
+        return "the storage-domain image was made current from this host's replica"
+
+    def _stale_left(self, why: str) -> str:
+        where = os.path.join(self.agent.config.replica_dir, self.record.vm_id)
+        return (f"the storage-domain image is NOT current ({why}): the newest data is in "
+                f"{where} on host {self.agent.config.host_id}; copy it onto the image "
+                "(docs/operations.md, copy-back) before the VM starts again")
+
+    def _wake_in(self, seconds: float) -> None:
+        timer = threading.Timer(seconds, self.wake)
+        timer.daemon = True
+        timer.start()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -402,7 +763,7 @@ class VmController:
                 colo.abandon(qmp, self.layout())
         except (colo.ColoError, QmpError) as exc:
             log.warning("%s: leaving COLO: %s", self.record.name, exc)
-        self.agent.release_ports(self.record.vm_id, "primary")
+        self.agent.release_ports(self, "primary")
 
     def _drop_peer_secondary(self) -> None:
         peer = self.record.peer
@@ -434,7 +795,8 @@ class VmController:
                         lag_seconds=self.stats.lag_seconds(),
                         replication_bytes=sent,
                         replication_bytes_per_second=self.traffic.rate if sent else 0.0,
-                        failovers=rec.failovers, last_failover=rec.last_failover)
+                        failovers=rec.failovers, last_failover=rec.last_failover,
+                        image_current_at=rec.image_current_at)
 
 
 class _RemoteSecondary:

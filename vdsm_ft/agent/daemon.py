@@ -14,20 +14,22 @@ import signal
 import threading
 import time
 
-from vdsm_ft import colo, domains, domxml, hostconfig, libvirtconn, replica
+from vdsm_ft import (colo, domains, domxml, emulator, hostconfig, imagestate, libvirtconn,
+                     qemu_probe, replica, runfiles)
 from vdsm_ft.agent import ports as portplan
 from vdsm_ft.agent.controller import VmController, secondary_layout
 from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_key
 from vdsm_ft.agent.metrics import render_metrics
-from vdsm_ft.agent.store import Store, VmRecord
+from vdsm_ft.agent.registry import Registry
+from vdsm_ft.agent.store import ImageNote, ImageNotes, Store, StoreError, VmRecord
 from vdsm_ft.api import (AgentClient, AgentServer, Backend, BadRequest, Conflict,
                          HostStatus, NotFound, PeerSpec, PrepareSecondary, Role,
                          SecondaryReady, TlsFiles, Unavailable, VmState, VmStatus,
                          client_context)
-from vdsm_ft.arbiter import ARBITER_BOUND_S, Arbiter, ArbiterError, check_fencing_budget
-from vdsm_ft.hookapi import AgentRefused, HookBackend, kvm_gid, serve_hooks
-from vdsm_ft.hooks import (ENGINE_XML, CachedQemuVersion, HookContext, StartRefused,
-                           prepare_primary)
+from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterError, HostRecord, StaleImage,
+                             check_fencing_budget)
+from vdsm_ft.hookapi import QEMU_INCAPABLE, AgentRefused, HookBackend, kvm_gid, serve_hooks
+from vdsm_ft.hooks import ENGINE_XML, HookContext, StartRefused, prepare_primary
 from vdsm_ft.layout import Disk, Endpoints
 from vdsm_ft.qmp import QmpError
 
@@ -40,6 +42,11 @@ PREPARE_TIMEOUT = 120.0
 DISCOVERY_INTERVAL = 5.0
 # How often to measure the overlays against [storage] overlay_size_cap.
 OVERLAY_CHECK_INTERVAL = 1.0
+# How often to look whether the QEMU binary changed (then it is probed again), and to
+# retry publishing the host record.
+QEMU_CHECK_INTERVAL = 2.0
+# How often to tell etcd again that a copy-back made an image current (ImageNotes).
+IMAGE_MARK_RETRY_S = 30.0
 
 
 def _transport(tls: bool) -> str:
@@ -52,18 +59,20 @@ class Agent(Backend, HookBackend):
         detection_ms = int((config.heartbeat_timeout + config.heartbeat_interval) * 1000)
         check_fencing_budget(detection_ms, colo.COMPARE_TIMEOUT_MS)
         self.store = Store(os.path.join(config.state_dir, "vms"))
+        self.image_notes = ImageNotes(os.path.join(config.state_dir, "image-current"))
         self.arbiter = Arbiter(config.etcd_endpoints, ca_cert=config.etcd_ca,
                                cert=config.etcd_cert, key=config.etcd_key,
                                username=config.etcd_username, password=config.etcd_password)
         self.arbiter_bound = ARBITER_BOUND_S
+        self.emulators = emulator.CachedEmulators()
         # What the start hook's work needs, kept warm across starts (docs/hooks.md).
         self._start_parts = HookContext({}, config=config, arbiter=self.arbiter,
-                                        qemu_probe=CachedQemuVersion())
+                                        emulators=self.emulators)
         self.tls = TlsFiles(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca)
         self._client_ctx = client_context(self.tls)
         self._clients: dict[tuple[str, int], AgentClient] = {}
         self._lock = threading.RLock()
-        self._vms: dict[str, VmController] = {}
+        self.registry = Registry(self.store)
         self._stopped = threading.Event()
         key = read_key(config.heartbeat_key_file) if config.heartbeat_key_file else None
         if key is None:
@@ -77,15 +86,29 @@ class Agent(Backend, HookBackend):
                                          daemon=True)
         self._probed: dict[str, tuple[float, bool]] = {}
         self._overlay_warned = False
+        # This host's QEMU, as last probed (kept across restarts in the state dir).
+        self.qemu: qemu_probe.QemuCapability | None = qemu_probe.load(config.state_dir)
+        self._qemu_lock = threading.Lock()
+        self._published: qemu_probe.QemuCapability | None = None
+        self._qemu_watch = threading.Thread(target=self._qemu_loop, name="qemu-probe",
+                                            daemon=True)
+        self._image_marks = threading.Thread(target=self._image_marks_loop,
+                                             name="image-marks", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> "Agent":
-        for record in self.store.load_all():
-            self._vms[record.vm_id] = VmController(self, record)
-        for ctl in self._vms.values():
-            ctl.start()
-            ctl.wake()
+        self.qemu_capability()
+        for record in self.registry.load():
+            if record.role is Role.SECONDARY and record.state is VmState.DOWN:
+                # Written back after its forget by agents before the registry owned
+                # removal; it would refuse the VM's start here (_refuse_beside_secondary).
+                log.info("%s: dropping a leftover Down secondary record", record.name)
+                self.store.delete(record.vm_id)
+                replica.remove_secondary_disks(record.vm_id, self.config.replica_dir,
+                                               self.config.overlay_dir)
+                continue
+            self.registry.install(record, self._controller).start().wake()
         self.discover()
         self.heartbeat.start()
         self.api = AgentServer((self.config.api_address, self.config.api_port), self,
@@ -93,8 +116,10 @@ class Agent(Backend, HookBackend):
         self.api.start()
         self.hooks = serve_hooks(self.config.hook_socket, self, kvm_gid())
         self._monitor.start()
+        self._qemu_watch.start()
+        self._image_marks.start()
         log.info("agent %s up: %d VMs, API %s:%d, replication %s", self.config.host_id,
-                 len(self._vms), self.config.api_address, self.config.api_port,
+                 len(self.registry.all()), self.config.api_address, self.config.api_port,
                  self.config.replication_address)
         return self
 
@@ -106,8 +131,99 @@ class Agent(Backend, HookBackend):
         if self.hooks is not None:
             self.hooks.close()
         self.heartbeat.stop()
-        for ctl in list(self._vms.values()):
+        for ctl in self.registry.all():
             ctl.stop()
+
+    # -- this host's QEMU -------------------------------------------------------------
+
+    def qemu_capability(self) -> qemu_probe.QemuCapability:
+        """The probe of `[qemu] emulator`, made again when the binary changed."""
+        with self._qemu_lock:
+            known = self.qemu
+            if known is not None and known.path == self.config.qemu_emulator \
+                    and known.current():
+                return known
+            result = qemu_probe.probe(self.config.qemu_emulator,
+                                      os.path.join(self.config.state_dir, "probe"))
+            if result.capable:
+                log.info("QEMU %s (%s, %s) can do COLO (probed in %.0f ms)", result.path,
+                         result.version, result.build, result.took_ms)
+            else:
+                log.error("FT VMs cannot run on this host: %s", result.reason)
+            try:
+                qemu_probe.save(self.config.state_dir, result)
+            except OSError as exc:
+                log.warning("QEMU probe result not kept in %s: %s", self.config.state_dir,
+                            exc)
+            self.qemu = result
+        self.publish_host()
+        return result
+
+    def publish_host(self) -> None:
+        """This host's record in the arbiter; retried by the QEMU watch until it lands."""
+        qemu = self.qemu
+        if qemu is None or qemu == self._published:
+            return
+        try:
+            self.arbiter.put_host(HostRecord(host_id=self.config.host_id,
+                                             agent_version=VERSION, qemu=qemu))
+        except ArbiterError as exc:
+            log.warning("host record not published (retried): %s", exc)
+            return
+        self._published = qemu
+
+    def _qemu_loop(self) -> None:
+        while not self._stopped.wait(QEMU_CHECK_INTERVAL):
+            try:
+                self.qemu_capability()
+                self.publish_host()
+            except Exception:   # the watch must outlive one bad probe
+                log.exception("QEMU probe failed")
+
+    # -- the storage-domain image's mark in etcd ---------------------------------------
+
+    def image_made_current(self, vm_id: str, name: str, generation: int) -> None:
+        """A verified copy-back: etcd may drop the image's stale mark. The note is kept
+        until etcd took it, also across a stop (which forgets the VM) and an agent
+        restart, so that an etcd outage at that moment cannot leave a current image
+        refused for good."""
+        if not generation:
+            return
+        note = ImageNote(vm_id, name, generation)
+        self.image_notes.save(note)
+        self._tell_image_current(note)
+
+    def _tell_image_current(self, note: ImageNote) -> None:
+        try:
+            self.arbiter.image_current(note.vm_id, note.generation, self.config.host_id,
+                                       timeout=self.arbiter_bound)
+        except ArbiterError as exc:
+            log.warning("%s: the arbiter still marks the storage-domain image stale "
+                        "(retried in %.0f s): %s", note.name, IMAGE_MARK_RETRY_S, exc)
+            return
+        self.image_notes.delete(note.vm_id)
+
+    def _image_marks_loop(self) -> None:
+        # Its own thread: an etcd call may take the arbiter's whole bound, which neither
+        # the monitor's heartbeats nor a VM's steps can wait for.
+        while True:
+            try:
+                for note in self.image_notes.load_all():
+                    self._tell_image_current(note)
+            except StoreError:
+                log.exception("image notes unreadable")
+            if self._stopped.wait(IMAGE_MARK_RETRY_S):
+                return
+
+    def _image_noted_current(self, mark: StaleImage | None) -> bool:
+        """This host verified a copy-back of the mark's generation or a later one."""
+        if mark is None or mark.host != self.config.host_id:
+            return False
+        try:
+            note = self.image_notes.get(mark.vm_id)
+        except StoreError:
+            return False
+        return note is not None and note.generation >= mark.generation
 
     # -- services for controllers ------------------------------------------------------
 
@@ -132,20 +248,21 @@ class Agent(Backend, HookBackend):
                                                  self._client_ctx, timeout=PREPARE_TIMEOUT)
             return self._clients[key]
 
-    def allocate_ports(self, vm_id: str, side: str, count: int) -> list[int]:
+    def _controller(self, record: VmRecord) -> VmController:
+        return VmController(self, record)
+
+    def allocate_ports(self, ctl: VmController, side: str, count: int) -> list[int]:
         with self._lock:
-            held = [p for c in self._vms.values() for ps in c.record.ports.values()
+            held = [p for c in self.registry.all() for ps in c.record.ports.values()
                     for p in ps]
             chosen = portplan.allocate(count, self.config.colo_ports, held,
                                        self.config.replication_address)
-            ctl = self._vms[vm_id]
             ctl.update(ports={**ctl.record.ports, side: chosen})
             return chosen
 
-    def release_ports(self, vm_id: str, side: str) -> None:
+    def release_ports(self, ctl: VmController, side: str) -> None:
         with self._lock:
-            ctl = self._vms.get(vm_id)
-            if ctl is not None and side in ctl.record.ports:
+            if side in ctl.record.ports:
                 ctl.update(ports={k: v for k, v in ctl.record.ports.items() if k != side})
 
     def destroy_domain(self, name: str) -> None:
@@ -163,6 +280,9 @@ class Agent(Backend, HookBackend):
 
     def state_changed(self, ctl: VmController) -> None:
         rec = ctl.record
+        if ctl.forget_when_down and rec.state is VmState.DOWN and not rec.on_replica:
+            self.forget(ctl, reason="VDSM released the VM")
+            return
         if rec.role is not Role.PRIMARY or not rec.generation:
             return
         try:
@@ -181,14 +301,14 @@ class Agent(Backend, HookBackend):
     def forget(self, ctl: VmController, reason: str) -> None:
         """Remove a secondary (or a stopped VM) and everything it held on this host."""
         rec = ctl.record
+        if not self.registry.remove(ctl):
+            # Removed or replaced already: what it held belongs to the new owner.
+            return
         log.info("%s: forgetting (%s)", rec.name, reason)
         if rec.role is Role.SECONDARY:
             ctl.kill_qemu()
             replica.remove_secondary_disks(rec.vm_id, self.config.replica_dir,
                                            self.config.overlay_dir)
-        with self._lock:
-            self._vms.pop(rec.vm_id, None)
-        self.store.delete(rec.vm_id)
         threading.Thread(target=ctl.stop, daemon=True).start()
 
     def discover(self) -> None:
@@ -204,8 +324,7 @@ class Agent(Backend, HookBackend):
             return
         for vm_id in entries:
             path = os.path.join(vms_dir, vm_id, ENGINE_XML)
-            with self._lock:
-                known = vm_id in self._vms
+            known = self.registry.get(vm_id) is not None
             if known or not os.path.exists(path):
                 continue
             try:
@@ -241,8 +360,7 @@ class Agent(Backend, HookBackend):
 
     def _monitor_once(self) -> None:
         beats: dict[tuple[str, int], dict[str, tuple[int, bool]]] = {}
-        with self._lock:
-            ctls = list(self._vms.values())
+        ctls = self.registry.all()
         for ctl in ctls:
             rec = ctl.record
             alive = ctl.qemu_alive() if rec.launched else True
@@ -267,9 +385,8 @@ class Agent(Backend, HookBackend):
         if total <= cap:
             self._overlay_warned = False
             return
-        with self._lock:
-            ours = {vm_id: ctl for vm_id, ctl in self._vms.items()
-                    if ctl.record.role is Role.SECONDARY and vm_id in usage}
+        ours = {ctl.vm_id: ctl for ctl in self.registry.all()
+                if ctl.record.role is Role.SECONDARY and ctl.vm_id in usage}
         why = (f"this host's overlays take {replica.mib(total)} in "
                f"{self.config.overlay_dir}, over [storage] overlay_size_cap "
                f"({replica.mib(cap)})")
@@ -309,19 +426,18 @@ class Agent(Backend, HookBackend):
     # -- API backend (poller, CLI, peer agents) ----------------------------------------
 
     def _ctl(self, vm_id: str) -> VmController:
-        with self._lock:
-            ctl = self._vms.get(vm_id)
+        ctl = self.registry.get(vm_id)
         if ctl is None:
             raise NotFound(f"VM {vm_id} is not known to the agent on "
                            f"{self.config.host_id}")
         return ctl
 
     def host_status(self) -> HostStatus:
-        with self._lock:
-            ctls = list(self._vms.values())
+        ctls = self.registry.all()
         return HostStatus(host_id=self.config.host_id,
                           replication_address=self.config.replication_address,
-                          agent_version=VERSION, vms=tuple(c.status() for c in ctls))
+                          agent_version=VERSION, vms=tuple(c.status() for c in ctls),
+                          qemu=self.qemu)
 
     def vm_status(self, vm_id: str) -> VmStatus:
         return self._ctl(vm_id).status()
@@ -349,13 +465,15 @@ class Agent(Backend, HookBackend):
             status = ctl.status()
             self.forget(ctl, reason="the primary dropped its secondary")
             return status
-        ctl.update(disabled=True, suspended=False)
+        _refuse_while_stale(ctl, "turned off")
+        ctl.update(disabled=True, suspended=False, move_to=None)
         ctl.wake()
         return ctl.status()
 
     def suspend(self, vm_id: str) -> VmStatus:
         ctl = self._primary(vm_id)
-        ctl.update(disabled=True, suspended=True)
+        _refuse_while_stale(ctl, "suspended")
+        ctl.update(disabled=True, suspended=True, move_to=None)
         ctl.wake()
         return ctl.status()
 
@@ -385,13 +503,9 @@ class Agent(Backend, HookBackend):
         rec = ctl.record
         if rec.state is not VmState.PROTECTED or rec.peer is None:
             raise Conflict(f"VM {vm_id} is {rec.state.value}; it has no secondary to move")
-        target = to or rec.peer
-        ctl.update(disabled=True)
-        ctl.wake()
-        deadline = time.monotonic() + 60
-        while ctl.record.state is not VmState.DISABLED and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ctl.update(disabled=False, peer=target)
+        # Recorded for the loop (row "move requested"), answered at once: ending the pair
+        # and the new resync take longer than a client waits.
+        ctl.update(move_to=to or rec.peer)
         ctl.wake()
         return ctl.status()
 
@@ -408,6 +522,41 @@ class Agent(Backend, HookBackend):
             return None
         return colo.ColoTls(self.config.colo_tls_dir, self.config.qemu_user)
 
+    def emulator(self) -> emulator.Emulator:
+        """This host's FT QEMU (`[qemu] emulator`); EmulatorError says what is wrong."""
+        return self.emulators(self.config.qemu_emulator)
+
+    def qemu_of(self, engine_xml: str) -> tuple[str, str]:
+        """(build identity, machine type) an FT VM of `engine_xml` gets here."""
+        emu = self.emulator()
+        return emu.identity, emulator.colo_machine(domxml.engine_machine(engine_xml), emu)
+
+    def _secondary_qemu(self, request: PrepareSecondary) -> tuple[emulator.Emulator, str]:
+        """This host's QEMU and the machine type for the secondary, or Conflict when it
+        cannot pair with the primary's QEMU: refused before anything is started."""
+        primary = request.primary.host_id
+        qemu = self.qemu_capability()
+        if not qemu.capable:
+            raise Conflict(f"{self.config.host_id} cannot run the secondary: {qemu.reason}")
+        try:
+            emu = self.emulator()
+        except emulator.EmulatorError as exc:
+            raise Conflict(f"{self.config.host_id} cannot run the secondary: {exc}") from None
+        if request.qemu_build and request.qemu_build != emu.identity:
+            raise Conflict(f"QEMU builds differ: primary {primary} runs "
+                           f"{request.qemu_build!r}, {self.config.host_id} has "
+                           f"{emu.identity!r} ({emu.path}); both hosts of a pair need the "
+                           "same vdsm-ft-qemu build (docs/qemu.md)")
+        try:
+            machine = emulator.colo_machine(request.machine or domxml.engine_machine(
+                request.domain_xml), emu)
+        except (emulator.EmulatorError, domxml.DomXmlError) as exc:
+            raise Conflict(f"{self.config.host_id} cannot run the secondary: {exc}") from None
+        if request.machine and machine != request.machine:
+            raise Conflict(f"{emu.path} on {self.config.host_id} has no machine type "
+                           f"{request.machine}, which the primary on {primary} runs")
+        return emu, machine
+
     def prepare_secondary(self, request: PrepareSecondary) -> SecondaryReady:
         mine = self.colo_tls() is not None
         if request.colo_tls != mine:
@@ -415,8 +564,8 @@ class Agent(Backend, HookBackend):
                            f"uses {_transport(request.colo_tls)}, {self.config.host_id} "
                            f"uses {_transport(mine)}; set [agent] colo_tls_dir on both "
                            "hosts or on neither")
-        with self._lock:
-            existing = self._vms.get(request.vm_id)
+        emu, machine = self._secondary_qemu(request)
+        existing = self.registry.get(request.vm_id)
         if existing is not None:
             if existing.record.role is Role.PRIMARY and existing.qemu_alive():
                 raise Conflict(f"VM {request.vm_id} runs as primary on "
@@ -432,13 +581,11 @@ class Agent(Backend, HookBackend):
                           engine_xml=request.domain_xml,
                           domain=domxml.secondary_name(request.name),
                           generation=request.generation, peer=request.primary,
-                          disk_sizes=tuple(size for _, size in sorted(request.disks)))
-        ctl = VmController(self, record)
-        with self._lock:
-            self._vms[request.vm_id] = ctl
-        self.store.save(record)
+                          disk_sizes=tuple(size for _, size in sorted(request.disks)),
+                          qemu_build=emu.identity, machine=machine)
+        ctl = self.registry.install(record, self._controller)
         try:
-            return self._start_secondary(ctl, request)
+            return self._start_secondary(ctl, request, emu)
         except Exception as exc:
             self.forget(ctl, reason=f"could not start: {exc}")
             if isinstance(exc, (replica.ReplicaError, portplan.PortsExhausted)):
@@ -449,10 +596,10 @@ class Agent(Backend, HookBackend):
                                f"{self.config.host_id}: {exc}") from None
             raise
 
-    def _start_secondary(self, ctl: VmController, request: PrepareSecondary
-                         ) -> SecondaryReady:
+    def _start_secondary(self, ctl: VmController, request: PrepareSecondary,
+                         emu: emulator.Emulator) -> SecondaryReady:
         run_dir = _qemu_dir(self.vm_run_dir(request.vm_id), self.config.qemu_user)
-        migration_port, nbd_port = self.allocate_ports(request.vm_id, "secondary", 2)
+        migration_port, nbd_port = self.allocate_ports(ctl, "secondary", 2)
         ep = Endpoints(primary_host=request.primary.replication_address,
                        secondary_host=self.config.replication_address,
                        migration_port=migration_port, nbd_port=nbd_port,
@@ -468,13 +615,12 @@ class Agent(Backend, HookBackend):
             request.vm_id, sized, _qemu_dir(self.config.replica_dir, self.config.qemu_user),
             _qemu_dir(self.config.overlay_dir, self.config.qemu_user),
             self.config.qemu_user, self.config.overlay_size_cap)
+        xml = domxml.secondary_xml(request.domain_xml, run_dir, list(disks), ep,
+                                   request.generation, emu.version, tls.dir if tls else None,
+                                   emulator=emu.path, machine=ctl.record.machine)
         conn = libvirtconn.connect(self.config)
         try:
-            version = conn.getVersion()
-            xml = domxml.secondary_xml(request.domain_xml, run_dir, list(disks), ep,
-                                       request.generation,
-                                       (version // 1_000_000, version // 1000 % 1000,
-                                        version % 1000), tls.dir if tls else None)
+            runfiles.make_placeholders(xml)
             domains.start(conn, xml)
         finally:
             conn.close()
@@ -489,15 +635,19 @@ class Agent(Backend, HookBackend):
                               migration_port=migration_port, nbd_port=nbd_port)
 
     def metrics(self) -> str:
-        with self._lock:
-            ctls = list(self._vms.values())
+        ctls = self.registry.all()
         return render_metrics(self.config.host_id, ctls)
 
     # -- hook backend ------------------------------------------------------------------
 
     def prepare(self, vm_id: str, engine_xml: str) -> str:
-        """The start hook's work, done here with lxml, etcd and QEMU's version warm."""
+        """The start hook's work, done here with lxml, etcd and the QEMU's facts warm."""
         self._refuse_beside_secondary(vm_id)    # before the run dir they share is touched
+        self._refuse_while_behind(vm_id)
+        qemu = self.qemu_capability()
+        if not qemu.capable:
+            # The hook applies [hooks] qemu_incapable to this refusal.
+            raise AgentRefused(f"VM {vm_id}: {qemu.reason}", code=QEMU_INCAPABLE)
         try:
             primary_xml = prepare_primary(self._start_parts, vm_id, engine_xml)
         except StartRefused as exc:
@@ -506,32 +656,61 @@ class Agent(Backend, HookBackend):
         return primary_xml
 
     def _refuse_beside_secondary(self, vm_id: str) -> None:
-        with self._lock:
-            existing = self._vms.get(vm_id)
-        if existing is not None and existing.record.role is Role.SECONDARY:
+        existing = self.registry.get(vm_id)
+        if existing is not None and existing.record.role is Role.SECONDARY and (
+                existing.record.state is not VmState.DOWN or existing.qemu_alive()):
             # The hook protocol's refusal, so that the start is refused (rc 2) rather
             # than taken for an unreachable agent.
             raise AgentRefused(f"VM {vm_id} not started: it runs as a secondary on this "
                                "host, and a second copy here would split its brain")
 
+    def _refuse_while_behind(self, vm_id: str) -> None:
+        existing = self.registry.get(vm_id)
+        if existing is not None and existing.record.on_replica:
+            # A new start would read the engine's image, which is behind (D2).
+            why = existing.record.reason or "its storage-domain image is behind its replica"
+            raise AgentRefused(f"VM {vm_id} not started: {why}")
+
+    def image(self, vm_id: str, ft: str | None) -> str:
+        """A start without FT: refused while the VM's storage-domain image is behind
+        (vdsm_ft.imagestate), known here or from etcd."""
+        ctl = self.registry.get(vm_id)
+        try:
+            if ctl is not None and ctl.record.on_replica:
+                raise imagestate.ImageStale(imagestate.behind_here(
+                    vm_id, ctl.record.reason or "copying back to the storage domain"))
+            try:
+                mark = self.arbiter.stale_image(vm_id, timeout=self.arbiter_bound)
+            except ArbiterError as exc:
+                return imagestate.decide(vm_id, ft, unknown=f"etcd: {exc}",
+                                         ft_history=ctl is not None)
+            if self._image_noted_current(mark):
+                # etcd was out when this host's copy-back ended: the image is current,
+                # and the mark goes at the next retry (_image_marks_loop).
+                mark = None
+            return imagestate.decide(vm_id, ft, mark=mark)
+        except imagestate.ImageStale as exc:
+            raise AgentRefused(str(exc)) from None
+
     def register(self, vm_id: str, engine_xml: str) -> None:
         """Take on a primary that is about to start, or that `discover` found running."""
         layout = domxml.layout_from_domxml(engine_xml, "/")
         name = layout.name
-        with self._lock:
-            self._refuse_beside_secondary(vm_id)
-            existing = self._vms.get(vm_id)
-            if existing is not None:
-                existing.stop()
+        self._refuse_beside_secondary(vm_id)
         sizes = tuple(replica.virtual_size(d.image, d.fmt if d.fmt != "raw" else None)
                       for d in layout.disks)
+        try:
+            build, machine = self.qemu_of(engine_xml)
+        except (emulator.EmulatorError, domxml.DomXmlError) as exc:
+            # Only a VM found running (discover) gets here with a broken [qemu] emulator:
+            # its secondary's host then checks nothing but its own QEMU.
+            log.warning("%s: this host's QEMU is unknown: %s", name, exc)
+            build, machine = "", ""
         record = VmRecord(vm_id=vm_id, name=name, role=Role.PRIMARY, engine_xml=engine_xml,
-                          domain=name, disk_sizes=sizes)
-        self.store.save(record)
-        ctl = VmController(self, record)
-        with self._lock:
-            self._vms[vm_id] = ctl
-        ctl.start()
+                          domain=name, disk_sizes=sizes, qemu_build=build, machine=machine)
+        # A controller it had before is retired by the registry, and its writes refused:
+        # no join here, its thread may be inside a long action.
+        self.registry.install(record, self._controller).start()
 
     def started(self, vm_id: str, live_xml: str | None) -> None:
         ctl = self._ctl(vm_id)
@@ -539,22 +718,35 @@ class Agent(Backend, HookBackend):
         ctl.wake()
 
     def stopping(self, vm_id: str) -> None:
-        with self._lock:
-            ctl = self._vms.get(vm_id)
+        ctl = self.registry.get(vm_id)
         if ctl is None:
             return                  # already forgotten (its QEMU died first): nothing to stop
         ctl.update(stopping=True)
         ctl.wake()
 
     def destroyed(self, vm_id: str) -> None:
-        with self._lock:
-            ctl = self._vms.get(vm_id)
+        ctl = self.registry.get(vm_id)
         if ctl is None:
             return
-        if ctl.record.stopping or ctl.record.state is VmState.DOWN:
+        if ctl.record.on_replica:
+            # It is finishing (or retrying) the copy-back from its replica: forget it
+            # once the engine's image is current.
+            ctl.forget_when_down = True
+            ctl.wake()
+        elif ctl.record.stopping or ctl.record.state is VmState.DOWN:
             self.forget(ctl, reason="VDSM released the VM")
         else:
             ctl.wake()
+
+
+def _refuse_while_stale(ctl: VmController, what: str) -> None:
+    """Protection cannot end while the VM runs on its replica: the next start, without
+    FT, would read the engine's image, which is behind (D2)."""
+    rec = ctl.record
+    if rec.on_replica:
+        why = rec.reason or "copying back to the storage domain"
+        raise Conflict(f"VM {rec.vm_id} cannot be {what} now: {why}; retry once its "
+                       "storage-domain image is current")
 
 
 def _qemu_dir(path: str, user: str) -> str:

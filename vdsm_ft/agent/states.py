@@ -26,6 +26,8 @@ class Observation:
     disable_requested: bool  # unprotect / suspend
     peer_assigned: bool      # the poller named a peer (primary) or a pair exists
     peer_lost: bool          # heartbeat + probe, or COLO itself, says the peer is gone
+    image_stale: bool = False  # runs on its replica; the engine's image is behind
+    move_requested: bool = False  # restart-secondary / migrate-secondary
 
     def holds(self, condition: str) -> bool:
         return CONDITIONS[condition](self)
@@ -44,6 +46,10 @@ CONDITIONS = {
     "primary, peer named": lambda o: o.is_primary and o.qemu_alive and o.peer_assigned,
     "in COLO": lambda o: o.in_colo,
     "enabled again": lambda o: not o.disable_requested,
+    "move requested": lambda o: o.move_requested,
+    "image stale": lambda o: o.image_stale and o.is_primary and o.qemu_alive,
+    "image stale, QEMU gone": lambda o: o.image_stale and o.is_primary
+    and not o.qemu_alive,
 }
 
 
@@ -74,12 +80,18 @@ TABLE: tuple[Row, ...] = (
 
     _row(S.NEED_SECONDARY, "qemu gone",           "mark_down",        S.DOWN),
     _row(S.NEED_SECONDARY, "stopping",            "teardown",         S.DOWN),
+    # A survivor that ran on its replica first makes the engine's image current (D2);
+    # protection waits, so the next resync reads from that image.
+    _row(S.NEED_SECONDARY, "image stale",         "copy_back",        S.NOT_PROTECTED,
+         S.NEED_SECONDARY),
     _row(S.NEED_SECONDARY, "disable requested",   "none",             S.DISABLED),
     _row(S.NEED_SECONDARY, "primary, peer named", "protect",          S.PROTECTED,
          S.NEED_SECONDARY, S.NOT_PROTECTED),
 
     _row(S.NOT_PROTECTED,  "qemu gone",           "mark_down",        S.DOWN),
     _row(S.NOT_PROTECTED,  "stopping",            "teardown",         S.DOWN),
+    _row(S.NOT_PROTECTED,  "image stale",         "copy_back",        S.NOT_PROTECTED,
+         S.NEED_SECONDARY),
     _row(S.NOT_PROTECTED,  "disable requested",   "none",             S.DISABLED),
     _row(S.NOT_PROTECTED,  "primary, peer named", "protect",          S.PROTECTED,
          S.NEED_SECONDARY, S.NOT_PROTECTED),
@@ -94,12 +106,24 @@ TABLE: tuple[Row, ...] = (
     _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
     # A secondary that etcd cannot answer yet stays Failing Over and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
-         S.DOWN, S.FAILING_OVER),
+         S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
     _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED, S.DOWN),
+    _row(S.PROTECTED,      "move requested",      "move_secondary",   S.NEED_SECONDARY,
+         S.DOWN),
 
     _row(S.FAILING_OVER,   "qemu gone",           "mark_down",        S.DOWN),
     _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,
-         S.DOWN, S.FAILING_OVER),
+         S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
+
+    # A promoted secondary moves into a domain with the VM's own identity
+    # (vdsm_ft/identity.py); a failed move leaves it running as it was.
+    _row(S.TAKING_IDENTITY, "qemu gone",          "mark_down",        S.DOWN),
+    _row(S.TAKING_IDENTITY, "stopping",           "teardown",         S.DOWN),
+    _row(S.TAKING_IDENTITY, "always",             "take_identity",    S.NEED_SECONDARY),
+
+    # A stop whose copy-back could not finish keeps the replica and retries it; until
+    # then a start is refused (the engine's image is behind).
+    _row(S.DOWN,           "image stale, QEMU gone", "retry_copy_back", S.DOWN),
 
     _row(S.DISABLED,       "qemu gone",           "mark_down",        S.DOWN),
     _row(S.DISABLED,       "stopping",            "teardown",         S.DOWN),

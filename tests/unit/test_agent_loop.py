@@ -1,0 +1,140 @@
+"""A real agent in this process, without QEMU or etcd: who may write a VM's record, and
+that request handlers answer before their clients give up (issue 11's defects)."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from ftlab.pki import issue, make_ca
+from vdsm_ft import api
+from vdsm_ft.agent.daemon import Agent
+from vdsm_ft.agent.store import Store, VmRecord
+from vdsm_ft.api import NotFound, PeerSpec, Role, VmState
+from vdsm_ft.hostconfig import HostConfig
+
+VM = "0b6c1a43-8a47-4a53-9d6c-2c1fd1d4d9b1"
+XML = ("<domain type='kvm'><name>vm1</name><uuid>" + VM + "</uuid><memory>1048576</memory>"
+       "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices></devices></domain>")
+
+
+@pytest.fixture
+def config(tmp_path) -> HostConfig:
+    ca = make_ca(tmp_path / "ca")
+    tls = issue(tmp_path / "ca", ca, "host-a", addresses=["127.0.0.1"])
+    return HostConfig(
+        path=str(tmp_path / "agent.conf"), host_id="host-a",
+        replication_address="127.0.0.1", etcd_endpoints=("http://127.0.0.1:1",),
+        api_port=0, api_address="127.0.0.1", tls_ca=tls.ca, tls_cert=tls.cert,
+        tls_key=tls.key, hook_socket=str(tmp_path / "agent.sock"),
+        run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"),
+        replica_dir=str(tmp_path / "replicas"), overlay_dir=str(tmp_path / "overlays"),
+        libvirt_uri="qemu+unix:///system?socket=" + str(tmp_path / "no-libvirtd"),
+        qemu_emulator=str(tmp_path / "no-qemu"), qemu_user="root")
+
+
+@pytest.fixture
+def agents():
+    running: list[Agent] = []
+
+    def start(config: HostConfig) -> Agent:
+        agent = Agent(config).start()
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        agent.stop()
+
+
+def _record_path(config: HostConfig) -> str:
+    return os.path.join(config.state_dir, "vms", f"{VM}.json")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _gone(agent: Agent) -> bool:
+    try:
+        agent.vm_status(VM)
+    except NotFound:
+        return True
+    return False
+
+
+def test_a_forgotten_secondary_stays_forgotten_and_its_vm_may_start_after_a_restart(
+        config, agents):
+    peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
+                    replication_address="127.0.0.1")
+    # A secondary whose QEMU is gone (its host crashed mid-start): the loop forgets it.
+    Store(os.path.join(config.state_dir, "vms")).save(VmRecord(
+        vm_id=VM, name="vm1", role=Role.SECONDARY, engine_xml=XML,
+        domain="vm1-ft-secondary", generation=3, peer=peer))
+    first = agents(config)
+    _wait(lambda: _gone(first))
+    time.sleep(0.5)     # the step that forgot it has ended
+    assert not os.path.exists(_record_path(config)), "the forgotten record was written back"
+    first.stop()
+
+    again = agents(config)
+    again.register(VM, XML)     # VDSM starts the VM here: no secondary refuses it
+    assert again.vm_status(VM).role is Role.PRIMARY
+
+
+def test_a_down_secondary_record_left_by_an_older_agent_does_not_refuse_a_start(
+        config, agents):
+    Store(os.path.join(config.state_dir, "vms")).save(VmRecord(
+        vm_id=VM, name="vm1", role=Role.SECONDARY, engine_xml=XML, state=VmState.DOWN,
+        domain="vm1-ft-secondary", generation=3))
+    agent = agents(config)
+    agent.register(VM, XML)
+    assert agent.vm_status(VM).role is Role.PRIMARY
+
+
+def test_a_replaced_controller_never_writes_over_the_new_record(config, agents):
+    agent = agents(config)
+    agent.register(VM, XML)
+    old = agent._ctl(VM)
+    agent.register(VM, XML)     # the start hook again (VDSM restarted the VM)
+    with pytest.raises(NotFound):
+        old.update(reason="written by the replaced controller")
+    assert Store(os.path.join(config.state_dir, "vms")).load_all()[0].reason == ""
+    assert agent.vm_status(VM).reason == ""
+
+
+def test_restart_secondary_answers_before_its_client_gives_up(config, agents):
+    # A peer agent that accepts and never answers: ending the pair takes its full
+    # timeout, which is the loop's business, not the request's.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1",
+                        agent_port=silent.getsockname()[1], replication_address="127.0.0.1")
+        agent = agents(config)
+        agent.register(VM, XML)
+        agent._ctl(VM).update(state=VmState.PROTECTED, peer=peer, generation=3)
+        answered = threading.Event()
+
+        def ask() -> None:
+            agent.restart_secondary(VM)
+            answered.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        assert answered.wait(api.DEFAULT_TIMEOUT), \
+            f"restart-secondary took longer than a client waits ({api.DEFAULT_TIMEOUT} s)"
+    finally:
+        silent.close()
