@@ -2,8 +2,9 @@
 
 A survivor that was the secondary runs on its host's replica; the image the engine names
 stays as it was at the failover. Copy-back mirrors the survivor's quorum onto that image
-(`blockdev-mirror`, rate-limited), then pivots the quorum's child to it with the guest
-paused only for the cut-over, and verifies the block graph. Afterwards the survivor's
+(`blockdev-mirror`, rate-limited, `replaces` the quorum's child), then completes the job,
+which swaps the child for the image inside one drained section, and verifies the block
+graph. The guest never stops: its vCPUs run and only its disk I/O waits for the swap. Afterwards the survivor's
 graph is quorum -> `ft-sd<N>` -> the engine's file or block device, as for a VM
 started from the engine XML (there the node is `ft-disk<N>`).
 
@@ -28,7 +29,7 @@ from typing import Any
 
 from vdsm_ft.colo import COMPARE_TIMEOUT_MS, DEFAULT_CHECKPOINT_DELAY_MS, quorum_children
 from vdsm_ft.layout import Disk, VmLayout
-from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError
+from vdsm_ft.qmp import Qmp, QmpCommandError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class PivotResult:
-    pause_ms: float    # guest paused, by QEMU's own STOP/RESUME timestamps
-    flushed: int       # bytes the final flush copied while paused
+    cutover_ms: float  # block-job-complete until every job concluded: guest I/O waits
+    flushed: int       # bytes left to copy when the cut-over began
 
 
 def targets(engine_layout: VmLayout) -> tuple[Target, ...]:
@@ -154,11 +155,23 @@ def _open_target(q: Qmp, t: Target) -> None:
                             f"{exc.desc}{hint}") from None
 
 
+def _replaced_child(q: Qmp, disk: Disk, t: Target) -> str | None:
+    """The quorum child the copy replaces, or None if the image already is the child."""
+    children = list(quorum_children(q, disk.quorum).values())
+    if children == [t.node]:
+        return None
+    if len(children) != 1:
+        raise CopybackError(f"quorum {disk.quorum} has children {children}: a copy-back "
+                            "needs the survivor's single replica child")
+    return children[0]
+
+
 def start(q: Qmp, layout: VmLayout, to: tuple[Target, ...], rate: int) -> bool:
     """Start (or find running) a mirror of each disk's quorum onto its engine image.
 
     `rate` in bytes/s, 0 for unlimited. Returns True if every job was already in QEMU
-    (an agent restart: resumed, nothing started again).
+    (an agent restart: resumed, nothing started again). A disk whose quorum is already
+    on its image (a cut-over that ended for some disks only) is left as it is.
     """
     jobs = _jobs(q)
     resumed = True
@@ -169,12 +182,17 @@ def start(q: Qmp, layout: VmLayout, to: tuple[Target, ...], rate: int) -> bool:
             continue
         if job is not None:              # concluded or aborted by an earlier run
             q.execute("block-job-dismiss", {"id": t.job})
+        child = _replaced_child(q, disk, t)
+        if child is None:
+            continue
         resumed = False
         _open_target(q, t)
         try:
+            # `replaces`: at completion QEMU puts the image where the replica is in the
+            # quorum (quorum_recurse_can_replace), in a drained section, no VM stop.
             q.execute("blockdev-mirror", {"job-id": t.job, "device": disk.quorum,
                                           "target": t.node, "sync": "full", "speed": rate,
-                                          "auto-dismiss": False,
+                                          "replaces": child, "auto-dismiss": False,
                                           "on-target-error": "report"})
         except QmpCommandError as exc:
             raise CopybackError(f"copy-back of disk {disk.index} onto {t.image} did not "
@@ -235,62 +253,34 @@ def _wait_close(q: Qmp, to: tuple[Target, ...], timeout: float) -> None:
 
 def pivot(q: Qmp, layout: VmLayout, to: tuple[Target, ...],
           timeout: float = 30.0) -> PivotResult:
-    """Cut each quorum over to its engine image, the guest paused only meanwhile.
+    """Cut each quorum over to its engine image, with the guest running.
 
-    `block-job-cancel` on a READY mirror finishes the copy without QEMU's own pivot
-    (colo.md §9): the image is then identical to the quorum. The image joins the quorum
-    before the replica leaves it (a quorum may not drop below its vote threshold).
+    No `stop`: a paused domain that VDSM adopts after a failover is reported Paused from
+    the survivor's host while the engine still has the VM on the dead one, and the engine
+    then destroys it (docs/engine-view.md, "COLO's own pauses"). `block-job-complete`
+    copies what is left and swaps the quorum's child in one drained section; a job that
+    fails there swaps nothing.
     """
     _wait_close(q, to, timeout)
     before = progress(q, to)
-    flushed = before.total - before.done
-    was_running = q.execute("query-status")["status"] == "running"
     cursor = q.cursor()
-    q.execute("stop")
-    try:
-        for t in to:
-            q.execute("block-job-cancel", {"device": t.job})
-        for t in to:
-            q.wait_event("JOB_STATUS_CHANGE", timeout, since=cursor,
-                         match=lambda d, j=t.job: d["id"] == j and d["status"] == "concluded")
-            info = _jobs(q)[t.job]
-            q.execute("block-job-dismiss", {"id": t.job})
-            if info.get("error"):
-                raise CopybackError(f"copy-back onto {t.image} failed at the cut-over: "
-                                    f"{info['error']}")
-        try:
-            for disk, t in zip(layout.disks, to):
-                old = quorum_children(q, disk.quorum)
-                q.execute("x-blockdev-change", {"parent": disk.quorum, "node": t.node})
-                for edge in old:
-                    q.execute("x-blockdev-change", {"parent": disk.quorum, "child": edge})
-            verify(q, layout, to)
-        except (QmpError, CopybackError):
-            _detach_half_pivoted(q, layout, to)
-            raise
-    finally:
-        if was_running:
-            q.execute("cont")
-    if not was_running:
-        return PivotResult(0.0, flushed)
-    stop = q.wait_event("STOP", timeout, since=cursor)
-    resume = q.wait_event("RESUME", timeout, since=stop.seq + 1)
-    return PivotResult((resume.qemu_time - stop.qemu_time) * 1000.0, flushed)
-
-
-def _detach_half_pivoted(q: Qmp, layout: VmLayout, to: tuple[Target, ...]) -> None:
-    """A cut-over that failed midway: where the replica is still a child, take the image
-    out again, so the next attempt can mirror onto it (a node cannot be both)."""
-    for disk, t in zip(layout.disks, to):
-        try:
-            children = quorum_children(q, disk.quorum)
-            if len(children) > 1:
-                for edge, node in children.items():
-                    if node == t.node:
-                        q.execute("x-blockdev-change", {"parent": disk.quorum,
-                                                        "child": edge})
-        except QmpError as exc:
-            log.warning("copy-back: %s left half pivoted: %s", disk.quorum, exc)
+    began = time.monotonic()
+    pending = [t for t in to if t.job in _jobs(q)]
+    for t in pending:
+        q.execute("block-job-complete", {"device": t.job})
+    for t in pending:
+        q.wait_event("JOB_STATUS_CHANGE", timeout, since=cursor,
+                     match=lambda d, j=t.job: d["id"] == j and d["status"] == "concluded")
+    took = (time.monotonic() - began) * 1000.0
+    jobs = _jobs(q)
+    for t in pending:
+        q.execute("block-job-dismiss", {"id": t.job})
+    for t in pending:
+        if jobs[t.job].get("error"):
+            raise CopybackError(f"copy-back onto {t.image} failed at the cut-over: "
+                                f"{jobs[t.job]['error']}")
+    verify(q, layout, to)
+    return PivotResult(took, before.total - before.done)
 
 
 def _filename(q: Qmp, node: str) -> str | None:

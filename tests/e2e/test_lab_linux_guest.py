@@ -17,7 +17,7 @@ import ovirtsdk4.types as types
 import pytest
 
 from ftlab import counterclient, netns
-from ftlab.demo import (DEMO_GUEST_IP, DemoFailed, DemoGuest, DemoVm, Lab, MiB, Results,
+from ftlab.demo import (DEMO_GUEST_IP, DemoGuest, DemoVm, Lab, MiB, Results,
                         Timeline, start_client, stop_client, wait_for, wait_up)
 from ftlab.labstate import read_state
 from ftlab.vdsmdriver import GUEST_IP_PROPERTY, GUEST_PROPERTY, LINUX_TEMPLATE

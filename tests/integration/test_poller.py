@@ -140,7 +140,7 @@ def test_no_secondary_on_a_host_whose_qemu_cannot_do_colo_and_one_event(lab, tmp
     el9 = qemu_probe.probe(qemubuild.require(qemubuild.EL9_LOOKALIKE), str(tmp_path / "p"))
     assert not el9.capable
     lab.fleet.backends["h3"].qemu = el9
-    vm = _ft_vm(lab)
+    _ft_vm(lab)
     poller = lab.poller()
     for _ in range(3):
         res = poller.cycle()

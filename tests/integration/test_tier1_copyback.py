@@ -106,8 +106,12 @@ def test_copy_back_after_primary_crash_then_normal_start_reads_every_covered_wri
     assert len(set(seen)) >= 3 and seen[-1] == 100, seen
     write_pattern(b.qmp, b.layout.disks[0], 5 * MiB, BLOCK, 0xF5)   # while READY
     covered.append((5 * MiB, 0xF5))
+    cursor = b.qmp.cursor()
     result = copyback.pivot(b.qmp, b.layout, to)
-    assert 0 < result.pause_ms < 1000, result
+    assert 0 < result.cutover_ms < 1000, result
+    # The guest never stopped: VDSM would report a stopped domain Paused, and an adoption
+    # then makes the engine destroy the VM (docs/engine-view.md).
+    assert b.qmp.events(cursor, "STOP") == [], "the cut-over stopped the guest"
 
     # The block graph: the quorum's only child is the engine's image, at its path.
     disk = b.layout.disks[0]

@@ -11,7 +11,7 @@ import time
 import libvirt
 import pytest
 
-from ftlab.agentlab import AgentLab, LabVm
+from ftlab.agentlab import AgentLab
 from ftlab.monitor import LibvirtMonitor
 from ftlab.vdsm import Vdsm
 

@@ -667,8 +667,8 @@ class VmController:
         copyback.drop_replica_nodes(qmp, layout)
         self._replica_done()
         if pivot is not None:
-            log.warning("%s: the storage-domain image is current again (pivot paused the "
-                        "guest %.1f ms)", rec.name, pivot.pause_ms)
+            log.warning("%s: the storage-domain image is current again (cut-over %.1f ms, "
+                        "guest running)", rec.name, pivot.cutover_ms)
         self.update(reason="")
         return VmState.NEED_SECONDARY
 
