@@ -111,18 +111,30 @@ def test_run_leaves_the_file_when_the_probe_fails(tmp_path):
     assert path.read_text() == text
 
 
-def test_script_fast_path_imports_nothing_heavy(tmp_path):
-    path = _file(tmp_path, json.dumps(stats((A, "Up"), (B, "Up"))))
-    code = ("import runpy, sys\n"
-            "try:\n    runpy.run_path(sys.argv[1], run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    heavy = [m for m in ('libvirt', 'lxml', 'json') if m in sys.modules]\n"
-            "    print(e.code, heavy)\n")
-    env = dict(os.environ, _hook_json=str(path), PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-c", code, SCRIPT], env=env, capture_output=True,
-                         text=True, check=True).stdout.split(None, 1)
-    assert out[0] == "0"
-    assert "libvirt" not in out[1] and "lxml" not in out[1]
+def _script(path, pythonpath: str) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "_hook_json": str(path), "PYTHONPATH": pythonpath,
+           "VDSM_FT_CONFIG": "/nonexistent/agent.conf"}
+    return subprocess.run([SCRIPT], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_script_without_a_paused_entry_never_starts_python(tmp_path):
+    """With no vdsm_ft importable, Python would fail: exit 0 proves it never ran."""
+    text = json.dumps(stats((A, "Up"), (B, "Up")))
+    path = _file(tmp_path, text)
+    out = _script(path, pythonpath=str(tmp_path))
+    assert (out.returncode, out.stderr) == (0, "")
+    assert path.read_text() == text
+
+
+def test_script_with_a_paused_entry_runs_vmstats(tmp_path):
+    """Past the filter vmstats.run decides; here it cannot load the host config, so it
+    says so and leaves the stats as VDSM wrote them."""
+    text = json.dumps(stats((A, "Paused")))
+    path = _file(tmp_path, text)
+    out = _script(path, pythonpath=REPO)
+    assert out.returncode == 1
+    assert "vdsm-ft after_get_all_vm_stats: stats unchanged" in out.stderr
+    assert path.read_text() == text
 
 
 def test_ft_marker_is_the_quorum_node_name():
