@@ -5,7 +5,8 @@ Two lab hosts whose libvirtds want that login (`AgentLab(sasl=True)`), with real
 configured with `[libvirt] username` and `password_file`: the module against a real
 libvirtd (right login starts and destroys a domain; no login, a wrong password and a
 password file others may read are each refused with a message naming the keys, never
-the password), then a whole protect cycle through the agents.
+the password), then a whole protect cycle through the agents, during which the stats
+hook's read-only probe, with no login, still reads the primary.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 from ftlab import guest
 from ftlab.agentlab import AgentLab, AgentLabError
-from vdsm_ft import domains, domxml, hostconfig, libvirtconn
+from vdsm_ft import domains, domxml, hostconfig, libvirtconn, vmstats
 from vdsm_ft.api import VmState
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -138,6 +139,15 @@ def test_protect_cycle_through_agents_that_log_in(lab):
     lab.protect(vm, "sl-a", "sl-b")
     lab.wait_checkpoints("sl-a", vm.vm_id)
     assert lab.status("sl-b", vm.vm_id).state is VmState.PROTECTED
+
+    # The after_get_all_vm_stats hook reads libvirt read-only with no login: on a host
+    # where the read-write socket wants SASL it still sees the primary and its state.
+    probe, close = vmstats.libvirt_probe(lab.host("sl-a").uri)
+    try:
+        is_ft, state, _ = probe(vm.vm_id)
+    finally:
+        close()
+    assert is_ft and state in (vmstats.RUNNING, vmstats.PAUSED), (is_ft, state)
 
     lab.vdsm["sl-a"].destroy_vm(vm.vm_id)     # the agents tear the pair down
     deadline = time.monotonic() + 15

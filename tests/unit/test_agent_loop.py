@@ -138,3 +138,81 @@ def test_restart_secondary_answers_before_its_client_gives_up(config, agents):
             f"restart-secondary took longer than a client waits ({api.DEFAULT_TIMEOUT} s)"
     finally:
         silent.close()
+
+
+def _loop_thread(agent: Agent) -> str:
+    return agent._ctl(VM)._thread.name
+
+
+def test_test_failover_is_done_by_the_loop_not_the_request(config, agents, monkeypatch):
+    agent = agents(config)
+    agent.register(VM, XML)
+    ctl = agent._ctl(VM)
+    ctl.update(state=VmState.PROTECTED, generation=3)
+    killed_in: list[str] = []
+    monkeypatch.setattr(ctl, "kill_qemu",
+                        lambda: killed_in.append(threading.current_thread().name))
+    agent.test_failover(VM)
+    _wait(lambda: not ctl.record.test_failover)
+    assert killed_in == [_loop_thread(agent)]
+
+
+def _protected_secondary(config, agents, monkeypatch) -> Agent:
+    """A secondary whose QEMU runs in COLO, as far as its loop can tell."""
+    peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
+                    replication_address="127.0.0.1")
+    Store(os.path.join(config.state_dir, "vms")).save(VmRecord(
+        vm_id=VM, name="vm1", role=Role.SECONDARY, engine_xml=XML, launched=True,
+        state=VmState.PROTECTED, domain="vm1-ft-secondary", generation=3, peer=peer))
+    monkeypatch.setattr("vdsm_ft.agent.controller.VmController.qemu_alive",
+                        lambda self: True)
+    monkeypatch.setattr("vdsm_ft.agent.controller.VmController.colo_mode",
+                        lambda self: "secondary")
+    monkeypatch.setattr("vdsm_ft.agent.controller.VmController.kill_qemu",
+                        lambda self: None)
+    return agents(config)
+
+
+def test_unprotect_on_a_secondary_is_done_by_the_loop(config, agents, monkeypatch):
+    agent = _protected_secondary(config, agents, monkeypatch)
+    forgot_in: list[str] = []
+    forget = agent.forget
+
+    def recording(ctl, reason):
+        forgot_in.append(threading.current_thread().name)
+        forget(ctl, reason)
+
+    monkeypatch.setattr(agent, "forget", recording)
+    loop = _loop_thread(agent)
+    assert agent.unprotect(VM).role is Role.SECONDARY
+    _wait(lambda: _gone(agent))
+    assert forgot_in == [loop]
+
+
+def test_a_dropped_secondary_whose_primary_left_colo_is_dropped_not_failed_over(
+        config, agents, monkeypatch):
+    agent = _protected_secondary(config, agents, monkeypatch)
+    ctl = agent._ctl(VM)
+    ctl.update(disabled=True)
+    ctl.peer_lost("COLO link lost (the primary left COLO)")   # both before the step
+    _wait(lambda: _gone(agent))
+    assert ctl.record.state is VmState.PROTECTED, "it failed over instead of dropping"
+
+
+def test_a_guest_power_off_event_is_recorded_by_the_loop(config, agents, monkeypatch):
+    from vdsm_ft.qmp import Event
+    agent = _protected_secondary(config, agents, monkeypatch)
+    ctl = agent._ctl(VM)
+    writers: list[str] = []
+    update = ctl.update
+
+    def recording(**changes):
+        if "stopping" in changes:
+            writers.append(threading.current_thread().name)
+        return update(**changes)
+
+    monkeypatch.setattr(ctl, "update", recording)
+    monkeypatch.setattr(ctl, "_do_teardown", lambda: VmState.DOWN)
+    ctl._on_event(Event("SHUTDOWN", {"guest": True}, 0.0, 0.0, 0))
+    _wait(lambda: ctl.record.stopping)
+    assert writers == [_loop_thread(agent)]

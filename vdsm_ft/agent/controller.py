@@ -64,6 +64,7 @@ class VmController:
         self._pid: int | None = None
         self._peer_lost_at: float | None = None
         self._peer_lost_why = ""
+        self._guest_shutdown = threading.Event()   # set by the QMP thread (_on_event)
         # VDSM released the VM while it finished a copy-back (daemon.destroyed).
         self.forget_when_down = False
         self._copy_attached = False   # this process started or resumed the copy-back
@@ -156,10 +157,8 @@ class VmController:
             self.peer_lost(f"COLO link lost ({event.data.get('reason')})")
         elif event.name == "SHUTDOWN" and event.data.get("guest"):
             # The guest powered off: an intentional stop on both sides, never a failure.
-            try:
-                self.update(stopping=True)
-            except NotOwner:
-                return              # a QEMU this controller no longer owns
+            # Only noted here (the QMP thread); the loop records it (observe).
+            self._guest_shutdown.set()
             self.wake()
 
     def colo_mode(self) -> str | None:
@@ -180,6 +179,10 @@ class VmController:
         self.wake()
 
     def observe(self) -> states.Observation:
+        if self._guest_shutdown.is_set() and not self.record.stopping:
+            # Persisted before anything acts on it: after an agent restart, QEMU gone
+            # with `stopping` set is a stop, not a crash.
+            self.update(stopping=True)
         rec = self.record
         alive = self.qemu_alive()
         mode = self.colo_mode() if alive else None
@@ -193,7 +196,8 @@ class VmController:
             peer_assigned=rec.peer is not None,
             peer_lost=self._peer_lost_at is not None,
             image_stale=rec.on_replica,
-            move_requested=rec.move_to is not None)
+            move_requested=rec.move_to is not None,
+            test_failover_requested=rec.test_failover)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -251,6 +255,17 @@ class VmController:
         if rec.peer is None and rec.generation:
             self._record_down(reason)
         return VmState.DOWN
+
+    def _do_drop(self) -> VmState:
+        self.agent.forget(self, reason="the primary dropped its secondary")
+        return VmState.DOWN
+
+    def _do_test_failover(self) -> VmState:
+        # Killed first, then the request cleared: an agent that dies in between finds
+        # the QEMU gone, whose row comes first.
+        self.kill_qemu()
+        self.update(test_failover=False)
+        return VmState.PROTECTED
 
     def _do_teardown(self) -> VmState:
         rec = self.record
@@ -343,7 +358,8 @@ class VmController:
         return VmState.NEED_SECONDARY
 
     def _do_protect(self) -> VmState:
-        rec = self.update(state=VmState.SYNCING, reason="", move_to=None)
+        rec = self.update(state=VmState.SYNCING, reason="", move_to=None,
+                          test_failover=False)
         self.agent.state_changed(self)
         qmp = self._ensure_qmp()
         if qmp is None:

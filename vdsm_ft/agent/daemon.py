@@ -462,9 +462,10 @@ class Agent(Backend, HookBackend):
     def unprotect(self, vm_id: str) -> VmStatus:
         ctl = self._ctl(vm_id)
         if ctl.record.role is Role.SECONDARY:
-            status = ctl.status()
-            self.forget(ctl, reason="the primary dropped its secondary")
-            return status
+            # Recorded for the loop (row "dropped by its primary"), which forgets it.
+            ctl.update(disabled=True)
+            ctl.wake()
+            return ctl.status()
         _refuse_while_stale(ctl, "turned off")
         ctl.update(disabled=True, suspended=False, move_to=None)
         ctl.wake()
@@ -488,7 +489,8 @@ class Agent(Backend, HookBackend):
         ctl = self._primary(vm_id)
         if ctl.record.state is not VmState.PROTECTED:
             raise Conflict(f"VM {vm_id} is {ctl.record.state.value}, not Protected")
-        ctl.kill_qemu()
+        # Recorded for the loop (row "test failover requested"), which kills the QEMU.
+        ctl.update(test_failover=True)
         ctl.wake()
         return ctl.status()
 

@@ -28,6 +28,7 @@ class Observation:
     peer_lost: bool          # heartbeat + probe, or COLO itself, says the peer is gone
     image_stale: bool = False  # runs on its replica; the engine's image is behind
     move_requested: bool = False  # restart-secondary / migrate-secondary
+    test_failover_requested: bool = False
 
     def holds(self, condition: str) -> bool:
         return CONDITIONS[condition](self)
@@ -40,6 +41,9 @@ CONDITIONS = {
     "qemu gone": lambda o: (o.launched or not o.is_primary) and not o.qemu_alive,
     "stopping": lambda o: o.stopping,
     "disable requested": lambda o: o.disable_requested,
+    # unprotect on a secondary: its primary ends the pair (and leaves COLO next).
+    "dropped by its primary": lambda o: o.disable_requested and not o.is_primary,
+    "test failover requested": lambda o: o.test_failover_requested and o.is_primary,
     "peer lost": lambda o: o.peer_lost,
     "primary, no peer": lambda o: o.is_primary and o.launched and o.qemu_alive
     and not o.peer_assigned,
@@ -71,6 +75,7 @@ TABLE: tuple[Row, ...] = (
     # state               condition              action              may lead to
     _row(S.STARTING,       "qemu gone",           "mark_down",        S.DOWN),
     _row(S.STARTING,       "stopping",            "teardown",         S.DOWN),
+    _row(S.STARTING,       "dropped by its primary", "drop",          S.DOWN),
     # A secondary whose primary is lost before COLO began holds no consistent copy.
     _row(S.STARTING,       "peer lost",           "teardown",         S.DOWN),
     _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),
@@ -104,12 +109,18 @@ TABLE: tuple[Row, ...] = (
 
     _row(S.PROTECTED,      "stopping",            "teardown",         S.DOWN),
     _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
+    # Before "peer lost": the primary leaves COLO right after dropping its secondary,
+    # and that COLO exit is no failure.
+    _row(S.PROTECTED,      "dropped by its primary", "drop",          S.DOWN),
     # A secondary that etcd cannot answer yet stays Failing Over and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
          S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
     _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED, S.DOWN),
     _row(S.PROTECTED,      "move requested",      "move_secondary",   S.NEED_SECONDARY,
          S.DOWN),
+    # vSphere's test failover: this QEMU goes; the next step sees it gone, and the
+    # secondary takes over as after a crash.
+    _row(S.PROTECTED,      "test failover requested", "test_failover", S.PROTECTED),
 
     _row(S.FAILING_OVER,   "qemu gone",           "mark_down",        S.DOWN),
     _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,

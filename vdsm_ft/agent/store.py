@@ -57,6 +57,9 @@ class VmRecord:
     # restart-secondary / migrate-secondary: the loop ends the pair, then protects onto
     # this peer (the request handler only records it).
     move_to: PeerSpec | None = None
+    # test-failover: the loop kills this primary's QEMU (the request handler only
+    # records it); cleared by the kill and by the next protect.
+    test_failover: bool = False
 
     def evolve(self, **changes: object) -> "VmRecord":
         return replace(self, **changes)
