@@ -85,6 +85,25 @@ def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     assert holder == "ag-b"
 
 
+def test_test_failover_request_hands_the_vm_to_the_secondary(lab):
+    """vSphere's test failover through the API: the request only records it, and the
+    primary's loop kills its QEMU; the secondary takes over as after a crash."""
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
+    write(monitor(lab, "ag-a", vm, False), 0, 0x5B)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
+
+    asked = lab.call("ag-a", "test_failover", vm.vm_id)
+    assert asked.state is VmState.PROTECTED
+
+    after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
+    assert after.role is Role.PRIMARY and after.failovers == 1
+    assert lab.qemu_pid("ag-a", vm.name) is None
+    lab.wait_status("ag-a", vm.vm_id, VmState.DOWN, timeout=10)
+    survivor = monitor(lab, "ag-b", vm, False)
+    assert holds(lab, "ag-b", vm, survivor, 0, 0x5B)
+
+
 class DomainStates:
     """Samples, every few ms from its own thread, the libvirt state of the domain with a
     given UUID on one lab host: what VDSM's lookup would read whenever it ran."""
@@ -131,16 +150,16 @@ def test_survivor_becomes_the_vm_itself_and_fails_over_again_from_it(lab):
                 lf.domain != vm.name:
             assert time.monotonic() < deadline, lf
             time.sleep(0.05)
-    # Whenever VDSM's lookup had adopted the new domain during the move,
-    # Vm._recover_status would have made it Up, never Paused (which the engine destroys
-    # from another host): apart from libvirt's own start-up, before the start event that
-    # tells VDSM of it, the domain with the VM's UUID is never paused
-    # (vdsm_ft/identity.py). The copy-back's pivot, after the move, does pause it.
+        after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
+    # Whenever VDSM's lookup had adopted the new domain during the move or the copy-back
+    # after it, Vm._recover_status would have made it Up, never Paused (which the engine
+    # destroys from another host): apart from libvirt's own start-up, before the start
+    # event that tells VDSM of it, the domain with the VM's UUID is never paused
+    # (vdsm_ft/identity.py; the copy-back's cut-over runs the guest, vdsm_ft/copyback.py).
     started = [s for s in states.seen if s != (libvirt.VIR_DOMAIN_PAUSED,
                                                libvirt.VIR_DOMAIN_PAUSED_STARTING_UP)]
     assert started and {recover_status(st, why, False) for st, why in started} == {"up"}, \
         states.seen
-    after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=30)
     lf = after.last_failover
     assert after.role is Role.PRIMARY and lf.domain == vm.name, after.reason
     assert lf.identity_pause_ms is not None and lf.identity_pause_ms < 1000, lf
