@@ -73,6 +73,9 @@ class LabHost:
             raise LabHostError(f"{self.socket} is too long for a unix socket; "
                                "use a shorter base_dir")
         self.uri = f"qemu+unix:///system?socket={self.socket}"
+        # A `socket=` URI names one socket: read-only clients need the read-only one
+        # (qemu:///system picks it by itself on a real host).
+        self.ro_uri = f"qemu+unix:///system?socket={self.socket}-ro"
         self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ftlab/host/{name}"))
         self.sasl = sasl
         # The login for connect() and the agent's [libvirt] keys; None: plain libvirtd.

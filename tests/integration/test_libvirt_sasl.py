@@ -142,7 +142,7 @@ def test_protect_cycle_through_agents_that_log_in(lab):
 
     # The after_get_all_vm_stats hook reads libvirt read-only with no login: on a host
     # where the read-write socket wants SASL it still sees the primary and its state.
-    probe, close = vmstats.libvirt_probe(lab.host("sl-a").uri)
+    probe, close = vmstats.libvirt_probe(lab.host("sl-a").ro_uri)
     try:
         is_ft, state, _ = probe(vm.vm_id)
     finally:
