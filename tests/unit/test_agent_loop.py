@@ -213,6 +213,7 @@ def test_a_guest_power_off_event_is_recorded_by_the_loop(config, agents, monkeyp
 
     monkeypatch.setattr(ctl, "update", recording)
     monkeypatch.setattr(ctl, "_do_teardown", lambda: VmState.DOWN)
+    loop = _loop_thread(agent)
     ctl._on_event(Event("SHUTDOWN", {"guest": True}, 0.0, 0.0, 0))
     _wait(lambda: ctl.record.stopping)
-    assert writers == [_loop_thread(agent)]
+    assert writers == [loop]

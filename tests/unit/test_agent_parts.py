@@ -66,9 +66,12 @@ def test_every_row_names_a_known_condition_and_action():
     for row in states.TABLE:
         assert row.condition in states.CONDITIONS
         assert row.action == "none" or hasattr(VmController, "_do_" + row.action)
+        assert row.action is states.Action.NONE or row.action in VmController.ACTIONS
         assert row.leads_to, row
         if row.action == "none":
             assert len(row.leads_to) == 1
+    assert set(states.CONDITIONS) == set(states.When)
+    assert set(VmController.ACTIONS) == set(states.Action) - {states.Action.NONE}
 
 
 def test_an_action_ending_outside_its_row_is_refused():

@@ -7,6 +7,8 @@ import argparse
 import configparser
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,10 @@ def test_documented_ports_match_the_defaults():
     install = (REPO / "docs" / "install.md").read_text()
     assert f"TCP and UDP {api}" in install and f"TCP {first}-{last}" in install
     assert f"{first}-{last}" in _operations()
+
+
+def test_the_state_table_in_the_agent_doc_is_the_codes():
+    script = REPO / "scripts" / "state_table.py"
+    out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr

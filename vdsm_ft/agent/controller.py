@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from vdsm_ft import (colo, copyback, domains, domxml, emulator, identity, libvirtconn,
                      replica, runfiles)
 from vdsm_ft.agent import states
+from vdsm_ft.agent.states import Action
 from vdsm_ft.agent.checkpoints import CheckpointStats
 from vdsm_ft.agent.registry import NotOwner
 from vdsm_ft.agent.store import VmRecord
@@ -220,17 +221,16 @@ class VmController:
         row = states.next_row(rec.state, seen)
         if row is None:
             return
-        if row.action == "none":
+        if row.action is Action.NONE:
             (result,) = row.leads_to
         else:
-            action: Callable[[], VmState] = getattr(self, "_do_" + row.action)
-            result = states.check(row, action())
+            result = states.check(row, self.ACTIONS[row.action](self))
         if self.retired:
             # The action removed the VM (forget): its record is gone and stays gone.
             return
         if result is not self.record.state:
             log.info("%s: %s -> %s (%s, %s)", rec.name, rec.state.value, result.value,
-                     row.condition, row.action)
+                     row.condition.value, row.action.value)
             self.update(state=result)
             self.agent.state_changed(self)
             self.wake()  # the new state may have a row to take right away
@@ -649,6 +649,22 @@ class VmController:
             log.warning("%s: copy-back: %s", rec.name, exc)
             self.update(reason=f"{COPYING_BACK} is held up: {exc}")
             return VmState.NOT_PROTECTED
+
+    # Each row's action (states.Action) and the method that does it.
+    ACTIONS: dict[Action, Callable[["VmController"], VmState]] = {
+        Action.ABANDON: _do_abandon,
+        Action.COPY_BACK: _do_copy_back,
+        Action.DROP: _do_drop,
+        Action.FAIL_OVER: _do_fail_over,
+        Action.MARK_DOWN: _do_mark_down,
+        Action.MOVE_SECONDARY: _do_move_secondary,
+        Action.PROTECT: _do_protect,
+        Action.RETRY_COPY_BACK: _do_retry_copy_back,
+        Action.TAKE_IDENTITY: _do_take_identity,
+        Action.TEARDOWN: _do_teardown,
+        Action.TEST_FAILOVER: _do_test_failover,
+        Action.UNPROTECT: _do_unprotect,
+    }
 
     def _fencing_wait(self) -> float:
         """Seconds until the arbiter proves the old primary fenced (copyback's rule);

@@ -7,7 +7,9 @@ the ones admins see (api.VmState).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from vdsm_ft.api import VmState
 
@@ -30,29 +32,67 @@ class Observation:
     move_requested: bool = False  # restart-secondary / migrate-secondary
     test_failover_requested: bool = False
 
-    def holds(self, condition: str) -> bool:
+    def holds(self, condition: "When") -> bool:
         return CONDITIONS[condition](self)
 
 
-CONDITIONS = {
-    "always": lambda o: True,
+class When(str, Enum):
+    """A row's condition, by the words the table shows."""
+
+    ALWAYS = "always"
+    QEMU_GONE = "qemu gone"
+    STOPPING = "stopping"
+    DISABLE_REQUESTED = "disable requested"
+    DROPPED = "dropped by its primary"
+    TEST_FAILOVER = "test failover requested"
+    PEER_LOST = "peer lost"
+    PRIMARY_ALONE = "primary, no peer"
+    PRIMARY_PEER_NAMED = "primary, peer named"
+    IN_COLO = "in COLO"
+    ENABLED_AGAIN = "enabled again"
+    MOVE_REQUESTED = "move requested"
+    IMAGE_STALE = "image stale"
+    IMAGE_STALE_QEMU_GONE = "image stale, QEMU gone"
+
+
+class Action(str, Enum):
+    """A row's action; the controller maps each one to its method
+    (controller.VmController.ACTIONS), NONE changes the state only."""
+
+    NONE = "none"
+    ABANDON = "abandon"
+    COPY_BACK = "copy_back"
+    DROP = "drop"
+    FAIL_OVER = "fail_over"
+    MARK_DOWN = "mark_down"
+    MOVE_SECONDARY = "move_secondary"
+    PROTECT = "protect"
+    RETRY_COPY_BACK = "retry_copy_back"
+    TAKE_IDENTITY = "take_identity"
+    TEARDOWN = "teardown"
+    TEST_FAILOVER = "test_failover"
+    UNPROTECT = "unprotect"
+
+
+CONDITIONS: dict[When, Callable[[Observation], bool]] = {
+    When.ALWAYS: lambda o: True,
     # A secondary's record is written just before its domain starts, so one without a
     # QEMU (its host crashed mid-start) is gone too.
-    "qemu gone": lambda o: (o.launched or not o.is_primary) and not o.qemu_alive,
-    "stopping": lambda o: o.stopping,
-    "disable requested": lambda o: o.disable_requested,
+    When.QEMU_GONE: lambda o: (o.launched or not o.is_primary) and not o.qemu_alive,
+    When.STOPPING: lambda o: o.stopping,
+    When.DISABLE_REQUESTED: lambda o: o.disable_requested,
     # unprotect on a secondary: its primary ends the pair (and leaves COLO next).
-    "dropped by its primary": lambda o: o.disable_requested and not o.is_primary,
-    "test failover requested": lambda o: o.test_failover_requested and o.is_primary,
-    "peer lost": lambda o: o.peer_lost,
-    "primary, no peer": lambda o: o.is_primary and o.launched and o.qemu_alive
+    When.DROPPED: lambda o: o.disable_requested and not o.is_primary,
+    When.TEST_FAILOVER: lambda o: o.test_failover_requested and o.is_primary,
+    When.PEER_LOST: lambda o: o.peer_lost,
+    When.PRIMARY_ALONE: lambda o: o.is_primary and o.launched and o.qemu_alive
     and not o.peer_assigned,
-    "primary, peer named": lambda o: o.is_primary and o.qemu_alive and o.peer_assigned,
-    "in COLO": lambda o: o.in_colo,
-    "enabled again": lambda o: not o.disable_requested,
-    "move requested": lambda o: o.move_requested,
-    "image stale": lambda o: o.image_stale and o.is_primary and o.qemu_alive,
-    "image stale, QEMU gone": lambda o: o.image_stale and o.is_primary
+    When.PRIMARY_PEER_NAMED: lambda o: o.is_primary and o.qemu_alive and o.peer_assigned,
+    When.IN_COLO: lambda o: o.in_colo,
+    When.ENABLED_AGAIN: lambda o: not o.disable_requested,
+    When.MOVE_REQUESTED: lambda o: o.move_requested,
+    When.IMAGE_STALE: lambda o: o.image_stale and o.is_primary and o.qemu_alive,
+    When.IMAGE_STALE_QEMU_GONE: lambda o: o.image_stale and o.is_primary
     and not o.qemu_alive,
 }
 
@@ -60,13 +100,15 @@ CONDITIONS = {
 @dataclass(frozen=True)
 class Row:
     state: VmState
-    condition: str
-    action: str
+    condition: When
+    action: Action
     leads_to: frozenset[VmState]
 
 
 def _row(state: VmState, condition: str, action: str, *leads_to: VmState) -> Row:
-    return Row(state, condition, action, frozenset(leads_to))
+    """The table below writes conditions and actions by their words; a word that is
+    not a When or an Action fails here, at import."""
+    return Row(state, When(condition), Action(action), frozenset(leads_to))
 
 
 # First matching row wins, so the safety rows (QEMU gone, intentional stop) come first
@@ -155,7 +197,7 @@ def next_row(state: VmState, seen: Observation) -> Row | None:
 
 def check(row: Row, result: VmState) -> VmState:
     if result not in row.leads_to:
-        raise IllegalTransition(f"{row.action} from {row.state.value} ended in "
+        raise IllegalTransition(f"{row.action.value} from {row.state.value} ended in "
                                 f"{result.value}; allowed: "
                                 f"{sorted(s.value for s in row.leads_to)}")
     return result
