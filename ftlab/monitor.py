@@ -6,6 +6,7 @@ demo reach the same QEMU through libvirt's monitor instead.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import libvirt
@@ -15,6 +16,14 @@ import libvirt_qemu
 # milliseconds, so a copy seen in one is as up as a running one (CI once caught a
 # re-protected primary in finish-migrate and counted no live copy).
 CHECKPOINT_STOPS = ("finish-migrate", "colo")
+# libvirt's monitor calls have no timeout of their own. A block-layer HMP command (qemu-io)
+# runs with QEMU's main loop held until its I/O ends: one whose I/O never ends (seen once
+# in CI, cause not found) would hang the test run instead of failing one test.
+HMP_TIMEOUT_S = 60.0
+
+
+class MonitorTimeout(RuntimeError):
+    """QEMU did not answer a monitor command in time."""
 
 
 class LibvirtMonitor:
@@ -39,6 +48,22 @@ class LibvirtMonitor:
             raise RuntimeError(f"{command}: {reply['error'].get('desc')}")
         return reply["return"]
 
-    def hmp(self, command_line: str) -> str:
-        return self._command(command_line,
-                             libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    def hmp(self, command_line: str, timeout: float = HMP_TIMEOUT_S) -> str:
+        done: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                done["reply"] = self._command(
+                    command_line, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+            except Exception as exc:   # re-raised in the caller's thread
+                done["error"] = exc
+
+        worker = threading.Thread(target=call, name=f"hmp-{self.domain}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise MonitorTimeout(f"{self.domain}: HMP {command_line!r} got no answer "
+                                 f"within {timeout:.0f} s (QEMU's main loop is held)")
+        if "error" in done:
+            raise done["error"]
+        return done["reply"]
