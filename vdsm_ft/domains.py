@@ -82,6 +82,17 @@ def process_alive(pid: int) -> bool:
     return False
 
 
+def start_time(pid: int) -> int | None:
+    """When `pid` started, in clock ticks after boot (/proc/<pid>/stat, field 22). With
+    the pid it names one process: a pid the kernel gave to another since is not it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])      # fields after the name start at field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _net_ns(pid: str) -> tuple[int, int] | None:
     try:
         st = os.stat(f"/proc/{pid}/ns/net")

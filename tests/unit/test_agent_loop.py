@@ -217,3 +217,29 @@ def test_a_guest_power_off_event_is_recorded_by_the_loop(config, agents, monkeyp
     ctl._on_event(Event("SHUTDOWN", {"guest": True}, 0.0, 0.0, 0))
     _wait(lambda: ctl.record.stopping)
     assert writers == [loop]
+
+
+def test_a_pid_the_kernel_gave_to_another_process_is_never_killed(config, agents,
+                                                                 monkeypatch):
+    """The QEMU it saw is gone and its pid now names another process (here a sleep):
+    the VM's QEMU is not alive, and kill_qemu leaves that process alone."""
+    import subprocess
+    from vdsm_ft import domains
+    agent = agents(config)
+    agent.register(VM, XML)
+    ctl = agent._ctl(VM)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        monkeypatch.setattr(agent, "destroy_domain", lambda name: None)
+        monkeypatch.setattr(domains, "qemu_pid", lambda name, among=None: other.pid)
+        monkeypatch.setattr(domains, "start_time", lambda pid: 100, raising=False)
+        assert ctl.qemu_alive()                     # the VM's QEMU, as seen then
+        # It exited, and the kernel gave its pid to a process started later.
+        monkeypatch.setattr(domains, "qemu_pid", lambda name, among=None: None)
+        monkeypatch.setattr(domains, "start_time", lambda pid: 200, raising=False)
+        assert not ctl.qemu_alive()
+        ctl.kill_qemu()
+        assert other.poll() is None, "kill_qemu killed a process that was not the QEMU"
+    finally:
+        other.kill()
+        other.wait()

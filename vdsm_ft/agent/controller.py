@@ -62,7 +62,9 @@ class VmController:
         self.qmp: Qmp | None = None
         self.stats = CheckpointStats()
         self.traffic = TrafficMeter()
-        self._pid: int | None = None
+        # (pid, start time) of this VM's QEMU as last seen; the loop, the monitor and
+        # the API threads all ask, so it is read and written under _lock.
+        self._qemu: tuple[int, int] | None = None
         self._peer_lost_at: float | None = None
         self._peer_lost_why = ""
         self._guest_shutdown = threading.Event()   # set by the QMP thread (_on_event)
@@ -131,10 +133,21 @@ class VmController:
         return self.agent.vm_run_dir(self.record.vm_id)
 
     def qemu_alive(self) -> bool:
-        if self._pid is not None and domains.process_alive(self._pid):
-            return True
-        self._pid = domains.qemu_pid(self.record.domain)
-        return self._pid is not None
+        return self._qemu_pid() is not None
+
+    def _qemu_pid(self) -> int | None:
+        """The pid of this VM's live QEMU, or None; never a pid reused by another process
+        since (kill_qemu sends SIGKILL to it)."""
+        with self._lock:
+            known = self._qemu
+        if known is not None and domains.process_alive(known[0]) and \
+                domains.start_time(known[0]) == known[1]:
+            return known[0]
+        pid = domains.qemu_pid(self.record.domain)
+        started = domains.start_time(pid) if pid is not None else None
+        with self._lock:
+            self._qemu = (pid, started) if pid is not None and started is not None else None
+            return self._qemu[0] if self._qemu else None
 
     def _ensure_qmp(self) -> Qmp | None:
         if self.qmp is not None:
@@ -510,7 +523,8 @@ class VmController:
         # restarted agent never takes the old domain's end for the VM's.
         self.update(domain=new_domain, was_secondary=False, on_replica=True,
                     last_failover=failover)
-        self._pid = None
+        with self._lock:
+            self._qemu = None
         log.warning("%s: runs as domain %s now (local migration %.0f ms, guest paused "
                     "%s ms, QEMU's downtime %.0f ms, %.0f ms in all)", rec.name, new_domain,
                     moved.total_ms, "?" if moved.pause_ms is None else
@@ -770,7 +784,7 @@ class VmController:
     # -- helpers ---------------------------------------------------------------------
 
     def kill_qemu(self) -> None:
-        pid = self._pid or domains.qemu_pid(self.record.domain)
+        pid = self._qemu_pid()
         if pid is not None:
             try:
                 os.kill(pid, signal.SIGKILL)
