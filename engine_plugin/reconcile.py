@@ -17,6 +17,7 @@ from engine_plugin.agents import AgentView
 from engine_plugin.events import ERROR, NORMAL, WARNING, Event
 from engine_plugin.inventory import AffinityGroupInfo, HostInfo, Inventory, VmInfo
 from engine_plugin.placement import HostLoad, Limits, affinity_rules, choose_peer
+from vdsm_ft import ftvalue
 from vdsm_ft.api import COPYING_BACK, PeerSpec, Role, VmState, VmStatus
 from vdsm_ft.layout import SECONDARY_SUFFIX, secondary_uuid
 
@@ -74,12 +75,7 @@ class Plan:
 
 def ft_wanted(vm: VmInfo) -> bool | None:
     """True/False for ft=true/false (or unset); None for an invalid value."""
-    value = vm.ft
-    if value is None or value == "false":
-        return False
-    if value == "true":
-        return True
-    return None
+    return ftvalue.wanted(vm.ft)
 
 
 def loads_from(inv: Inventory, view: AgentView) -> dict[str, HostLoad]:

@@ -74,10 +74,6 @@ class MalformedXml(DomXmlError):
     """The domain XML does not parse."""
 
 
-class InvalidProperty(DomXmlError):
-    """The `ft` custom property has a value we do not accept."""
-
-
 class Unsupported(DomXmlError):
     """The VM uses something COLO cannot protect."""
 
@@ -764,12 +760,3 @@ def ft_property(engine_xml: str) -> str | None:
         return None
     return el.text or ""
 
-
-def parse_ft_value(value: str | None) -> bool:
-    """`true` -> True; `false` or unset -> False; anything else is refused."""
-    if value is None or value == "false":
-        return False
-    if value == "true":
-        return True
-    raise InvalidProperty(f"custom property ft={value!r} is not valid: "
-                          "use ft=true or ft=false (lower case), or leave it unset")

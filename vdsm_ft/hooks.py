@@ -24,7 +24,7 @@ import sys
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
 
-from vdsm_ft import hooking
+from vdsm_ft import ftvalue, hooking
 
 if TYPE_CHECKING:
     from vdsm_ft.arbiter import StaleImage
@@ -117,30 +117,20 @@ class HookContext:
 
 
 def _no_ft(env: Mapping[str, str]) -> bool:
-    """ft unset or false: decided before anything heavy is imported."""
-    return env.get(FT_ENV) in (None, "false")
+    """ft unset or false."""
+    return ftvalue.wanted(env.get(FT_ENV)) is False
 
 
 def _ft_quiet(env: Mapping[str, str]) -> bool:
     """For hook points that cannot refuse anything: an invalid value counts as no FT."""
-    if _no_ft(env):
-        return False
-    from vdsm_ft import domxml
-    try:
-        return domxml.parse_ft_value(env.get(FT_ENV))
-    except domxml.InvalidProperty:
-        return False
+    return ftvalue.wanted(env.get(FT_ENV)) is True
 
 
 def _invalid_ft(env: Mapping[str, str]) -> HookResult | None:
-    """The refusal of an ft value other than unset, `false` or `true`, else None. Only an
-    invalid value imports domxml (lxml), whose parse_ft_value says what is accepted."""
-    if env.get(FT_ENV) in (None, "false", "true"):
-        return None
-    from vdsm_ft import domxml
+    """The refusal of an ft value other than unset, `false` or `true`, else None."""
     try:
-        domxml.parse_ft_value(env.get(FT_ENV))
-    except domxml.InvalidProperty as e:
+        ftvalue.parse(env.get(FT_ENV))
+    except ftvalue.InvalidFtValue as e:
         return _refuse(str(e))
     return None
 

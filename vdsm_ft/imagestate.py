@@ -25,6 +25,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from vdsm_ft import ftvalue
+
 if TYPE_CHECKING:
     from vdsm_ft.arbiter import StaleImage
 
@@ -71,7 +73,7 @@ def decide(vm_id: str, ft: str | None, *, mark: "StaleImage | None" = None,
         if mark is not None:
             raise ImageStale(stale_reason(vm_id, mark))
         return ""
-    if ft == "false" or ft_history:
+    if ft == ftvalue.FALSE or ft_history:
         raise ImageStale(f"VM {vm_id} not started: it was an FT VM (ft=false), and whether "
                          f"its storage-domain image is current cannot be checked now "
                          f"({unknown}). After a failover that image stays behind until the "

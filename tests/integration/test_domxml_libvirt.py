@@ -38,7 +38,7 @@ import pytest
 from lxml import etree
 from qemu.qmp import QMPClient
 
-from vdsm_ft import domxml, layout, runfiles
+from vdsm_ft import domxml, ftvalue, layout, runfiles
 
 pytestmark = pytest.mark.kvm
 
@@ -265,7 +265,7 @@ def _libvirt_addresses(dom: libvirt.virDomain) -> dict[str, tuple]:
 def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qemu_version):
     conn = libvirt.open(libvirtd.uri)
     engine_xml, vm_uuid = runnable_engine_xml(lab, sample=sample)
-    assert domxml.parse_ft_value(domxml.ft_property(engine_xml)) is True
+    assert ftvalue.parse(domxml.ft_property(engine_xml)) is True
 
     # --- primary: running under KVM, its quorums on the private QMP socket
     prun = lab.dir("run,p'1")

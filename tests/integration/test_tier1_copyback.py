@@ -18,7 +18,7 @@ from ftlab.monitor import LibvirtMonitor
 from tests.integration.test_tier1_colo import (BLOCK, MiB, holds, idle_pair,
                                                protected_pair, three_hosts, write_covered,
                                                write_uncovered)
-from vdsm_ft import colo, copyback, domains, domxml
+from vdsm_ft import colo, copyback, domains, domxml, ftvalue
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ def _start_normally(host, pair: ColoPair) -> LibvirtMonitor:
     xml = pair.engine_xml.replace(">true</ovirt-vm:ft>", ">false</ovirt-vm:ft>")
     # This machine has no /dev/vhost-net; an oVirt host would.
     xml = xml.replace('<driver name="vhost" queues="1" />', '<driver name="qemu" />')
-    assert domxml.parse_ft_value(domxml.ft_property(xml)) is False
+    assert ftvalue.parse(domxml.ft_property(xml)) is False
     conn = host.connect()
     try:
         domains.start(conn, xml)

@@ -347,18 +347,6 @@ def test_ft_property_reads_the_ovirt_custom_metadata():
     assert domxml.ft_property(yes) == "yes"
 
 
-@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), (None, False)])
-def test_parse_ft_value_accepts_exactly_true_false_or_unset(value, expected):
-    assert domxml.parse_ft_value(value) is expected
-
-
-@pytest.mark.parametrize("value", ["yes", "True", "1", "", " true", "on"])
-def test_parse_ft_value_refuses_anything_else(value):
-    with pytest.raises(domxml.InvalidProperty) as e:
-        domxml.parse_ft_value(value)
-    assert "ft=true or ft=false" in str(e.value) and repr(value) in str(e.value)
-
-
 # -------------------------------------------------------------------------- secondary
 
 def test_secondary_identity_is_derived_and_has_no_metadata_or_lease():
