@@ -173,32 +173,6 @@ def _protected_secondary(config, agents, monkeypatch) -> Agent:
     return agents(config)
 
 
-def test_unprotect_on_a_secondary_is_done_by_the_loop(config, agents, monkeypatch):
-    agent = _protected_secondary(config, agents, monkeypatch)
-    forgot_in: list[str] = []
-    forget = agent.forget
-
-    def recording(ctl, reason):
-        forgot_in.append(threading.current_thread().name)
-        forget(ctl, reason)
-
-    monkeypatch.setattr(agent, "forget", recording)
-    loop = _loop_thread(agent)
-    assert agent.unprotect(VM).role is Role.SECONDARY
-    _wait(lambda: _gone(agent))
-    assert forgot_in == [loop]
-
-
-def test_a_dropped_secondary_whose_primary_left_colo_is_dropped_not_failed_over(
-        config, agents, monkeypatch):
-    agent = _protected_secondary(config, agents, monkeypatch)
-    ctl = agent._ctl(VM)
-    ctl.update(disabled=True)
-    ctl.peer_lost("COLO link lost (the primary left COLO)")   # both before the step
-    _wait(lambda: _gone(agent))
-    assert ctl.record.state is VmState.PROTECTED, "it failed over instead of dropping"
-
-
 def test_a_guest_power_off_event_is_recorded_by_the_loop(config, agents, monkeypatch):
     from vdsm_ft.qmp import Event
     agent = _protected_secondary(config, agents, monkeypatch)

@@ -269,10 +269,6 @@ class VmController:
             self._record_down(reason)
         return VmState.DOWN
 
-    def _do_drop(self) -> VmState:
-        self.agent.forget(self, reason="the primary dropped its secondary")
-        return VmState.DOWN
-
     def _do_test_failover(self) -> VmState:
         # Killed first, then the request cleared: an agent that dies in between finds
         # the QEMU gone, whose row comes first.
@@ -668,7 +664,6 @@ class VmController:
     ACTIONS: dict[Action, Callable[["VmController"], VmState]] = {
         Action.ABANDON: _do_abandon,
         Action.COPY_BACK: _do_copy_back,
-        Action.DROP: _do_drop,
         Action.FAIL_OVER: _do_fail_over,
         Action.MARK_DOWN: _do_mark_down,
         Action.MOVE_SECONDARY: _do_move_secondary,

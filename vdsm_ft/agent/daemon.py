@@ -462,10 +462,11 @@ class Agent(Backend, HookBackend):
     def unprotect(self, vm_id: str) -> VmStatus:
         ctl = self._ctl(vm_id)
         if ctl.record.role is Role.SECONDARY:
-            # Recorded for the loop (row "dropped by its primary"), which forgets it.
-            ctl.update(disabled=True)
-            ctl.wake()
-            return ctl.status()
+            # Forgotten here, not by its loop: the primary sends the next secondary's
+            # prepare right after, and the old one's QEMU and disks must be gone by then.
+            status = ctl.status()
+            self.forget(ctl, reason="the primary dropped its secondary")
+            return status
         _refuse_while_stale(ctl, "turned off")
         ctl.update(disabled=True, suspended=False, move_to=None)
         ctl.wake()

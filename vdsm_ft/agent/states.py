@@ -43,7 +43,6 @@ class When(str, Enum):
     QEMU_GONE = "qemu gone"
     STOPPING = "stopping"
     DISABLE_REQUESTED = "disable requested"
-    DROPPED = "dropped by its primary"
     TEST_FAILOVER = "test failover requested"
     PEER_LOST = "peer lost"
     PRIMARY_ALONE = "primary, no peer"
@@ -62,7 +61,6 @@ class Action(str, Enum):
     NONE = "none"
     ABANDON = "abandon"
     COPY_BACK = "copy_back"
-    DROP = "drop"
     FAIL_OVER = "fail_over"
     MARK_DOWN = "mark_down"
     MOVE_SECONDARY = "move_secondary"
@@ -81,8 +79,6 @@ CONDITIONS: dict[When, Callable[[Observation], bool]] = {
     When.QEMU_GONE: lambda o: (o.launched or not o.is_primary) and not o.qemu_alive,
     When.STOPPING: lambda o: o.stopping,
     When.DISABLE_REQUESTED: lambda o: o.disable_requested,
-    # unprotect on a secondary: its primary ends the pair (and leaves COLO next).
-    When.DROPPED: lambda o: o.disable_requested and not o.is_primary,
     When.TEST_FAILOVER: lambda o: o.test_failover_requested and o.is_primary,
     When.PEER_LOST: lambda o: o.peer_lost,
     When.PRIMARY_ALONE: lambda o: o.is_primary and o.launched and o.qemu_alive
@@ -117,7 +113,6 @@ TABLE: tuple[Row, ...] = (
     # state               condition              action              may lead to
     _row(S.STARTING,       "qemu gone",           "mark_down",        S.DOWN),
     _row(S.STARTING,       "stopping",            "teardown",         S.DOWN),
-    _row(S.STARTING,       "dropped by its primary", "drop",          S.DOWN),
     # A secondary whose primary is lost before COLO began holds no consistent copy.
     _row(S.STARTING,       "peer lost",           "teardown",         S.DOWN),
     _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),
@@ -151,9 +146,6 @@ TABLE: tuple[Row, ...] = (
 
     _row(S.PROTECTED,      "stopping",            "teardown",         S.DOWN),
     _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
-    # Before "peer lost": the primary leaves COLO right after dropping its secondary,
-    # and that COLO exit is no failure.
-    _row(S.PROTECTED,      "dropped by its primary", "drop",          S.DOWN),
     # A secondary that etcd cannot answer yet stays Failing Over and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
          S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
