@@ -14,7 +14,7 @@ setup(
     install_requires=[],
     extras_require={
         # Hosts: libvirt-python and lxml come from the distribution (python3-libvirt,
-        # python3-lxml), as VDSM hooks run on the system Python (D6).
+        # python3-lxml), as VDSM hooks run on the system Python (docs/decisions.md, D6).
         "host": ["qemu.qmp>=0.0.3", "etcd3gw>=2.1"],
         "engine": ["ovirt-engine-sdk-python>=4.6.3,<4.7", "etcd3gw>=2.1"],
         # ansible: the oVirt collection (ovirt.ovirt 3.2) is bundled in 9.x to 12.x

@@ -13,8 +13,8 @@ Faults (a fresh VM, started through the real hooks and protected by the agents, 
 - `secondary`: the secondary's QEMU SIGKILLed; the primary carries on alone.
 
 What is timed, per run:
-- **total** (the DESIGN.md target): from right before the kill until the survivor runs
-  outside COLO, seen by a thread that polls the survivor's `query-colo-status` through
+- **total** (the target, docs/decisions.md): from right before the kill until the survivor
+  runs outside COLO, seen by a thread that polls the survivor's `query-colo-status` through
   libvirt's own monitor (the agent holds the VM's QMP socket) every POLL_S; the first
   reply with mode `none` stops the clock. The printed `poll step` is the time between
   that reply and the start of the previous poll: the moment QEMU left COLO lies inside
@@ -312,7 +312,7 @@ def main() -> None:
         target = targets[fault]
         print(f"{fault}: " + (f"target total p99 <= {target:.0f} ms -> "
                               f"{'met' if s['total_ms']['p99'] <= target else 'NOT met'}"
-                              if target else "no DESIGN.md target of its own"))
+                              if target else "no target of its own"))
         print(_line("total (fault->live)", s["total_ms"]))
         print(_line("  of which poll step", s["poll_step_ms"]))
         print(_line("  idle poll round trip", s["idle_rtt_ms"]))

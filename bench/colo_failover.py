@@ -45,15 +45,17 @@ def _poll_out_of_colo(raw: RawQmp) -> None:
 
 
 def raw_failover_secondary(raw: RawQmp, survivor: Member) -> None:
-    """colo.md §8.1, the minimum: stop the NBD server, lost-heartbeat, poll."""
+    """The minimum of docs/colo-facts.md, "Failover sequences": stop the NBD server,
+    lost-heartbeat, poll."""
     raw.execute("nbd-server-stop")
     raw.execute("x-colo-lost-heartbeat")
     _poll_out_of_colo(raw)
 
 
 def raw_failover_primary(raw: RawQmp, survivor: Member) -> None:
-    """colo.md §8.1's documented primary sequence (with `blockdev-del` for the NBD node,
-    as the new upstream doc has it), in our layout's names."""
+    """The documented primary sequence (docs/colo-facts.md, "Failover sequences"; with
+    `blockdev-del` for the NBD node, as the new upstream doc has it), in our layout's
+    names."""
     disk = survivor.layout.disks[0]
     raw.execute("x-blockdev-change", {"parent": disk.quorum, "child": "children.1"})
     raw.execute("blockdev-del", {"node-name": disk.nbd_node})

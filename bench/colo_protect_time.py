@@ -54,7 +54,8 @@ def _socket(raw: RawQmp, chardev: str, addr: dict[str, Any], server: bool) -> No
 
 def raw_protect(pri: RawQmp, sec: RawQmp, primary: Member, secondary: Member,
                 ep: Endpoints) -> None:
-    """colo.md §7.1/§9.1 by hand, in our layout's names, checking nothing but replies."""
+    """docs/colo-facts.md, "Start and resync sequences", by hand, in our layout's names,
+    checking nothing but replies."""
     pdisk, sdisk, nic = primary.layout.disks[0], secondary.layout.disks[0], \
         primary.layout.nics[0]
     sec.execute("migrate-set-capabilities", {"capabilities": [

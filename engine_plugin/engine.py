@@ -1,8 +1,8 @@
 """Every ovirtsdk4 call of the poller and the CLI, with typed errors.
 
 The connection is built lazily and dropped on a transient failure (curl 7 "connect",
-28 "timeout", and friends; research/ovirt.md §2.5: after SSO these come as plain
-`sdk.Error`) or an auth failure, so the next call rebuilds it and re-authenticates.
+28 "timeout", and friends; after SSO these come as plain `sdk.Error`: docs/ovirt-facts.md,
+"ovirtsdk4 errors") or an auth failure, so the next call rebuilds it and re-authenticates.
 Callers back off on `EngineUnavailable`; nothing here sleeps or exits.
 
 API calls per poller cycle: `inventory()` makes exactly 2 (hosts with their hooks

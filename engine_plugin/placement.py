@@ -3,7 +3,7 @@
 A host qualifies when all of these hold:
 - it is Up, in the VM's cluster, and not the primary's host (the pair is always split);
 - its schedulable memory, minus what this cycle already reserved there, covers 2x the
-  VM's memory (a COLO secondary holds the guest RAM twice, DESIGN.md D2);
+  VM's memory (a COLO secondary holds the guest RAM twice, docs/decisions.md D2);
 - the FT hook is installed and its agent answered this cycle;
 - its QEMU can do COLO (the agent's probe) and is the primary's build (`qemu_problems`);
 - the per-host caps on FT VMs and FT vCPUs (primaries and secondaries both count, as in

@@ -393,7 +393,7 @@ def crash_and_fail_over(lab: Lab, tl: Timeline, res: Results, primary: str, surv
 
 def check_disks(lab: Lab, tl: Timeline, res: Results, vm: DemoVm, when: str) -> None:
     """The engine keeps every disk of the VM plugged (VmDevicesMonitoring unplugs a
-    managed disk missing from Host.dumpxmls, research/engine-behaviour.md)."""
+    managed disk missing from Host.dumpxmls, docs/engine-view.md)."""
     svc = lab.conn.system_service().vms_service().vm_service(vm.id)
     atts = svc.disk_attachments_service().list()
     inactive = [a.id for a in atts if not a.active]

@@ -1,7 +1,7 @@
 """QMP through libvirt's own monitor, for tests that must not take the agent's socket.
 
-A VM's private QMP socket (D5) accepts one client, and the agent holds it; tests and the
-demo reach the same QEMU through libvirt's monitor instead.
+A VM's private QMP socket (docs/decisions.md, D5) accepts one client, and the agent
+holds it; tests and the demo reach the same QEMU through libvirt's monitor instead.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A VDSM stand-in: starts, stops and checks VMs the way VDSM does, running the real hook scripts.
 
-It follows the contract of research/ovirt.md §1.2-1.5 (VDSM's `_runHooksDir`):
+It follows the contract in docs/ovirt-facts.md (VDSM's `_runHooksDir`):
 - the executables of `<hooks_dir>/<hook point>/` (files or symlinks to files, executable)
   run one at a time in lexicographic order, each as its own process (argv, no shell);
 - each gets the process environment, plus the VM's custom properties (from the engine
@@ -45,7 +45,8 @@ OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
 LEGACY_AGENT_CHANNEL = "com.redhat.rhevm.vdsm"
 # VDSM's config [sampling] external_vm_lookup_interval.
 EXTERNAL_VM_LOOKUP_INTERVAL = 60.0
-# Hook points whose errors VDSM only logs (research/ovirt.md §1.3).
+# Hook points whose errors VDSM only logs (docs/ovirt-facts.md, "Exit codes per hook
+# point").
 _ERRORS_IGNORED = ("before_vm_destroy", "before_vm_set_ticket")
 
 
@@ -162,7 +163,8 @@ ENGINE_STATUS = {v: k for k, v in VDSM_STATUS.items()}
 
 
 def custom_properties(engine_xml: str) -> dict[str, str]:
-    """The VM custom properties the engine wrote into `<ovirt-vm:custom>` (§1.5)."""
+    """The VM custom properties the engine wrote into `<ovirt-vm:custom>`
+    (docs/ovirt-facts.md, "Custom properties")."""
     root = etree.fromstring(engine_xml.encode())
     custom = root.find(f"metadata/{{{OVIRT_VM_NS}}}vm/{{{OVIRT_VM_NS}}}custom")
     if custom is None:

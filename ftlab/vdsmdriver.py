@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOKS_DIR = os.path.join(REPO, "hooks")
-# Hooks run on the host's system Python (D6); the repo and this interpreter's
-# site-packages (etcd3gw) stand in for the installed host package.
+# Hooks run on the host's system Python (docs/decisions.md, D6); the repo and this
+# interpreter's site-packages (etcd3gw) stand in for the installed host package.
 HOOK_PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
 HOOK_TIMEOUT = 60.0
 REPORT_INTERVAL = 1.0

@@ -4,9 +4,9 @@ The poller, the `ovirt-ft` CLI, the peer agent and the agent server all import t
 module, so both ends share one schema. The protocol is described for humans in
 `docs/agent-api.md`.
 
-- Transport: HTTPS with mutual TLS (D7). Both sides present a certificate signed by the
-  same CA (the engine CA on real hosts, the lab CA in the lab); the client checks the
-  agent's host name or address against its certificate.
+- Transport: HTTPS with mutual TLS (docs/decisions.md, D7). Both sides present a
+  certificate signed by the same CA (the engine CA on real hosts, the lab CA in the lab);
+  the client checks the agent's host name or address against its certificate.
 - Bodies are JSON. Every client call has an explicit timeout; failures are typed.
 - The server is `http.server.ThreadingHTTPServer` wrapping a `Backend` that the real
   agent implements; it validates requests and maps backend exceptions to HTTP codes.

@@ -234,10 +234,11 @@ def stale_image_key(vm_id: str) -> str:
 
 @dataclass(frozen=True)
 class StaleImage:
-    """The VM's storage-domain image is behind (DESIGN.md D2): ``host`` won ``generation``
-    as its secondary at ``since`` (wall clock) and runs, or ran, the VM on its replica; the
-    copy-back onto the image has not finished. Written in the claim's own transaction, so
-    no write can reach the replica alone before the arbiter knows (vdsm_ft.imagestate)."""
+    """The VM's storage-domain image is behind (docs/decisions.md, D2): ``host`` won
+    ``generation`` as its secondary at ``since`` (wall clock) and runs, or ran, the VM on
+    its replica; the copy-back onto the image has not finished. Written in the claim's own
+    transaction, so no write can reach the replica alone before the arbiter knows
+    (vdsm_ft.imagestate)."""
 
     vm_id: str
     generation: int
@@ -868,7 +869,8 @@ class Arbiter:
             # current and the membership just checked still holds.
             success = [_put(ckey, claim)]
             if host == record.secondary:
-                # A secondary that wins runs on its replica from now on (D2).
+                # A secondary that wins runs on its replica from now on
+                # (docs/decisions.md, D2).
                 success.append(_put(stale_image_key(vm_id), StaleImage(
                     vm_id, generation, host, claimed_at).encode()))
             ok, result = self._t.txn(

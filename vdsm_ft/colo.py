@@ -2,8 +2,9 @@
 
 Every step checks its result. `protect` either ends with both sides in COLO and the
 block graph verified, or undoes what it did and leaves the primary running alone:
-a VM is never left half-protected (colo.md §7.2: QEMU happily starts COLO without
-disk replication, so nothing here trusts a step it has not verified).
+a VM is never left half-protected (QEMU happily starts COLO without disk replication,
+docs/colo-facts.md, "QEMU does not check the disk graph"; so nothing here trusts a
+step it has not verified).
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def _resync_job(disk: Disk) -> str:
 
 
 def colo_status(q: Qmp) -> dict[str, str]:
-    """`query-colo-status`: mode, last-mode and reason (the ground truth, colo.md §10)."""
+    """`query-colo-status`: mode, last-mode and reason (the ground truth,
+    docs/colo-facts.md "What reports the state")."""
     return q.execute("query-colo-status")
 
 
@@ -289,7 +291,8 @@ def add_network_filters(pri: Qmp, layout: VmLayout, ep: Endpoints,
     """Mirror client traffic to the secondary and compare both sides' output.
 
     An ex-secondary keeps its filter-rewriter; the new filters must sit before it
-    (colo.md §9.2). With `tls` the two sockets the secondary dials are TLS servers.
+    (docs/colo-facts.md, "An ex-secondary keeps its filter-rewriter"). With `tls` the
+    two sockets the secondary dials are TLS servers.
     """
     creds = None
     if tls is not None and layout.nics:
@@ -487,7 +490,8 @@ def _node_names(q: Qmp) -> set[str]:
 def failover_primary(pri: Qmp, layout: VmLayout) -> None:
     """The secondary is gone: leave COLO and run alone (also used to unprotect).
 
-    Yank first, so nothing below can block on a hung peer (colo.md §8.3).
+    Yank first, so nothing below can block on a hung peer (docs/colo-facts.md, "Yank
+    first").
     """
     pri.yank(_primary_yank_instances(layout))
     _teardown_primary_objects(pri, layout)

@@ -1,4 +1,5 @@
-"""Copy-back: make the VM's storage-domain image current again after a failover (D2).
+"""Copy-back: make the VM's storage-domain image current again after a failover
+(docs/decisions.md, D2).
 
 A survivor that was the secondary runs on its host's replica; the image the engine names
 stays as it was at the failover. Copy-back mirrors the survivor's quorum onto that image

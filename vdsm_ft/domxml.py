@@ -1,6 +1,6 @@
 """Turn the domain XML oVirt's engine generates into the COLO primary and secondary XML.
 
-Pure functions: strings in, strings out. libvirt has no COLO model (colo.md §12), so
+Pure functions: strings in, strings out. libvirt has no COLO model (docs/colo-facts.md), so
 the COLO block graph, the guest disk devices, the secondary's network filters and the
 agent's private QMP monitor are passed through `<qemu:commandline>`; every name in it
 comes from `layout`.
@@ -26,7 +26,7 @@ Rules both roles follow, and why:
 - Option values are escaped (`,` -> `,,`) in keyval options (-blockdev, -chardev,
   -object).
 - NICs get `<driver name='qemu'/>` (vhost off): COLO's filters sit in QEMU's userspace
-  net path (colo.md §11).
+  net path (docs/colo-facts.md, "vhost off").
 
 Host requirements that follow (libvirt relabels and exposes only what its XML names):
 files and directories named here must be usable by the QEMU user, and block-domain disks
@@ -465,11 +465,12 @@ def disks_on_nodes(disk_elements: list[etree._Element], disks: list[_EngineDisk]
     Each element keeps its alias, serial, address, boot order, error policy, queues and
     iothread, so libvirt builds the same guest device and `Host.dumpxmls` shows the disk
     the engine manages; its source becomes its placeholder file in `run_dir`
-    (`placeholder_path`), so libvirt opens no image. Returns the `<qemu:override>` entries (alias, [(property, type, value)]) that
-    set the device's `drive` to `nodes[i]` (our block node for disk i), `share-rw` (host
-    side qemu-io through the quorum needs a shared writer, DESIGN.md) and the guest's
-    write-cache. Every role (primary, secondary, a later domain of the same VM) builds
-    its disks with this, from the same engine XML.
+    (`placeholder_path`), so libvirt opens no image. Returns the `<qemu:override>` entries
+    (alias, [(property, type, value)]) that set the device's `drive` to `nodes[i]` (our
+    block node for disk i), `share-rw` (host side qemu-io through the quorum needs a shared
+    writer, docs/colo-facts.md, "What this lab's machines run") and the guest's
+    write-cache. Every role (primary, secondary, a later domain of the same VM) builds its
+    disks with this, from the same engine XML.
     """
     overrides = []
     for el, d, node in zip(disk_elements, disks, nodes):

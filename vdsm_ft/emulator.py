@@ -86,11 +86,11 @@ class MachineNotAvailable(EmulatorError):
 def colo_machine(engine_machine: str, emu: Emulator) -> str:
     """The machine type an FT VM runs with on `emu`, the same on both sides of a pair.
 
-    The engine sends its cluster's type: on EL9 clusters `pc-i440fx-rhel7.6.0`, which
-    only Red Hat's QEMU has (research: platform.md §1). A type this QEMU has is kept (an
-    alias resolved, so both sides name the same one); an i440fx type it lacks becomes
-    its own newest i440fx type; q35 likewise its own q35 (refused on QEMUs whose COLO
-    crashes with q35, domxml._refuse_q35).
+    The engine sends its cluster's type: on EL9 clusters `pc-i440fx-rhel7.6.0`, which only
+    Red Hat's QEMU has (docs/qemu.md, "Why the distribution's qemu-kvm cannot be used on
+    EL9 oVirt hosts"). A type this QEMU has is kept (an alias resolved, so both sides name
+    the same one); an i440fx type it lacks becomes its own newest i440fx type; q35 likewise
+    its own q35 (refused on QEMUs whose COLO crashes with q35, domxml._refuse_q35).
     """
     machine = engine_machine or "pc"
     if machine in emu.machines:

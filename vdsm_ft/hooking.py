@@ -1,9 +1,11 @@
-"""VDSM's hook protocol, through `vdsm.hook.hooking` when VDSM is installed (D6).
+"""VDSM's hook protocol, through `vdsm.hook.hooking` when VDSM is installed
+(docs/decisions.md, D6).
 
 VDSM puts its hook directory on PYTHONPATH, so the module imports as `hooking`. Without
 VDSM (CI, the lab's VDSM stand-in) the same protocol is spoken here: the domain XML is
 in the file named by `_hook_domxml`, messages go to stderr (VDSM logs them), and the exit
-code is 0 (ok), 1 (failed, run the other scripts) or 2 (failed, stop). research/ovirt.md §1.
+code is 0 (ok), 1 (failed, run the other scripts) or 2 (failed, stop).
+docs/ovirt-facts.md, "How VDSM runs hooks".
 """
 from __future__ import annotations
 

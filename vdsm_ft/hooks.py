@@ -3,7 +3,8 @@
 Every function takes its inputs explicitly (VDSM's env, the domain XML, a `HookContext`
 holding the host config, the agent client and the arbiter) and returns a `HookResult`:
 the exit code, the new domain XML or None (unchanged), and a message for vdsm.log. Exit
-codes and their effect per hook point: research/ovirt.md §1.3; decisions: docs/hooks.md.
+codes and their effect per hook point: docs/ovirt-facts.md, "Exit codes per hook
+point"; decisions: docs/hooks.md.
 
 A start without `ft=true` asks one question, whether the VM's storage-domain image is
 current (after a failover it is behind until the copy-back: vdsm_ft/imagestate.py), of the
@@ -488,7 +489,7 @@ HOOK_POINTS: dict[str, Callable[[Mapping[str, str], str, HookContext], HookResul
     "before_vm_dehibernate": before_vm_dehibernate,
     "before_vm_pause": before_vm_pause,
 }
-# before_vm_destroy gets no XML from VDSM (research/ovirt.md §1.4).
+# before_vm_destroy gets no XML from VDSM (docs/ovirt-facts.md, "Payloads").
 _NO_XML = ("before_vm_destroy",)
 # Where an unexpected error must stop the operation rather than let it go on unchecked.
 _FAIL_CLOSED = ("before_vm_start", "before_vm_migrate_source", "before_vm_hibernate",

@@ -99,7 +99,8 @@ class HostConfig:
     hook_socket: str = "/run/vdsm-ft/agent.sock"        # the agent's unix socket for the hooks
     run_dir: str = "/run/vdsm-ft"                       # per-VM sockets under vms/<vm id>/
     state_dir: str = "/var/lib/vdsm-ft"                 # the agent's persisted state
-    replica_dir: str = "/var/lib/vdsm-ft/replicas"      # the secondary's disk copies (D2)
+    # The secondary's disk copies (docs/decisions.md, D2).
+    replica_dir: str = "/var/lib/vdsm-ft/replicas"
     overlay_dir: str = "/dev/shm/vdsm-ft"               # active/hidden overlays, on tmpfs
     overlay_size_cap: int = 4 << 30                     # bytes of overlays allowed on this host
     # Copy-back after a failover (vdsm_ft.copyback), bytes/s; 0: unlimited. The default

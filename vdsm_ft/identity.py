@@ -21,11 +21,11 @@ needs the project's QEMU (packaging/qemu/patches/0004-*: plain QEMU 7.2 activate
 images at that `cont`, and fails on the source's locks); the destination runs by itself
 when the migration completes.
 
-Two traps (measured by hand, research/engine-behaviour.md): the ex-secondary still has
-the `x-colo` capability, which would make this migration start a new COLO pair with both
-copies running, so it is switched off and checked first; and the replication driver's
-commit of the overlays into the replica after failover must have finished, or the
-destination would open a replica that lacks the last writes.
+Two traps (measured by hand; docs/engine-view.md, "After a failover: the survivor becomes
+the VM"): the ex-secondary still has the `x-colo` capability, which would make this
+migration start a new COLO pair with both copies running, so it is switched off and checked
+first; and the replication driver's commit of the overlays into the replica after failover
+must have finished, or the destination would open a replica that lacks the last writes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Is a VM's storage-domain image current? The rule for a start that would read it (D2).
+"""Is a VM's storage-domain image current? The rule for a start that would read it
+(docs/decisions.md, D2).
 
 After a failover onto the secondary, the survivor runs on its host's replica, and the
 image the engine names is behind until the copy-back (vdsm_ft/copyback.py) made it

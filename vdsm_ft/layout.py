@@ -11,7 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-# The agent's private QMP monitor chardev (D5).
+# The agent's private QMP monitor chardev (docs/decisions.md, D5).
 QMP_CHARDEV = "ftqmp"
 # Its socket in the VM's run dir. A secondary's domain has its own file: after a failover
 # the survivor migrates into a new domain in the same run dir (vdsm_ft/identity.py), and
@@ -92,7 +92,7 @@ class Nic:
     netdev: str
     mac: str = ""
 
-    # Primary side, created at runtime (D1).
+    # Primary side, created at runtime (docs/decisions.md, D1).
     @property
     def mirror_chardev(self) -> str:       # tcp server: client packets copied to the SVM
         return f"ft-mirror{self.index}"

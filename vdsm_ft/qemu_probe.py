@@ -2,9 +2,9 @@
 
 A QEMU may look complete and still fail COLO only when a VM is protected: EL9's qemu-kvm
 is built with `--disable-replication` and a block driver allowlist without `quorum`,
-which refuses a node only when it is opened (research: platform.md §1). So every check
-here runs the real thing, in throwaway QEMUs (`-machine none`, no guest, no KVM), over
-QMP (vdsm_ft.qmp):
+which refuses a node only when it is opened (docs/qemu.md, "Why the distribution's
+qemu-kvm cannot be used on EL9 oVirt hosts"). So every check here runs the real thing,
+in throwaway QEMUs (`-machine none`, no guest, no KVM), over QMP (vdsm_ft.qmp):
 - `x-colo` can be set (a QEMU without replication refuses it);
 - a quorum of null-co children, a replication node and an NBD client node open (the NBD
   client in a second QEMU, exported by the first: QEMU cannot connect to itself without
@@ -12,7 +12,7 @@ QMP (vdsm_ft.qmp):
 - the colo-compare, filter-mirror, filter-redirector, filter-rewriter and iothread object
   types exist;
 - an i440fx machine type exists (COLO does not work on q35);
-- the version is not one whose COLO is known broken (platform.md §2).
+- the version is not one whose COLO is known broken (docs/qemu.md, "Which version").
 Every step has its own timeout, and the throwaway QEMUs are killed whatever happens.
 
 The result (`QemuCapability`) names, when the QEMU cannot do COLO, each cause and the
@@ -47,7 +47,8 @@ FIX = ("install vdsm-ft-qemu and set [qemu] emulator to it "
        "(/usr/libexec/vdsm-ft/qemu-system-x86_64), see docs/qemu.md")
 COLO_OBJECTS = ("colo-compare", "filter-mirror", "filter-redirector", "filter-rewriter",
                 "iothread")
-# (first, last, why) of releases whose COLO is known broken (research: platform.md §2).
+# (first, last, why) of releases whose COLO is known broken (docs/qemu.md,
+# "Which version").
 KNOWN_BROKEN = (
     ((10, 0, 0), (10, 0, 6), "COLO never leaves precopy on 10.0.0-10.0.6 (fixed in 10.0.7)"),
     ((10, 1, 0), (10, 1, 2), "COLO never leaves precopy on 10.1.0-10.1.2 (fixed in 10.1.3)"),

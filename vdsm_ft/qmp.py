@@ -3,7 +3,7 @@
 `qemu.qmp` is asyncio; the agent and the tests are threads. Each `Qmp` owns a private
 event loop in a daemon thread, so events are read continuously (even while the caller
 blocks) and an out-of-band `yank` can overtake a command that a hung peer has stuck in
-QEMU's main loop (D5, colo.md §8.3).
+QEMU's main loop (docs/decisions.md, D5; docs/colo-facts.md, "Yank first").
 """
 from __future__ import annotations
 

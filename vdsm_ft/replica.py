@@ -1,4 +1,4 @@
-"""The secondary's own disk copy and its COLO overlays (decision D2).
+"""The secondary's own disk copy and its COLO overlays (docs/decisions.md, D2).
 
 The replica lives in a configurable directory on the peer; the active and hidden
 overlays go on tmpfs. All three must have the primary disk's virtual size (QEMU's
@@ -88,7 +88,8 @@ def create_secondary_disks(vm_id: str, disks: tuple[Disk, ...], replica_dir: str
                            overlay_cap: int | None = None) -> tuple[Disk, ...]:
     """Blank replica + hidden + active images for each primary disk.
 
-    Blank is enough: the resync mirror copies every block (colo.md §9.1). With
+    Blank is enough: the resync mirror copies every block (docs/colo-facts.md,
+    "A blank replica is enough"). With
     `overlay_cap`, a secondary whose new, empty overlays already take this host's
     overlays over the cap is refused.
     """

@@ -1,5 +1,5 @@
 """The lab's fake oVirt engine: real REST over HTTPS for ovirtsdk4, engine behaviours
-modelled from research/ovirt.md §2-§4. Entry point: `FakeEngine`."""
+modelled from docs/ovirt-facts.md and docs/engine-view.md. Entry point: `FakeEngine`."""
 from .engine_state import EngineTiming, HostDriver, ObservedAction, StartRequest, VmReport
 from .errors import LabError
 from .fake_engine import EngineInfo, FakeEngine

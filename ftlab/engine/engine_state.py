@@ -1,6 +1,7 @@
 """The fake engine's behaviour: inventory, VM and host life cycles, events.
 
-This models what ovirt-engine does and what vdsm-ft depends on (research/ovirt.md §2-§4):
+This models what ovirt-engine does and what vdsm-ft depends on (docs/ovirt-facts.md,
+"Host loss, fencing and HA"; docs/engine-view.md):
 host loss (Up -> Connecting -> NonResponsive, VMs -> Unknown), fencing including manual
 confirmation (VMs -> Down, HA VMs restarted elsewhere), VMs with leases restarted without
 fencing, run-once starts whose custom properties replace the VM's set, VDSM reports

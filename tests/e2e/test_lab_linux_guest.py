@@ -1,8 +1,8 @@
 """Tier 2 through the whole lab: the Linux test guest, created and started through the
 real ovirtsdk4 (fake engine -> VDSM stand-in -> real hooks -> the host's libvirtd) with
-the lab's `ftlab_guest=linux-tcg` (TCG, without COLO: DESIGN.md's tier 2), serves its
-HTTP counter to the demo's client (`ftlab.counterclient` in namespace ftlab-client), and
-the counter rises by one with every reply.
+the lab's `ftlab_guest=linux-tcg` (TCG, without COLO: tier 2 in docs/colo-facts.md), serves
+its HTTP counter to the demo's client (`ftlab.counterclient` in namespace ftlab-client),
+and the counter rises by one with every reply.
 
 Tier 3T, the same guest with ft=true and a client across failovers under TCG with the
 project's QEMU patches, is tests/e2e/test_tier3t.py (and `vdsm-ft lab demo --guest

@@ -1,6 +1,6 @@
 """Tier 3T: the Linux test guest protected under TCG, with the project's QEMU patches,
 through the whole lab path: ovirtsdk4 -> fake engine -> VDSM stand-in -> hooks ->
-libvirtd -> agents -> poller (DESIGN.md's test tiers).
+libvirtd -> agents -> poller (docs/colo-facts.md, the test tiers).
 
 A client on the guest segment (`ftlab.counterclient`, namespace ftlab-client) asks the
 guest's HTTP counter back to back, and keeps one TCP echo connection open

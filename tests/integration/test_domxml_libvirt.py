@@ -10,7 +10,7 @@ escaping is exercised for real.
 Why the chown in the setup: libvirt relabels only what its own XML names. The images,
 loop devices, overlays and run directories appear only in `<qemu:commandline>`, so they
 must belong to the QEMU user (libvirt-qemu on Debian) or QEMU fails with "Permission
-denied" (DESIGN.md, facts learned with libvirt 9.0).
+denied" (docs/colo-facts.md, "libvirt has no COLO model").
 
 Block devices: libvirt 9.0 starts QEMU in a private mount namespace whose /dev holds
 only the devices libvirt's XML names (qemu.conf `namespaces`, default ["mount"]), and
@@ -278,7 +278,8 @@ def test_libvirtd_starts_the_primary_and_the_secondary(lab, libvirtd, sample, qe
     assert state == libvirt.VIR_DOMAIN_RUNNING
     (status,) = _qmp(vm.qmp_socket, ("query-status", None))
     assert status["status"] == "running"
-    assert _offers_oob(vm.qmp_socket)        # yank must work on this monitor (D5)
+    # yank must work on this monitor (docs/decisions.md, D5)
+    assert _offers_oob(vm.qmp_socket)
     nodes = _block_nodes(vm.qmp_socket)
     for d in vm.disks:
         assert nodes[d.quorum]["drv"] == "quorum"

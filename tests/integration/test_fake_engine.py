@@ -597,7 +597,7 @@ def test_ten_thousand_vms_list_fast(engine, conn):
     assert min(warm) < 2.0 and host_time < 1.0
 
 
-# ----- strict engine rules (research/engine-behaviour.md) -----------------------------------
+# ----- strict engine rules (docs/engine-view.md) --------------------------------------------
 
 def _domxml(disk_ids=(), nic_ids=()) -> str:
     """A reported live domain XML with these `ua-` aliases (what Host.dumpxmls returns)."""

@@ -34,8 +34,9 @@ pytestmark = pytest.mark.kvm
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOOKS = os.path.join(REPO, "hooks")
 URI = "qemu:///system"
-# Hooks run on /usr/bin/python3 (D6). Real hosts install vdsm_ft and its dependencies
-# system-wide; here the repo and this interpreter's site-packages (etcd3gw) stand in.
+# Hooks run on /usr/bin/python3 (docs/decisions.md, D6). Real hosts install vdsm_ft and #
+# its dependencies system-wide; here the repo and this interpreter's site-packages
+# (etcd3gw) stand in.
 PYTHONPATH = (REPO, sysconfig.get_paths()["purelib"])
 
 

@@ -1,7 +1,7 @@
 """Tier 1: real COLO between two KVM QEMUs started by libvirtd from the generated XML.
 
 The guest is the idle one (firmware, no OS): nested KVM here cannot run a Linux guest at
-speed, and TCG deadlocks COLO (DESIGN.md, "What these machines can and cannot run").
+speed, and TCG deadlocks COLO (docs/colo-facts.md, "What this lab's machines run").
 Data is checked at the block layer: host-side `qemu-io` writes go through the primary's
 quorum node, the path guest writes take. A write counts as acknowledged once a
 checkpoint has completed after it; a write after the last checkpoint on a primary that

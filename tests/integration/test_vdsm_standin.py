@@ -1,4 +1,4 @@
-"""The VDSM stand-in's rules (research/engine-behaviour.md), on the system libvirtd with
+"""The VDSM stand-in's rules (docs/engine-view.md), on the system libvirtd with
 idle KVM guests: which domains it holds and reports, how it adopts unknown ones, their
 status, and its recovery after a restart."""
 from __future__ import annotations

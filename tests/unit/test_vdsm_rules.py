@@ -1,5 +1,5 @@
 """The VDSM stand-in's pure rules: what makes a domain external, its status at recovery,
-the Paused overlay and the metadata VDSM cannot read (research/engine-behaviour.md)."""
+the Paused overlay and the metadata VDSM cannot read (docs/engine-view.md)."""
 import libvirt
 import pytest
 

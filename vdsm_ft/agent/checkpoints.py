@@ -1,8 +1,9 @@
 """Checkpoint statistics from QMP events: rate, pause and lag.
 
-Each checkpoint pauses the guest: QEMU emits STOP then RESUME on both sides (colo.md
-§10). Their QEMU timestamps give the pause; completed checkpoints give the rate and the
-time since the last one (how much unacknowledged work a failover would roll back).
+Each checkpoint pauses the guest: QEMU emits STOP then RESUME on both sides
+(docs/colo-facts.md, "Checkpoints: STOP, then RESUME"). Their QEMU timestamps give the
+pause; completed checkpoints give the rate and the time since the last one (how much
+unacknowledged work a failover would roll back).
 """
 from __future__ import annotations
 

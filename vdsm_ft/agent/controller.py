@@ -466,7 +466,8 @@ class VmController:
             duration_ms=took_ms, old_primary_cannot_run=rec.role is Role.SECONDARY)
         self.agent.release_ports(self, "secondary" if rec.role is Role.SECONDARY
                                  else "primary")
-        # A secondary runs on its replica from here: the engine's image is behind (D2).
+        # A secondary runs on its replica from here: the engine's image is behind
+        # (docs/decisions.md, D2).
         self.update(role=Role.PRIMARY, was_secondary=rec.was_secondary or
                     rec.role is Role.SECONDARY, peer=None, failovers=rec.failovers + 1,
                     last_failover=failover, reason=f"failed over after: {why}",

@@ -670,7 +670,8 @@ class Agent(Backend, HookBackend):
     def _refuse_while_behind(self, vm_id: str) -> None:
         existing = self.registry.get(vm_id)
         if existing is not None and existing.record.on_replica:
-            # A new start would read the engine's image, which is behind (D2).
+            # A new start would read the engine's image, which is behind
+            # (docs/decisions.md, D2).
             why = existing.record.reason or "its storage-domain image is behind its replica"
             raise AgentRefused(f"VM {vm_id} not started: {why}")
 
@@ -744,7 +745,7 @@ class Agent(Backend, HookBackend):
 
 def _refuse_while_stale(ctl: VmController, what: str) -> None:
     """Protection cannot end while the VM runs on its replica: the next start, without
-    FT, would read the engine's image, which is behind (D2)."""
+    FT, would read the engine's image, which is behind (docs/decisions.md, D2)."""
     rec = ctl.record
     if rec.on_replica:
         why = rec.reason or "copying back to the storage domain"

@@ -122,7 +122,8 @@ TABLE: tuple[Row, ...] = (
 
     _row(S.NEED_SECONDARY, "qemu gone",           "mark_down",        S.DOWN),
     _row(S.NEED_SECONDARY, "stopping",            "teardown",         S.DOWN),
-    # A survivor that ran on its replica first makes the engine's image current (D2);
+    # A survivor that ran on its replica first makes the engine's image current
+    # (docs/decisions.md, D2);
     # protection waits, so the next resync reads from that image.
     _row(S.NEED_SECONDARY, "image stale",         "copy_back",        S.NOT_PROTECTED,
          S.NEED_SECONDARY),

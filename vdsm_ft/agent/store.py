@@ -37,7 +37,9 @@ class VmRecord:
     ports: dict[str, list[int]] = field(default_factory=dict)
     peer_ports: tuple[int, ...] = ()  # the secondary's migration and NBD ports
     disk_sizes: tuple[int, ...] = ()
-    was_secondary: bool = False   # its NICs carry a filter-rewriter (colo.md §9.2)
+    # Its NICs carry a filter-rewriter (docs/colo-facts.md, "An ex-secondary keeps its
+    # filter-rewriter").
+    was_secondary: bool = False
     # Its disks are this host's replicas (after a failover): the engine's images are
     # behind until the copy-back (vdsm_ft.copyback).
     on_replica: bool = False

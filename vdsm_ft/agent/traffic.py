@@ -1,8 +1,9 @@
 """Replication traffic of a pair, read from the kernel's TCP counters.
 
-QEMU 7.2 shows no RAM statistics while in COLO (colo.md §10), so the bytes the primary
-sent to its secondary (COLO migration stream and NBD writes) come from `ss`: the
-`bytes_acked` of this host's established connections to the secondary's ports.
+QEMU 7.2 shows no RAM statistics while in COLO (docs/colo-facts.md, "What reports the
+state"), so the bytes the primary sent to its secondary (COLO migration stream and NBD
+writes) come from `ss`: the `bytes_acked` of this host's established connections to the
+secondary's ports.
 """
 from __future__ import annotations
 
