@@ -217,3 +217,21 @@ def test_a_pid_the_kernel_gave_to_another_process_is_never_killed(config, agents
     finally:
         other.kill()
         other.wait()
+
+
+def test_an_admin_stop_holds_the_generation_before_vdsm_kills_qemu(config, agents,
+                                                                  monkeypatch):
+    """before_vm_destroy -> stopping: the claim is made before the answer, in the
+    request, so the secondary, seeing QEMU die right after, can only lose it."""
+    agent = agents(config)
+    agent.register(VM, XML)
+    ctl = agent._ctl(VM)
+    peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
+                    replication_address="127.0.0.1")
+    ctl.update(state=VmState.PROTECTED, peer=peer, generation=3)
+    claims: list[tuple] = []
+    monkeypatch.setattr(agent.arbiter, "claim_live", lambda vm, gen, host, timeout:
+                        claims.append((vm, gen, host, threading.current_thread().name))
+                        or True)
+    agent.stopping(VM)
+    assert claims and claims[0] == (VM, 3, "host-a", threading.current_thread().name)

@@ -725,6 +725,22 @@ class Agent(Backend, HookBackend):
         ctl = self.registry.get(vm_id)
         if ctl is None:
             return                  # already forgotten (its QEMU died first): nothing to stop
+        rec = ctl.record
+        if rec.role is Role.PRIMARY and rec.peer is not None and rec.generation:
+            # VDSM kills QEMU as soon as before_vm_destroy returns, and the secondary
+            # takes that for a crash and claims the generation. Hold it here, before
+            # answering (claims are idempotent; the loop's teardown claims again): the
+            # secondary can then only lose. Done by the loop alone, an admin stop became
+            # a failover when the loop was slower than the secondary (seen in a loaded
+            # run of test_admin_stop_tears_the_pair_down_and_is_never_a_failover).
+            try:
+                if not self.arbiter.claim_live(rec.vm_id, rec.generation,
+                                               self.config.host_id,
+                                               timeout=self.arbiter_bound):
+                    log.warning("%s: stopped while its secondary took over generation %d",
+                                rec.name, rec.generation)
+            except ArbiterError as exc:
+                log.warning("%s: stopping without the arbiter's claim: %s", rec.name, exc)
         ctl.update(stopping=True)
         ctl.wake()
 
