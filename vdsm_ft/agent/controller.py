@@ -338,6 +338,14 @@ class VmController:
                     reason=f"the secondary moves to {target.host_id}")
         return VmState.NEED_SECONDARY
 
+    def hold_generation(self) -> bool:
+        """Win this pair's generation for this host (a claim it holds already is kept);
+        False when the secondary won it first. Raises ArbiterError without an answer."""
+        rec = self.record
+        return self.agent.arbiter.claim_live(rec.vm_id, rec.generation,
+                                             self.agent.config.host_id,
+                                             timeout=self.agent.arbiter_bound)
+
     def _end_pair(self) -> bool:
         """End protection on purpose, so that the secondary never mistakes it for a loss.
 
@@ -348,9 +356,7 @@ class VmController:
         rec = self.record
         if rec.peer is not None and rec.generation:
             try:
-                if not self.agent.arbiter.claim_live(rec.vm_id, rec.generation,
-                                                     self.agent.config.host_id,
-                                                     timeout=self.agent.arbiter_bound):
+                if not self.hold_generation():
                     return False
             except ArbiterError as exc:
                 log.warning("%s: ending protection without the arbiter: %s", rec.name, exc)
@@ -424,8 +430,7 @@ class VmController:
             why = self._peer_lost_why
         me = self.agent.config.host_id
         try:
-            won = self.agent.arbiter.claim_live(rec.vm_id, rec.generation, me,
-                                                timeout=self.agent.arbiter_bound)
+            won = self.hold_generation()
             lost_to = "" if won else f"the other side won generation {rec.generation}"
         except ArbiterUnavailable as exc:
             waited = time.monotonic() - detected

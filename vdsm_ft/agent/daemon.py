@@ -734,9 +734,7 @@ class Agent(Backend, HookBackend):
             # a failover when the loop was slower than the secondary (seen in a loaded
             # run of test_admin_stop_tears_the_pair_down_and_is_never_a_failover).
             try:
-                if not self.arbiter.claim_live(rec.vm_id, rec.generation,
-                                               self.config.host_id,
-                                               timeout=self.arbiter_bound):
+                if not ctl.hold_generation():
                     log.warning("%s: stopped while its secondary took over generation %d",
                                 rec.name, rec.generation)
             except ArbiterError as exc:
