@@ -22,13 +22,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ftlab.guest import COUNTER_URL_PATH, HTTP_PORT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUEST_TIMEOUT_S = 5.0
 ERROR_PAUSE_S = 0.01
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,33 +83,32 @@ def ask_once(netns: str, address: str, timeout: float = 2 * REQUEST_TIMEOUT_S) -
     return Reply(d["t"], d.get("value"), d.get("error", ""))
 
 
-class CounterClient:
-    """The request loop in client namespace `netns`, read by a thread here."""
+class NsClient(Generic[T]):
+    """A client module run in a lab client namespace (`client_command`), its JSON lines
+    read by a thread here, each made a record by `parse`."""
 
-    def __init__(self, netns: str, address: str):
-        self.replies: list[Reply] = []
+    def __init__(self, argv: list[str], parse: Callable[[dict], T]):
+        self._records: list[T] = []
+        self._parse = parse
         self._lock = threading.Lock()
-        self._proc = subprocess.Popen(client_command(netns, address), stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, env=client_env())
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=client_env())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
-            d = json.loads(line)
+            record = self._parse(json.loads(line))
             with self._lock:
-                self.replies.append(Reply(d["t"], d.get("value"), d.get("error", "")))
+                self._records.append(record)
 
-    def snapshot(self) -> list[Reply]:
+    def snapshot(self) -> list[T]:
         with self._lock:
-            return list(self.replies)
+            return list(self._records)
 
-    def values_after(self, t: float) -> list[int]:
-        return [r.value for r in self.snapshot() if r.t > t and r.value is not None]
-
-    def stop(self, timeout: float = 2 * REQUEST_TIMEOUT_S) -> list[Reply]:
-        """Ends the loop (closing its stdin) and returns every reply."""
+    def _stop(self, timeout: float) -> list[T]:
+        """Ends the client (closing its stdin) and returns every record."""
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.close()
@@ -116,6 +118,21 @@ class CounterClient:
             self._proc.wait()
         self._reader.join(timeout=timeout)
         return self.snapshot()
+
+
+class CounterClient(NsClient[Reply]):
+    """The request loop in client namespace `netns`, read by a thread here."""
+
+    def __init__(self, netns: str, address: str):
+        super().__init__(client_command(netns, address),
+                         lambda d: Reply(d["t"], d.get("value"), d.get("error", "")))
+
+    def values_after(self, t: float) -> list[int]:
+        return [r.value for r in self.snapshot() if r.t > t and r.value is not None]
+
+    def stop(self, timeout: float = 2 * REQUEST_TIMEOUT_S) -> list[Reply]:
+        """Ends the loop (closing its stdin) and returns every reply."""
+        return self._stop(timeout)
 
 
 def forks(replies: list[Reply]) -> list[tuple[int, int]]:

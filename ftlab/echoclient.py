@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 import select
 import socket
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
-from ftlab.counterclient import client_command, client_env
+from ftlab.counterclient import NsClient, client_command
 from ftlab.guest import ECHO_PORT
 
 INTERVAL_S = 0.1
@@ -38,29 +36,13 @@ class Echo:
     error: str = ""
 
 
-class EchoClient:
+class EchoClient(NsClient[Echo]):
     """The connection in client namespace `netns`, read by a thread here."""
 
     def __init__(self, netns: str, address: str):
-        self.lines: list[Echo] = []
-        self._lock = threading.Lock()
-        self._proc = subprocess.Popen(client_command(netns, address, module="ftlab.echoclient"),
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, env=client_env())
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            d = json.loads(line)
-            with self._lock:
-                self.lines.append(Echo(d["t"], d.get("seq"), d.get("wait_ms", 0.0),
-                                       d.get("error", "")))
-
-    def snapshot(self) -> list[Echo]:
-        with self._lock:
-            return list(self.lines)
+        super().__init__(client_command(netns, address, module="ftlab.echoclient"),
+                         lambda d: Echo(d["t"], d.get("seq"), d.get("wait_ms", 0.0),
+                                        d.get("error", "")))
 
     def answered(self) -> int:
         return sum(1 for e in self.snapshot() if e.seq is not None)
@@ -71,15 +53,7 @@ class EchoClient:
 
     def stop(self, timeout: float = LINE_TIMEOUT_S + 5) -> list[Echo]:
         """Ends the client (closing its stdin) and returns every line."""
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.close()
-            self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._reader.join(timeout=timeout)
-        return self.snapshot()
+        return self._stop(timeout)
 
 
 def fate(lines: list[Echo]) -> str:
