@@ -26,8 +26,23 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from vdsm_ft.agenterrors import (INTERNAL, INTERNAL_MESSAGE, METHOD_NOT_ALLOWED, NOT_FOUND,
+                                 HTTP_ERROR, AgentError, AgentProtocolError, AgentRejected,
+                                 AgentTimeout, AgentUnreachable, BadRequest, Conflict,
+                                 NotFound, Unavailable, check_id, error_body, error_of,
+                                 rejected)
 from vdsm_ft.layout import Endpoints
 from vdsm_ft.qemu_probe import QemuCapability
+
+__all__ = [
+    "API_PREFIX", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "MAX_BODY", "SERVER_SOCKET_TIMEOUT",
+    "JSON_TYPE", "METRICS_TYPE", "COPYING_BACK", "VmState", "Role", "Failover", "VmStatus",
+    "HostStatus", "PeerSpec", "PrepareSecondary", "SecondaryReady", "TlsFiles",
+    "client_context", "server_context", "AgentClient", "Backend", "AgentServer",
+    # What AgentClient raises and a Backend may raise, from vdsm_ft/agenterrors.py.
+    "AgentError", "AgentUnreachable", "AgentTimeout", "AgentProtocolError", "AgentRejected",
+    "BadRequest", "NotFound", "Conflict", "Unavailable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,81 +56,6 @@ MAX_BODY = 1 << 20
 SERVER_SOCKET_TIMEOUT = 30.0
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-# ---------------------------------------------------------------- errors
-
-class AgentError(Exception):
-    """Base of every agent API failure."""
-
-
-class AgentUnreachable(AgentError):
-    """No TCP connection or no TLS session with the agent (down, refused, bad cert)."""
-
-
-class AgentTimeout(AgentError):
-    """The agent did not answer within the caller's bound."""
-
-
-class AgentProtocolError(AgentError):
-    """The agent answered something that is not this protocol (bad JSON, bad schema)."""
-
-
-class AgentRejected(AgentError):
-    """The agent answered with an error status.
-
-    `code` is a stable machine-readable word (`unknown_vm`, `conflict`, ...), `message`
-    the human explanation the agent gave.
-    """
-
-    status = 500
-    code = "internal"
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.code}: {self.message}"
-
-
-class BadRequest(AgentRejected):
-    """The request does not follow the schema (raised locally before sending, too)."""
-
-    status = 400
-    code = "bad_request"
-
-
-class NotFound(AgentRejected):
-    """The agent does not know this VM (or the path does not exist)."""
-
-    status = 404
-    code = "unknown_vm"
-
-
-class Conflict(AgentRejected):
-    """The VM's current state does not allow this operation now."""
-
-    status = 409
-    code = "conflict"
-
-
-class Unavailable(AgentRejected):
-    """The agent cannot do this right now (e.g. the arbiter is unreachable); retry later."""
-
-    status = 503
-    code = "unavailable"
-
-
-_REJECTED_BY_STATUS: dict[int, type[AgentRejected]] = {
-    400: BadRequest, 404: NotFound, 409: Conflict, 503: Unavailable}
-
 
 # ---------------------------------------------------------------- schema
 
@@ -143,13 +83,6 @@ class Role(str, enum.Enum):
     PRIMARY = "primary"
     SECONDARY = "secondary"
     NONE = "none"
-
-
-def _check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise BadRequest(f"{what} must be 1-64 characters of [A-Za-z0-9._-], "
-                         f"got {value!r}")
-    return value
 
 
 def _field(data: dict, key: str, kind: type | tuple[type, ...], what: str,
@@ -225,8 +158,8 @@ class Failover:
         data = _object(data, what)
         return cls(
             at=float(_field(data, "at", (int, float), what, nonneg=True)),
-            from_host=_check_id(_field(data, "from_host", str, what), f"{what}.from_host"),
-            to_host=_check_id(_field(data, "to_host", str, what), f"{what}.to_host"),
+            from_host=check_id(_field(data, "from_host", str, what), f"{what}.from_host"),
+            to_host=check_id(_field(data, "to_host", str, what), f"{what}.to_host"),
             duration_ms=float(_field(data, "duration_ms", (int, float), what, nonneg=True)),
             old_primary_cannot_run=_field(data, "old_primary_cannot_run", bool, what,
                                           default=False),
@@ -265,7 +198,7 @@ class VmStatus:
     image_current_at: float | None = None
 
     def __post_init__(self) -> None:
-        _check_id(self.vm_id, "vm_id")
+        check_id(self.vm_id, "vm_id")
         if not isinstance(self.state, VmState):
             raise BadRequest(f"state must be a VmState, got {self.state!r}")
         if not isinstance(self.role, Role):
@@ -353,7 +286,7 @@ class HostStatus:
         data = _object(data, what)
         vms = _field(data, "vms", list, what)
         return cls(
-            host_id=_check_id(_field(data, "host_id", str, what), "host_id"),
+            host_id=check_id(_field(data, "host_id", str, what), "host_id"),
             replication_address=_address(data, "replication_address", what),
             agent_version=_field(data, "agent_version", str, what),
             vms=tuple(VmStatus.from_dict(v) for v in vms),
@@ -379,7 +312,7 @@ class PeerSpec:
     replication_address: str
 
     def __post_init__(self) -> None:
-        _check_id(self.host_id, "host_id")
+        check_id(self.host_id, "host_id")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -387,7 +320,7 @@ class PeerSpec:
     @classmethod
     def from_dict(cls, data: Any, what: str = "peer") -> PeerSpec:
         data = _object(data, what)
-        return cls(host_id=_check_id(_field(data, "host_id", str, what), f"{what}.host_id"),
+        return cls(host_id=check_id(_field(data, "host_id", str, what), f"{what}.host_id"),
                    agent_address=_address(data, "agent_address", what),
                    agent_port=_port(data, "agent_port", what),
                    replication_address=_address(data, "replication_address", what))
@@ -454,7 +387,7 @@ class PrepareSecondary:
         xml = _field(data, "domain_xml", str, what)
         if not xml.strip():
             raise BadRequest(f"{what}.domain_xml is empty")
-        return cls(vm_id=_check_id(vm_id, "vm_id"), name=_field(data, "name", str, what),
+        return cls(vm_id=check_id(vm_id, "vm_id"), name=_field(data, "name", str, what),
                    generation=_field(data, "generation", int, what, nonneg=True),
                    primary=PeerSpec.from_dict(_field(data, "primary", dict, what),
                                               f"{what}.primary"),
@@ -483,7 +416,7 @@ class SecondaryReady:
     def from_dict(cls, data: Any) -> SecondaryReady:
         what = "secondary ready"
         data = _object(data, what)
-        return cls(vm_id=_check_id(_field(data, "vm_id", str, what), "vm_id"),
+        return cls(vm_id=check_id(_field(data, "vm_id", str, what), "vm_id"),
                    generation=_field(data, "generation", int, what, nonneg=True),
                    migration_port=_port(data, "migration_port", what),
                    nbd_port=_port(data, "nbd_port", what))
@@ -558,7 +491,7 @@ class AgentClient:
         return HostStatus.from_dict(self._json("GET", "/status"))
 
     def vm_status(self, vm_id: str) -> VmStatus:
-        return VmStatus.from_dict(self._json("GET", f"/vms/{_check_id(vm_id, 'vm_id')}"))
+        return VmStatus.from_dict(self._json("GET", f"/vms/{check_id(vm_id, 'vm_id')}"))
 
     def protect(self, vm_id: str, peer: PeerSpec) -> VmStatus:
         return self._action(vm_id, "protect", {"peer": peer.to_dict()})
@@ -592,7 +525,7 @@ class AgentClient:
     # -- plumbing
 
     def _action(self, vm_id: str, action: str, body: dict | None = None) -> VmStatus:
-        path = f"/vms/{_check_id(vm_id, 'vm_id')}/{action}"
+        path = f"/vms/{check_id(vm_id, 'vm_id')}/{action}"
         return VmStatus.from_dict(self._json("POST", path, body or {}))
 
     def _json(self, method: str, path: str, body: dict | None = None) -> Any:
@@ -648,15 +581,14 @@ class AgentClient:
         return resp.status, ctype, raw
 
     def _rejection(self, status: int, ctype: str, raw: bytes) -> AgentRejected:
-        code, message = "http_error", raw.decode("utf-8", errors="replace")[:200]
+        found = None
         if ctype.startswith(JSON_TYPE):
             try:
-                err = json.loads(raw)["error"]
-                code, message = str(err["code"]), str(err["message"])
-            except (ValueError, KeyError, TypeError):
+                found = error_of(json.loads(raw))
+            except ValueError:
                 pass
-        cls = _REJECTED_BY_STATUS.get(status, AgentRejected)
-        return cls(message, status=status, code=code)
+        code, message = found or (HTTP_ERROR, raw.decode("utf-8", errors="replace")[:200])
+        return rejected(status, code, message)
 
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:
@@ -722,7 +654,7 @@ _VM = r"/v1/vms/(?P<vm>[^/]+)"
 
 
 def _vm(m: "re.Match[str]") -> str:
-    return _check_id(m.group("vm"), "vm_id")
+    return check_id(m.group("vm"), "vm_id")
 
 
 def _no_body(body: Any) -> None:
@@ -795,7 +727,7 @@ class _Handler(BaseHTTPRequestHandler):
             text = self.server.backend.metrics()
         except Exception:
             log.exception("metrics failed")
-            self._send_json(500, _error("internal", "metrics failed; see the agent log"))
+            self._send_json(500, error_body(INTERNAL, "metrics failed; see the agent log"))
             return
         self._send(200, METRICS_TYPE, text.encode())
 
@@ -812,15 +744,15 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send_json(status, payload)
                     return
             if any(p.fullmatch(path) for _, p, _ in _ROUTES):
-                self._send_json(405, _error("method_not_allowed",
+                self._send_json(405, error_body(METHOD_NOT_ALLOWED,
                                             f"{method} is not allowed on {path}"))
             else:
-                self._send_json(404, _error("not_found", f"no such endpoint: {path}"))
+                self._send_json(404, error_body(NOT_FOUND, f"no such endpoint: {path}"))
         except AgentRejected as e:
-            self._send_json(e.status, _error(e.code, e.message))
+            self._send_json(e.status, error_body(e.code, e.message))
         except Exception:
             log.exception("%s %s failed", method, path)
-            self._send_json(500, _error("internal", "internal error; see the agent log"))
+            self._send_json(500, error_body(INTERNAL, INTERNAL_MESSAGE))
 
     def _read_body(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -857,10 +789,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-
-
-def _error(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
 
 
 class AgentServer(ThreadingHTTPServer):

@@ -15,7 +15,7 @@ all under /v1/hooks/vms/<vm id>/:
 
 `prepare` is the whole of before_vm_start's work, done by the agent, which has lxml, the
 etcd client and QEMU's version warm (docs/hooks.md). Errors: 4xx/5xx
-`{"error": {"code", "message"}}`.
+`{"error": {"code", "message"}}`, codes and exceptions from vdsm_ft/agenterrors.py.
 
 The HTTP framing is written here, not with http.client and http.server: the hooks import
 this module at every VM start, and those two (with email and ssl) cost ~30 ms there.
@@ -36,6 +36,10 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
+from vdsm_ft.agenterrors import (INTERNAL, INTERNAL_MESSAGE, METHOD_NOT_ALLOWED, NOT_FOUND,
+                                 AgentError, AgentRefused, AgentRejected, AgentUnreachable,
+                                 BadRequest, check_id, error_body, error_of)
+
 PREFIX = "/v1/hooks/vms/"
 DEFAULT_TIMEOUT = 2.0
 # An engine domain XML is tens of KiB; two of them fit easily.
@@ -48,52 +52,10 @@ SERVER_SOCKET_TIMEOUT = 10.0
 JSON_TYPE = "application/json"
 SOCKET_MODE = 0o660
 ACTIONS = ("prepare", "started", "stopping", "destroyed", "image")
-REFUSED = "refused"
-# prepare refused because this host's QEMU cannot do COLO: the hook applies
-# `[hooks] qemu_incapable` (refuse, or start the VM as an ordinary one).
-QEMU_INCAPABLE = "qemu_incapable"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             409: "Conflict", 500: "Internal Server Error"}
 
 _PATH_RE = re.compile(re.escape(PREFIX) + r"([^/]+)/([a-z]+)")
-# A UUID in its canonical form (a regex, not the uuid module: faster to import).
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-# ---------------------------------------------------------------------------- errors
-
-class HookApiError(Exception):
-    """Base of every hook <-> agent failure."""
-
-
-class AgentUnreachable(HookApiError):
-    """No usable answer from the agent within the bound (not running, socket missing,
-    stuck, crashed mid-request, an internal error on its side, or an answer that is not
-    this protocol)."""
-
-
-class AgentRefused(HookApiError):
-    """The agent answered and refused the request; `message` is its reason."""
-
-    def __init__(self, message: str, status: int = 409, code: str = REFUSED):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
-
-
-class BadHookRequest(AgentRefused):
-    """Raised by the server (or a backend) for a request that breaks the schema."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=400, code="bad_request")
-
-
-def check_vm_id(vm_id: Any) -> str:
-    """VDSM's vmId is the engine's VM UUID; anything else is refused."""
-    if isinstance(vm_id, str) and _UUID_RE.fullmatch(vm_id.lower()):
-        return vm_id.lower()
-    raise BadHookRequest(f"VM id {vm_id!r} is not a UUID")
 
 
 # ---------------------------------------------------------------------------- client
@@ -141,7 +103,7 @@ class HookClient:
         return f"the vdsm-ft agent at {self.socket_path}"
 
     def _post(self, vm_id: str, action: str, body: dict | None) -> dict:
-        vm_id = check_vm_id(vm_id)
+        vm_id = check_id(vm_id, "VM id", uuid=True)
         data = b"" if body is None else json.dumps(body).encode()
         request = (f"POST {PREFIX}{vm_id}/{action} HTTP/1.1\r\nHost: localhost\r\n"
                    f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(data)}\r\n"
@@ -165,14 +127,10 @@ class HookClient:
                                    f"{vm_id}: {raw[:100]!r}")
         if status == 200 and isinstance(payload, dict):
             return payload
-        try:
-            err = payload["error"]
-            code, message = str(err["code"]), str(err["message"])
-        except (KeyError, TypeError):
-            code, message = "internal", repr(payload)[:200]
+        code, message = error_of(payload) or (INTERNAL, repr(payload)[:200])
         if status == 200 or status >= 500:
             raise AgentUnreachable(f"{self._what} failed {action} for VM {vm_id}: {message}")
-        if status == 404 and code == "not_found":
+        if status == 404 and code == NOT_FOUND:
             # An agent older than this hook (an upgrade not yet followed by a restart):
             # the hook does the work itself, as when no agent answers.
             raise AgentUnreachable(f"{self._what} does not know '{action}' ({message}): it "
@@ -218,7 +176,7 @@ def _parse_answer(raw: bytes) -> tuple[int | None, Any]:
 # ---------------------------------------------------------------------------- server
 
 class HookBackend(ABC):
-    """What the agent implements for the hooks. Raise `AgentRefused` (or `BadHookRequest`)
+    """What the agent implements for the hooks. Raise `AgentRefused` (or `BadRequest`)
     to refuse with a message the hook shows; anything else becomes a 500 and the hook treats
     the agent as unreachable. Each call must return quickly: the hook waits at most
     `[hooks] agent_timeout` (2 s)."""
@@ -252,7 +210,7 @@ def _text_field(body: dict, key: str, nullable: bool = False) -> str | None:
     if value is None and nullable:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise BadHookRequest(f"{key} must be a non-empty string")
+        raise BadRequest(f"{key} must be a non-empty string")
     return value
 
 
@@ -263,23 +221,24 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         try:
             vm_id, action, body = self._read_request()
-        except AgentRefused as e:
-            self._send(e.status, {"error": {"code": e.code, "message": e.message}})
+        except AgentRejected as e:
+            self._send(e.status, error_body(e.code, e.message))
             return
         except OSError:             # the client stalled past the timeout or went away
             return
         try:
             status, payload = 200, self._dispatch(vm_id, action, body)
-        except AgentRefused as e:
-            status, payload = e.status, {"error": {"code": e.code, "message": e.message}}
+        except (AgentRefused, BadRequest) as e:
+            # The hook protocol's refusals. The agent's other AgentRejected (NotFound for
+            # a VM it forgot, ...) are its HTTPS API's and stay internal errors here.
+            status, payload = e.status, error_body(e.code, e.message)
         except Exception:
             # Imported here: the hooks load this module at every VM start, and logging is
             # a third of its import time there; only the agent ever logs from it.
             import logging
             logging.getLogger(__name__).exception("hook request %s for VM %s failed",
                                                   action, vm_id)
-            status, payload = 500, {"error": {"code": "internal",
-                                              "message": "internal error; see the agent log"}}
+            status, payload = 500, error_body(INTERNAL, INTERNAL_MESSAGE)
         self._send(status, payload)
 
     def _dispatch(self, vm_id: str, action: str, body: dict) -> dict:
@@ -289,7 +248,7 @@ class _Handler(socketserver.StreamRequestHandler):
         if action == "image":
             ft = body.get("ft")
             if ft not in (None, "false"):
-                raise BadHookRequest("ft must be \"false\" or null")
+                raise BadRequest("ft must be \"false\" or null")
             return {"log": backend.image(vm_id, ft)}
         if action == "started":
             backend.started(vm_id, _text_field(body, "live_xml", nullable=True))
@@ -303,15 +262,15 @@ class _Handler(socketserver.StreamRequestHandler):
         line = self.rfile.readline(MAX_LINE + 1)
         parts = line.decode("latin-1").split()
         if len(line) > MAX_LINE or len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise BadHookRequest("malformed request line")
+            raise BadRequest("malformed request line")
         method, path, _ = parts
         headers = self._headers()
         if method != "POST":
-            raise AgentRefused("use POST", status=405, code="method_not_allowed")
+            raise AgentRejected("use POST", status=405, code=METHOD_NOT_ALLOWED)
         m = _PATH_RE.fullmatch(path)
         if not m or m.group(2) not in ACTIONS:
-            raise AgentRefused(f"no such endpoint: {path}", status=404, code="not_found")
-        return check_vm_id(m.group(1)), m.group(2), self._body(headers)
+            raise AgentRejected(f"no such endpoint: {path}", status=404, code=NOT_FOUND)
+        return check_id(m.group(1), "VM id", uuid=True), m.group(2), self._body(headers)
 
     def _headers(self) -> dict[str, str]:
         headers = {}
@@ -321,19 +280,19 @@ class _Handler(socketserver.StreamRequestHandler):
                 return headers
             name, sep, value = line.decode("latin-1").partition(":")
             if len(line) > MAX_LINE or not sep:
-                raise BadHookRequest("malformed header line")
+                raise BadRequest("malformed header line")
             headers[name.strip().lower()] = value.strip()
-        raise BadHookRequest(f"more than {MAX_HEADERS} header lines")
+        raise BadRequest(f"more than {MAX_HEADERS} header lines")
 
     def _body(self, headers: dict[str, str]) -> dict:
         if "transfer-encoding" in headers:
-            raise BadHookRequest("chunked bodies are not accepted; send Content-Length")
+            raise BadRequest("chunked bodies are not accepted; send Content-Length")
         try:
             n = int(headers.get("content-length", "0"))
         except ValueError:
             n = -1
         if not 0 <= n <= MAX_BODY:
-            raise BadHookRequest(f"Content-Length must be 0..{MAX_BODY}")
+            raise BadRequest(f"Content-Length must be 0..{MAX_BODY}")
         raw = self.rfile.read(n)
         if len(raw) < n:
             raise OSError("the client closed its request early")
@@ -342,9 +301,9 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             body = json.loads(raw)
         except ValueError as e:
-            raise BadHookRequest(f"body is not valid JSON: {e}") from None
+            raise BadRequest(f"body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise BadHookRequest("body must be a JSON object")
+            raise BadRequest("body must be a JSON object")
         return body
 
     def _send(self, status: int, payload: dict) -> None:
@@ -387,7 +346,7 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise HookApiError(f"{path} exists and is not a socket; remove it or choose another "
+        raise AgentError(f"{path} exists and is not a socket; remove it or choose another "
                            "hook_socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(0.5)
@@ -398,7 +357,7 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise HookApiError(f"another process already serves {path}")
+    raise AgentError(f"another process already serves {path}")
 
 
 def kvm_gid() -> int:

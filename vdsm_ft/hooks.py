@@ -30,7 +30,8 @@ from vdsm_ft import ftvalue, hooking
 if TYPE_CHECKING:
     from vdsm_ft.arbiter import StaleImage
     from vdsm_ft.emulator import Emulator
-    from vdsm_ft.hookapi import AgentUnreachable, HookClient
+    from vdsm_ft.agenterrors import AgentUnreachable
+    from vdsm_ft.hookapi import HookClient
     from vdsm_ft.hostconfig import HostConfig
 
 FT_ENV = "ft"
@@ -137,10 +138,10 @@ def _invalid_ft(env: Mapping[str, str]) -> HookResult | None:
 
 
 def _vm_id(env: Mapping[str, str]) -> str:
-    from vdsm_ft.hookapi import BadHookRequest, check_vm_id
+    from vdsm_ft.agenterrors import BadRequest, check_id
     try:
-        return check_vm_id(env.get(VM_ID_ENV))
-    except BadHookRequest:
+        return check_id(env.get(VM_ID_ENV), "VM id", uuid=True)
+    except BadRequest:
         raise HookError(f"VDSM passed no valid vmId ({env.get(VM_ID_ENV)!r})") from None
 
 
@@ -225,7 +226,7 @@ def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookR
     storage-domain image is behind (`normal_start`)."""
     if _no_ft(env):
         return normal_start(env, ctx)
-    from vdsm_ft import hookapi, hostconfig
+    from vdsm_ft import agenterrors, hostconfig
     refusal = _invalid_ft(env)
     if refusal:
         return refusal
@@ -238,14 +239,14 @@ def before_vm_start(env: Mapping[str, str], xml: str, ctx: HookContext) -> HookR
         return _refuse(f"VM {vm_id} cannot start with ft=true: {e}")
     try:
         new_xml = ctx.agent.prepare(vm_id, xml)
-    except hookapi.AgentRefused as e:
-        if e.code == hookapi.QEMU_INCAPABLE:
+    except agenterrors.AgentRefused as e:
+        if e.code == agenterrors.QEMU_INCAPABLE:
             return _qemu_incapable(config, vm_id, e.message)
-        if e.code != hookapi.REFUSED:       # the request itself, not the VM, was refused
+        if e.code != agenterrors.REFUSED:       # the request itself, not the VM, was refused
             return _refuse(f"VM {vm_id} not started: the vdsm-ft agent refused it: "
                            f"{e.message}")
         return _refuse(e.message)
-    except hookapi.AgentUnreachable as e:
+    except agenterrors.AgentUnreachable as e:
         return _prepare_here(ctx, config, vm_id, xml, e)
     return HookResult(hooking.OK, new_xml, f"vdsm-ft: VM {vm_id} prepared as COLO primary"
                                            f"{qemu_summary(xml, new_xml)} and registered "
@@ -256,7 +257,7 @@ def normal_start(env: Mapping[str, str], ctx: HookContext) -> HookResult:
     """A start without FT boots the image the engine names: refused while that image is
     behind its replica after a failover (vdsm_ft.imagestate). The agent answers with etcd
     warm; without it this process asks etcd itself (cold, but only then)."""
-    from vdsm_ft import hookapi, hostconfig, imagestate
+    from vdsm_ft import agenterrors, hostconfig, imagestate
     ft = env.get(FT_ENV)
     try:
         vm_id = _vm_id(env)
@@ -267,9 +268,9 @@ def normal_start(env: Mapping[str, str], ctx: HookContext) -> HookResult:
             return HookResult(hooking.OK, None, message)
         try:
             message = ctx.agent.image(vm_id, ft)
-        except hookapi.AgentRefused as e:
+        except agenterrors.AgentRefused as e:
             raise imagestate.ImageStale(e.message) from None
-        except hookapi.AgentUnreachable as e:
+        except agenterrors.AgentUnreachable as e:
             message = _image_from_etcd(ctx, vm_id, ft, f"{e}; {config.path}")
     except HookError as e:
         # VDSM always passes vmId; without one nothing can be checked.

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from vdsm_ft import hookapi, hooks
-from vdsm_ft.hookapi import (AgentRefused, AgentUnreachable, BadHookRequest, HookBackend,
-                             HookClient, HookApiError, serve_hooks)
+from vdsm_ft import hooks
+from vdsm_ft.agenterrors import AgentError, BadRequest, check_id
+from vdsm_ft.hookapi import AgentRefused, AgentUnreachable, HookBackend, HookClient, serve_hooks
 
 VM = "6a1f0c2e-4b7d-4e51-9a3c-2f8d7e6b5a41"
 
@@ -159,7 +159,7 @@ def test_listening_but_never_accepting_costs_at_most_the_bound(tmp_path):
 
 def test_client_refuses_a_bad_vm_id_before_sending(agent):
     backend, path = agent
-    with pytest.raises(BadHookRequest, match="not a UUID"):
+    with pytest.raises(BadRequest, match="not a UUID"):
         HookClient(path).stopping("../../etc")
     assert backend.calls == []
 
@@ -240,14 +240,14 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
     server = serve_hooks(path, Recorder(), owner_gid=os.getgid())
     try:
         HookClient(path).destroyed(VM)
-        with pytest.raises(HookApiError, match="already serves"):
+        with pytest.raises(AgentError, match="already serves"):
             serve_hooks(path, Recorder(), owner_gid=os.getgid())
     finally:
         server.close()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(HookApiError, match="not a socket"):
+    with pytest.raises(AgentError, match="not a socket"):
         serve_hooks(str(tmp_path / "file"), Recorder(), owner_gid=os.getgid())
 
 
 def test_uppercase_uuid_is_normalised():
-    assert hookapi.check_vm_id(VM.upper()) == VM
+    assert check_id(VM.upper(), "VM id", uuid=True) == VM

@@ -22,13 +22,14 @@ from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_ke
 from vdsm_ft.agent.metrics import render_metrics
 from vdsm_ft.agent.registry import Registry
 from vdsm_ft.agent.store import ImageNote, ImageNotes, Store, StoreError, VmRecord
-from vdsm_ft.api import (AgentClient, AgentServer, Backend, BadRequest, Conflict,
-                         HostStatus, NotFound, PeerSpec, PrepareSecondary, Role,
-                         SecondaryReady, TlsFiles, Unavailable, VmState, VmStatus,
-                         client_context)
+from vdsm_ft.agenterrors import (QEMU_INCAPABLE, AgentRefused, BadRequest, Conflict,
+                                 NotFound, Unavailable)
+from vdsm_ft.api import (AgentClient, AgentServer, Backend, HostStatus, PeerSpec,
+                         PrepareSecondary, Role, SecondaryReady, TlsFiles, VmState,
+                         VmStatus, client_context)
 from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterError, HostRecord, StaleImage,
                              check_fencing_budget)
-from vdsm_ft.hookapi import QEMU_INCAPABLE, AgentRefused, HookBackend, kvm_gid, serve_hooks
+from vdsm_ft.hookapi import HookBackend, kvm_gid, serve_hooks
 from vdsm_ft.hooks import ENGINE_XML, HookContext, StartRefused, prepare_primary
 from vdsm_ft.layout import Disk, Endpoints
 from vdsm_ft.qmp import QmpError
