@@ -140,11 +140,8 @@ def ranges(result: dict) -> list[Kv | None]:
     for resp in result.get("responses", []):
         if "response_range" not in resp:
             continue
-        kvs = resp["response_range"].get("kvs") or []
-        if not kvs:
-            out.append(None)
-            continue
-        out.append(_kv(kvs[0]))
+        found = resp["response_range"].get("kvs") or []
+        out.append(_kv(found[0]) if found else None)
     return out
 
 
@@ -155,7 +152,7 @@ def kvs(result: dict) -> list[Kv]:
 
 
 def _kv(kv: dict) -> Kv:
-    # proto3 JSON leaves out empty values, zero revisions and zero leases.
+    # proto3 JSON leaves out empty values and zero leases.
     return Kv(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")),
               int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
 
