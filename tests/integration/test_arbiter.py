@@ -329,7 +329,7 @@ def test_a_silent_first_member_costs_at_most_the_first_round_attempt(etcd_cluste
     listener on loopback that never answers. The call moves on after the first-round
     attempt, not after its share of the bound (1.5 s of 6 s here)."""
     import socket
-    from vdsm_ft.arbiter import FIRST_ROUND_ATTEMPT_S
+    from vdsm_ft.etcd import FIRST_ROUND_ATTEMPT_S
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)                     # the kernel completes handshakes; no reply

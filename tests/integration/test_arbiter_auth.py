@@ -19,7 +19,8 @@ from engine_plugin.poller import make_lease
 from ftlab import pki
 from ftlab.etcd import EtcdCluster
 from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterAuthError, ArbiterTlsError,
-                             LeaderLease, _b64)
+                             LeaderLease)
+from vdsm_ft.etcd import b64
 
 USER = "ft-agent"
 # etcd drops a simple token this many seconds after its last use on a member.
@@ -71,7 +72,7 @@ def secure(tmp_path_factory):
         admin.ok("auth/user/grant", {"user": "root", "role": "root"})
         admin.ok("auth/role/add", {"name": "vdsm-ft"})
         admin.ok("auth/role/grant", {"name": "vdsm-ft", "perm": {
-            "key": _b64("/vdsm-ft/"), "range_end": _b64("/vdsm-ft0"), "permType": "READWRITE"}})
+            "key": b64("/vdsm-ft/"), "range_end": b64("/vdsm-ft0"), "permType": "READWRITE"}})
         admin.ok("auth/user/grant", {"user": USER, "role": "vdsm-ft"})
         admin.ok("auth/enable", {})
         yield {"cluster": cluster, "client": client, "named": named, "ca": ca[0],
@@ -161,7 +162,7 @@ def test_client_certificate_with_a_common_name_is_explained(secure):
 
 
 def _token_state(secure, token: str) -> str:
-    r = secure["admin"].post("kv/range", {"key": _b64("/vdsm-ft/x")}, token)
+    r = secure["admin"].post("kv/range", {"key": b64("/vdsm-ft/x")}, token)
     return r.json().get("error", "valid") if r.status_code != 200 else "valid"
 
 

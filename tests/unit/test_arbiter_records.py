@@ -1,5 +1,4 @@
 """The arbiter's pure parts: record encoding, key layout, input validation, timing rule."""
-import base64
 import json
 import socket
 import time
@@ -9,7 +8,7 @@ import pytest
 from vdsm_ft import colo
 from vdsm_ft.arbiter import (ARBITER_BOUND_MS, ARBITER_BOUND_S, KILL_MARGIN_MS, Arbiter,
                              CorruptRecord, InvalidArgument, LeaderLease, PairRecord,
-                             TimingRuleViolation, _ranges, check_fencing_budget, claim_key,
+                             TimingRuleViolation, check_fencing_budget, claim_key,
                              claims_prefix, generation_key, leader_key, pair_key)
 
 BAD_NAMES = ["", " vm", "a/b", "../x", "vm\n", "x" * 129, "-vm", None, 7, b"vm"]
@@ -87,19 +86,6 @@ def test_key_layout():
     keys = [claim_key("vm-1", g) for g in (1, 2, 9, 10, 100, 12345)]
     assert keys == sorted(keys)
     assert claim_key("vm-1", 10) == "/vdsm-ft/claims/vm-1/000000000010"
-
-
-def test_txn_decoding_handles_omitted_fields():
-    # proto3 JSON leaves out empty kvs, zero leases and false booleans.
-    k, v = base64.b64encode(b"/k").decode(), base64.b64encode(b"7").decode()
-    result = {"header": {"revision": "9"}, "responses": [
-        {"response_range": {"header": {}}},
-        {"response_range": {"kvs": [{"key": k, "value": v, "mod_revision": "8"}],
-                            "count": "1"}},
-        {"response_put": {"header": {}}}]}
-    empty, kv = _ranges(result)
-    assert empty is None
-    assert (kv.key, kv.value, kv.mod_revision, kv.lease) == (b"/k", b"7", 8, 0)
 
 
 def test_timing_rule_holds_for_the_shipped_constants():

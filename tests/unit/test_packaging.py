@@ -25,8 +25,8 @@ SITELIB = "/usr/lib/python3.9/site-packages"
 HOOKS_DIR = "/usr/libexec/vdsm/hooks"
 HOST_RPM, ENGINE_RPM = "vdsm-hook-ft", "ovirt-ft-engine"
 # The vdsm_ft modules engine_plugin imports, shipped in the engine package too.
-ENGINE_VDSM_FT = {"__init__.py", "api.py", "agenterrors.py", "layout.py", "arbiter.py", "qemu_probe.py",
-                  "emulator.py", "imagestate.py", "ftvalue.py"}
+ENGINE_VDSM_FT = {"__init__.py", "api.py", "agenterrors.py", "layout.py", "arbiter.py",
+                  "etcd.py", "qemu_probe.py", "emulator.py", "imagestate.py", "ftvalue.py"}
 TIMEOUT = 120
 
 
