@@ -28,6 +28,7 @@ HTTP_ERROR = "http_error"
 INTERNAL_MESSAGE = "internal error; see the agent log"
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ID_RULE = "1-64 characters of [A-Za-z0-9._-]"
 # A UUID in its canonical form (a regex, not the uuid module: faster to import).
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -136,6 +137,11 @@ def check_id(value: Any, what: str, *, uuid: bool = False) -> str:
         if isinstance(value, str) and _UUID_RE.fullmatch(value.lower()):
             return value.lower()
         raise BadRequest(f"{what} {value!r} is not a UUID")
-    if isinstance(value, str) and _ID_RE.fullmatch(value):
+    if is_id(value):
         return value
-    raise BadRequest(f"{what} must be 1-64 characters of [A-Za-z0-9._-], got {value!r}")
+    raise BadRequest(f"{what} must be {ID_RULE}, got {value!r}")
+
+
+def is_id(value: Any) -> bool:
+    """True for an id that check_id accepts (without `uuid`)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None

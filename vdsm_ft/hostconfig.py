@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
 
+from vdsm_ft.agenterrors import ID_RULE, is_id
+
 DEFAULT_PATH = "/etc/vdsm-ft/agent.conf"
 PATH_ENV = "VDSM_FT_CONFIG"
 DEFAULT_API_PORT = 54329      # vdsm_ft.api.DEFAULT_PORT; repeated so hooks need not import it
@@ -43,7 +45,6 @@ AGENT_UNREACHABLE_POLICIES = (START_UNPROTECTED, REFUSE)
 # Keys whose value is a secret: a file holding one must be mode 0600 (or stricter).
 SECRET_KEYS = frozenset({"password"})
 
-_HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")   # the arbiter's name rule
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -146,9 +147,11 @@ def _path(v: str) -> str:
 
 
 def _host_id(v: str) -> str:
-    if not _HOST_ID_RE.fullmatch(v):
-        raise ValueError("1-128 characters from A-Z a-z 0-9 . _ : @ -, starting with a letter "
-                         "or digit")
+    # The agents' API names hosts by this id (agenterrors.check_id); the arbiter's
+    # name rule is wider, so an id the API takes is always a valid arbiter name.
+    if not is_id(v):
+        raise ValueError(f"{ID_RULE}, starting with a letter or digit (the agents' API "
+                         "names hosts by it)")
     return v
 
 

@@ -90,10 +90,16 @@ agent_timeout = 1.5
     ("storage", "overlay_size_cap = lots", "K, M, G or T"),
     ("agent", "hearbeat_timeout = 1", "not a known key"),
     ("libvirt", "uri = system", "libvirt URI"),
+    # The arbiter would take these, the agents' API would not: refused at load.
+    ("host", "id = host:1", "[A-Za-z0-9._-]"),
+    ("host", "id = h@dc", "[A-Za-z0-9._-]"),
+    ("host", "id = " + "h" * 65, "1-64 characters"),
 ])
 def test_bad_values_name_file_section_key_and_what_is_accepted(tmp_path, section, line, words):
     if section == "host":
-        text = MINIMAL.replace("replication_address = 192.0.2.11", line)
+        key = line.split(" = ")[0]
+        current = "id = host-a" if key == "id" else "replication_address = 192.0.2.11"
+        text = MINIMAL.replace(current, line)
     else:
         text = MINIMAL + f"\n[{section}]\n{line}\n"
     path = _write(tmp_path, text)
