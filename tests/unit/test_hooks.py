@@ -18,7 +18,7 @@ import pytest
 from lxml import etree
 
 from ftlab import guest, qemubuild
-from vdsm_ft import emulator, hooking, hooks, hostconfig
+from vdsm_ft import admission, emulator, hooking, hooks, hostconfig
 from vdsm_ft.arbiter import Arbiter, ArbiterUnavailable, StaleImage
 from vdsm_ft.hookapi import HookClient
 from vdsm_ft.hooks import HookContext, HookResult
@@ -300,7 +300,7 @@ def test_real_prepare_makes_the_run_dir_and_keeps_the_engine_xml(config, agent):
     r = hooks.before_vm_start(_env("true"), xml, ctx)
     assert r.rc == 0 and "ft-quorum0" in r.xml
     run_dir = config.vm_run_dir(VM)
-    assert open(os.path.join(run_dir, hooks.ENGINE_XML)).read() == xml
+    assert open(os.path.join(run_dir, admission.ENGINE_XML)).read() == xml
     assert agent[0].calls == [("prepare", VM, xml, r.xml)]
 
 
@@ -315,7 +315,7 @@ def test_agent_down_the_hook_prepares_itself_then_applies_the_policy(tmp_path, p
         assert f"<emulator>{config.qemu_emulator}</emulator>" in r.xml
     else:
         assert r.xml is None and "agent_unreachable = refuse" in r.message
-    assert os.path.exists(os.path.join(config.vm_run_dir(VM), hooks.ENGINE_XML))
+    assert os.path.exists(os.path.join(config.vm_run_dir(VM), admission.ENGINE_XML))
 
 
 def test_an_el9_clusters_machine_type_is_mapped_and_logged(tmp_path):
@@ -381,7 +381,7 @@ def test_run_dir_made_by_the_agent_stays_usable_by_the_hooks_group(tmp_path, con
     kvm = grp.getgrnam("kvm").gr_gid
     os.chown(parent, 0, kvm)
     os.chmod(parent, 0o2770)
-    path = hooks._owned_run_dir(config, VM)
+    path = admission._owned_run_dir(config, VM)
     st = os.stat(path)
     assert (st.st_uid, st.st_gid) == (pwd.getpwnam(config.qemu_user).pw_uid, kvm)
     assert stat.S_IMODE(st.st_mode) == 0o2770

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from vdsm_ft import hooks
+from vdsm_ft import admission, hooks
 from vdsm_ft.agenterrors import AgentError, BadRequest, check_id
 from vdsm_ft.hookapi import AgentRefused, AgentUnreachable, HookBackend, HookClient, serve_hooks
 
@@ -20,7 +20,7 @@ VM = "6a1f0c2e-4b7d-4e51-9a3c-2f8d7e6b5a41"
 
 class Recorder(HookBackend):
     """Records every call it accepts; can refuse, crash or stall on demand. `prepare` does
-    the agent's real work (`hooks.prepare_primary`) when given `parts`, as the agent does
+    the agent's real work (`admission.prepare_primary`) when given `parts`, as the agent does
     with its own, else answers a stand-in primary XML."""
 
     def __init__(self) -> None:
@@ -50,8 +50,10 @@ class Recorder(HookBackend):
             primary_xml = f"<domain>primary of {vm_id}</domain>"
         else:
             try:
-                primary_xml = hooks.prepare_primary(self.parts, vm_id, engine_xml)
-            except hooks.StartRefused as e:
+                primary_xml = admission.prepare_primary(
+                    self.parts.config, self.parts.arbiter, self.parts.emulator, vm_id,
+                    engine_xml)
+            except admission.StartRefused as e:
                 raise AgentRefused(str(e)) from None
         self.calls.append(("prepare", vm_id, engine_xml, primary_xml))
         return primary_xml

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from vdsm_ft import (colo, domains, domxml, emulator, hostconfig, imagestate, libvirtconn,
+from vdsm_ft import (admission, colo, domains, domxml, emulator, hostconfig, imagestate, libvirtconn,
                      qemu_probe, replica, runfiles)
 from vdsm_ft.agent import ports as portplan
 from vdsm_ft.agent.controller import VmController, secondary_layout
@@ -30,7 +30,6 @@ from vdsm_ft.api import (AgentClient, AgentServer, Backend, HostStatus, PeerSpec
 from vdsm_ft.arbiter import (ARBITER_BOUND_S, Arbiter, ArbiterError, HostRecord, StaleImage,
                              check_fencing_budget)
 from vdsm_ft.hookapi import HookBackend, kvm_gid, serve_hooks
-from vdsm_ft.hooks import ENGINE_XML, HookContext, StartRefused, prepare_primary
 from vdsm_ft.layout import Disk, Endpoints
 from vdsm_ft.qmp import QmpError
 
@@ -66,9 +65,6 @@ class Agent(Backend, HookBackend):
                                username=config.etcd_username, password=config.etcd_password)
         self.arbiter_bound = ARBITER_BOUND_S
         self.emulators = emulator.CachedEmulators()
-        # What the start hook's work needs, kept warm across starts (docs/hooks.md).
-        self._start_parts = HookContext({}, config=config, arbiter=self.arbiter,
-                                        emulators=self.emulators)
         self.tls = TlsFiles(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca)
         self._client_ctx = client_context(self.tls)
         self._clients: dict[tuple[str, int], AgentClient] = {}
@@ -324,7 +320,7 @@ class Agent(Backend, HookBackend):
         except FileNotFoundError:
             return
         for vm_id in entries:
-            path = os.path.join(vms_dir, vm_id, ENGINE_XML)
+            path = os.path.join(vms_dir, vm_id, admission.ENGINE_XML)
             known = self.registry.get(vm_id) is not None
             if known or not os.path.exists(path):
                 continue
@@ -653,8 +649,11 @@ class Agent(Backend, HookBackend):
             # The hook applies [hooks] qemu_incapable to this refusal.
             raise AgentRefused(f"VM {vm_id}: {qemu.reason}", code=QEMU_INCAPABLE)
         try:
-            primary_xml = prepare_primary(self._start_parts, vm_id, engine_xml)
-        except StartRefused as exc:
+            # The start hook's work, with this agent's arbiter and emulator cache warm
+            # (docs/hooks.md).
+            primary_xml = admission.prepare_primary(self.config, self.arbiter, self.emulators,
+                                                    vm_id, engine_xml)
+        except admission.StartRefused as exc:
             raise AgentRefused(str(exc)) from None
         self.register(vm_id, engine_xml)
         return primary_xml
