@@ -23,6 +23,7 @@ from ftlab.colopair import ColoPair, Member
 from ftlab.diskprobe import pattern_matches, write_pattern
 from ftlab.host import LabHost
 from vdsm_ft import colo, copyback
+from vdsm_ft.qmp import QmpTimeout
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -74,8 +75,16 @@ def pair(hosts):
 
 def _checkpoint_after(member: Member, cursor: int, timeout: float = 10.0) -> None:
     """Wait until a whole checkpoint (STOP then RESUME) began after `cursor`."""
-    stop = member.qmp.wait_event("STOP", timeout, since=cursor)
-    member.qmp.wait_event("RESUME", timeout, since=stop.seq + 1)
+    try:
+        stop = member.qmp.wait_event("STOP", timeout, since=cursor)
+        member.qmp.wait_event("RESUME", timeout, since=stop.seq + 1)
+    except QmpTimeout as e:
+        # A rare CI failure had only "no STOP event": say what COLO was doing.
+        migrate = member.qmp.execute("query-migrate")
+        raise AssertionError(
+            f"{e}; colo {colo.colo_status(member.qmp)}, migration "
+            f"{migrate.get('status')} {migrate.get('error-desc', '')}, events since: "
+            f"{[(ev.name, ev.data) for ev in member.qmp.events(cursor)]}") from e
 
 
 def write_covered(member: Member, offset: int, pattern: int) -> None:

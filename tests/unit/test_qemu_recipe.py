@@ -94,14 +94,16 @@ def test_patch_subsets_per_version():
         "0003-migration-socket-tcp-nodelay.patch",
         "0004-monitor-cont-in-inmigrate-only-arms-autostart.patch",
         "0005-filter-rewriter-no-offset-from-a-handshake-a-checkpoint-cut.patch",
-        "0006-colo-primary-stops-before-the-checkpoint-handshake-7.2.patch"]
+        "0006-colo-primary-stops-before-the-checkpoint-handshake-7.2.patch",
+        "0007-colo-compare-hold-a-syn-whose-isns-differ.patch"]
     # 10.0 has upstream the dirty-tracking fix (03bfc2188f06) and cont-in-inmigrate
     # behaviour, and bql_lock().
     assert [p.name for p in recipe.patches("10.0.13")] == [
         "0001-colo-savevm-live-state-under-bql.patch",
         "0003-migration-socket-tcp-nodelay.patch",
         "0005-filter-rewriter-no-offset-from-a-handshake-a-checkpoint-cut.patch",
-        "0006-colo-primary-stops-before-the-checkpoint-handshake.patch"]
+        "0006-colo-primary-stops-before-the-checkpoint-handshake.patch",
+        "0007-colo-compare-hold-a-syn-whose-isns-differ.patch"]
 
 
 def test_every_patch_file_is_in_the_series():
