@@ -471,8 +471,13 @@ def _teardown_primary_objects(pri: Qmp, layout: VmLayout) -> None:
             pri.execute("blockdev-del", {"node-name": disk.nbd_node},
                         FAILOVER_STEP_TIMEOUT)
     for nic in layout.nics:
-        for obj in (nic.filter_mirror, nic.filter_redirect_in, nic.filter_redirect_out,
-                    nic.compare, nic.iothread):
+        # colo-compare flushes the packets it holds when it goes (patch 0007 holds each
+        # new connection's SYN-ACK until a checkpoint that a lost secondary never
+        # gives): stop feeding it first, and keep the redirector that carries its
+        # output into the NIC until it has gone, or those packets are dropped and the
+        # clients wait for TCP's retransmission, a second or more.
+        for obj in (nic.filter_mirror, nic.filter_redirect_out, nic.compare,
+                    nic.filter_redirect_in, nic.iothread):
             _quietly(pri, "object-del", {"id": obj})
 
 

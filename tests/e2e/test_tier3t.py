@@ -28,12 +28,13 @@ import uuid
 import ovirtsdk4.types as types
 import pytest
 
-from ftlab import counterclient, echoclient, guest
+from ftlab import counterclient, echoclient, guest, netns
 from ftlab.demo import (LINUX_TCG_GUEST, TCG_MODE, DemoVm, Lab, Results, Timeline,
                         check_client, crash_and_fail_over, probe_layout, remove_ft_vm,
                         revive, start_client, stop_client, wait_for, wait_protected,
                         wait_up)
 from ftlab.diskprobe import PROBE_EXPORT, exported
+from ftlab.echoclient import EchoClient
 from ftlab.labstate import read_state
 from ftlab.vdsmdriver import tcg_colo_refusal
 from vdsm_ft import domxml
@@ -54,6 +55,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.tcg,
 START_TIMEOUT = 120.0
 PROTECT_TIMEOUT = 180.0          # resync + the first RAM copy of a 256 MiB TCG guest
 SECONDARY_LOST_TIMEOUT = 30.0
+LATE_ECHO_TIMEOUT = 30.0
 PROTECTED_REPLIES = 10           # the client's replies while protected, before a crash
 AFTER_S = 3.0                    # load after the last crash, before the client stops
 DEMO_BUDGET_S = 600
@@ -99,6 +101,7 @@ def test_client_service_and_tcp_connection_survive_primary_and_secondary_host_cr
     dvm = DemoVm(vm.id, name, LINUX_TCG_GUEST)
     svc = vms.vm_service(vm.id)
     down: list[str] = []
+    late: EchoClient | None = None
     try:
         svc.start()
         first = wait_up(svc, name, START_TIMEOUT).host.id
@@ -106,11 +109,27 @@ def test_client_service_and_tcp_connection_survive_primary_and_secondary_host_cr
         st = wait_protected(lab, first, vm.id, PROTECT_TIMEOUT)
         tl.say(f"Protected: {first} -> {st.secondary_host}, generation {st.generation}")
         _replies_after(dvm, time.monotonic(), PROTECTED_REPLIES)
+        # A second connection, opened while Protected and crashed under before the next
+        # periodic checkpoint: its handshake's ISNs differ between the guests, and only
+        # patch 0007's checkpoint keeps it from depending on the secondary's
+        # filter-rewriter (docs/qemu.md, experiments 21 and 22).
+        opened = time.monotonic()
+        late = EchoClient(netns.CLIENT_NS, dvm.guest.address)
+        wait_for("the late echo connection's first line",
+                 lambda: late.answered() or late.broken(), LATE_ECHO_TIMEOUT, interval=0.01)
+        assert not late.broken(), late.broken()
+        tl.say("client: a second echo connection, opened "
+               f"{time.monotonic() - opened:.2f} s ago, answers; crashing now")
 
         # 1. The primary's host crashes: the secondary takes over.
         survivor = st.secondary_host
         down.append(first)
         assert crash_and_fail_over(lab, tl, res, first, survivor, dvm, covered=[])
+        late_lines = late.stop()
+        late = None
+        tl.say(f"the late echo connection: {echoclient.fate(late_lines)}")
+        assert not any(e.error for e in late_lines), late_lines[-1]
+        assert len([e for e in late_lines if e.seq is not None]) > 5, late_lines
         revive(lab, tl, [first])         # its etcd member: the next failover needs 2 of 3
         down.remove(first)
         st = wait_protected(lab, survivor, vm.id, PROTECT_TIMEOUT)
@@ -137,6 +156,8 @@ def test_client_service_and_tcp_connection_survive_primary_and_secondary_host_cr
         time.sleep(AFTER_S)
         generations = after.generation
     finally:
+        if late is not None:
+            late.stop()
         stop_client(res, dvm)
         revive(lab, tl, down)
 

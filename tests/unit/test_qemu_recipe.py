@@ -95,7 +95,8 @@ def test_patch_subsets_per_version():
         "0004-monitor-cont-in-inmigrate-only-arms-autostart.patch",
         "0005-filter-rewriter-no-offset-from-a-handshake-a-checkpoint-cut.patch",
         "0006-colo-primary-stops-before-the-checkpoint-handshake-7.2.patch",
-        "0007-colo-compare-hold-a-syn-whose-isns-differ.patch"]
+        "0007-colo-compare-hold-a-syn-whose-isns-differ.patch",
+        "0008-colo-compare-deliver-the-packets-it-releases-at-removal-7.2.patch"]
     # 10.0 has upstream the dirty-tracking fix (03bfc2188f06) and cont-in-inmigrate
     # behaviour, and bql_lock().
     assert [p.name for p in recipe.patches("10.0.13")] == [
@@ -103,7 +104,8 @@ def test_patch_subsets_per_version():
         "0003-migration-socket-tcp-nodelay.patch",
         "0005-filter-rewriter-no-offset-from-a-handshake-a-checkpoint-cut.patch",
         "0006-colo-primary-stops-before-the-checkpoint-handshake.patch",
-        "0007-colo-compare-hold-a-syn-whose-isns-differ.patch"]
+        "0007-colo-compare-hold-a-syn-whose-isns-differ.patch",
+        "0008-colo-compare-deliver-the-packets-it-releases-at-removal.patch"]
 
 
 def test_every_patch_file_is_in_the_series():
