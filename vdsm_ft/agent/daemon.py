@@ -8,15 +8,12 @@ re-attaches to the running QEMUs and protection carries on without a failover.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
-import threading
 
 from vdsm_ft import admission, colo, domxml, emulator, hostconfig, imagestate, replica
 from vdsm_ft.agent.controller import VmController
-from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, read_key
+from vdsm_ft.agent.heartbeat import Heartbeat, read_key
 from vdsm_ft.agent.hostqemu import HostQemu
 from vdsm_ft.agent.imagemarks import ImageMarks
 from vdsm_ft.agent.metrics import render_metrics
@@ -348,29 +345,3 @@ def _refuse_while_stale(ctl: VmController, what: str) -> None:
         why = rec.reason or "copying back to the storage domain"
         raise Conflict(f"VM {rec.vm_id} cannot be {what} now: {why}; retry once its "
                        "storage-domain image is current")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vdsm-ft-agent",
-                                     description="vdsm-ft per-host agent")
-    parser.add_argument("--config", help="host config file (default: $VDSM_FT_CONFIG "
-                        f"or {hostconfig.DEFAULT_PATH})")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # qemu.qmp logs every refused connect as an error; vdsm_ft.qmp reports the outcome.
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    try:
-        config = hostconfig.load(args.config)
-        agent = Agent(config)
-    except (hostconfig.ConfigError, HeartbeatKeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    agent.start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    agent.stop()
-    return 0
