@@ -15,7 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 from vdsm_ft import colo, domains, domxml, emulator, hostconfig, libvirtconn, replica
 from vdsm_ft.agent import ports as portplan
-from vdsm_ft.agent.registry import Registry
+from vdsm_ft.agent.registry import Owned, Registry
 from vdsm_ft.agent.store import VmRecord
 from vdsm_ft.api import AgentClient, PeerSpec, Role, VmState
 from vdsm_ft.arbiter import Arbiter, ArbiterError
@@ -27,11 +27,9 @@ log = logging.getLogger("vdsm_ft.agent")
 PREPARE_TIMEOUT = 120.0
 
 
-class Controlled(Protocol):
+class Controlled(Owned, Protocol):
     """What these services need of a controller (vdsm_ft.agent.controller.VmController)."""
 
-    vm_id: str
-    epoch: int
     forget_when_down: bool
 
     @property
@@ -40,8 +38,6 @@ class Controlled(Protocol):
     def update(self, **changes: object) -> VmRecord: ...
 
     def kill_qemu(self) -> None: ...
-
-    def retire(self) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -55,7 +51,7 @@ class Services(Generic[C]):
                  client_ctx: ssl.SSLContext,
                  image_made_current: Callable[[str, str, int], None]):
         self.config = config
-        self.registry = registry
+        self._registry = registry
         self.arbiter = arbiter
         self.arbiter_bound = arbiter_bound
         self._emulators = emulators
@@ -69,7 +65,7 @@ class Services(Generic[C]):
 
     def save(self, ctl: C, record: VmRecord) -> None:
         """Persist `record`; NotOwner when `ctl` no longer owns its VM."""
-        self.registry.save(ctl, record)
+        self._registry.save(ctl, record)
 
     def state_changed(self, ctl: C) -> None:
         rec = ctl.record
@@ -94,7 +90,7 @@ class Services(Generic[C]):
     def forget(self, ctl: C, reason: str) -> None:
         """Remove a secondary (or a stopped VM) and everything it held on this host."""
         rec = ctl.record
-        if not self.registry.remove(ctl):
+        if not self._registry.remove(ctl):
             # Removed or replaced already: what it held belongs to the new owner.
             return
         log.info("%s: forgetting (%s)", rec.name, reason)
@@ -112,7 +108,7 @@ class Services(Generic[C]):
 
     def allocate_ports(self, ctl: C, side: str, count: int) -> list[int]:
         with self._lock:
-            held = [p for c in self.registry.all() for ps in c.record.ports.values()
+            held = [p for c in self._registry.all() for ps in c.record.ports.values()
                     for p in ps]
             chosen = portplan.allocate(count, self.config.colo_ports, held,
                                        self.config.replication_address)
