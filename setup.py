@@ -25,7 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vdsm-ft=ftlab.cli:main",
-            "vdsm-ft-agent=vdsm_ft.agent:main",
+            "vdsm-ft-agent=vdsm_ft.agent.main:main",
             "ovirt-ft=engine_plugin.cli:main",
             "ovirt-ft-poller=engine_plugin.poller:main",
         ],

@@ -98,7 +98,7 @@ class LabAgent:
         env = dict(os.environ, VDSM_FT_CONFIG=self.config_path, PYTHONPATH=REPO)
         log = open(self.host.path("ft", "agent.log"), "ab")
         self.proc = self.host.popen(
-            [sys.executable, "-c", "import sys; from vdsm_ft.agent import main; "
+            [sys.executable, "-c", "import sys; from vdsm_ft.agent.main import main; "
              "sys.exit(main())"], env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout

@@ -298,6 +298,11 @@ class Arbiter:
         self._t = etcd.Transport(endpoints, key_prefix=PREFIX, ca_cert=ca_cert, cert=cert,
                                  key=key, username=username, password=password)
 
+    @property
+    def transport(self) -> etcd.Transport:
+        """The etcd transport under these rules; LeaderLease shares it."""
+        return self._t
+
     def _timeout(self, timeout: float | None) -> float:
         return self.bound if timeout is None else check_timeout(timeout)
 
@@ -619,7 +624,7 @@ class LeaderLease:
     def __init__(self, arbiter: Arbiter, name: str, holder: str, ttl: int = 5) -> None:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
             raise InvalidArgument(f"lease ttl must be an integer >= 1 second; got {ttl!r}")
-        self._t = arbiter._t
+        self._t = arbiter.transport
         self._bound = arbiter.bound
         self.key = leader_key(name)
         self.holder = _check_name("leader holder", holder)

@@ -287,6 +287,16 @@ class Transport:
         self.preferred = 0
         self._lock = threading.Lock()
 
+    @property
+    def token(self) -> str | None:
+        """The auth token in use: None before the first login and once etcd revoked it."""
+        return self._token
+
+    @property
+    def password(self) -> str | None:
+        """The password it logs in with; read-only."""
+        return self._password
+
     def _call(self, what: str, op: Callable[[_Client], T], timeout: float) -> T:
         """Run op on the first endpoint that answers; give up when ``timeout`` is spent."""
         deadline = time.monotonic() + check_timeout(timeout)

@@ -111,7 +111,7 @@ def test_right_certificate_and_password(secure, monkeypatch, caplog):
     lease = LeaderLease(a, f"auth-{uuid.uuid4().hex[:8]}", "p1", ttl=5)
     assert lease.acquire() and lease.refresh()
     lease.release()
-    assert_no_secret(secure, caplog.text, repr(a), repr(a._t), repr(lease))
+    assert_no_secret(secure, caplog.text, repr(a), repr(a.transport), repr(lease))
 
 
 def test_wrong_password_is_a_clear_auth_error(secure, caplog):
@@ -170,27 +170,27 @@ def test_expired_token_is_renewed(secure):
     a = arbiter(secure)
     vm = new_vm()
     g = a.begin_generation(vm, "hostA", "hostB")
-    old = a._t._token
+    old = a.transport.token
     time.sleep(TOKEN_TTL + 1.5)
     assert _token_state(secure, old) == "etcdserver: invalid auth token"
     assert a.claim_live(vm, g, "hostA", timeout=ARBITER_BOUND_S) is True
-    assert a._t._token not in (None, old)
+    assert a.transport.token not in (None, old)
 
 
 def test_token_revoked_by_auth_disable_and_enable_is_renewed(secure):
     admin, a = secure["admin"], arbiter(secure)
     vm = new_vm()
     a.begin_generation(vm, "hostA", None)
-    old = a._t._token
+    old = a.transport.token
     admin.ok("auth/disable", {}, admin.root_token())
     try:
         assert a.current_generation(vm) == 1        # etcd now wants no token at all
-        assert a._t._token is None
+        assert a.transport.token is None
     finally:
         admin.ok("auth/enable", {})
     assert _token_state(secure, old) == "etcdserver: invalid auth token"
     assert a.begin_generation(vm, "hostA", "hostB") == 2
-    assert a._t._token is not None
+    assert a.transport.token is not None
 
 
 def test_poller_lease_over_tls_and_auth(secure, tmp_path):

@@ -204,7 +204,7 @@ def test_a_pid_the_kernel_gave_to_another_process_is_never_killed(config, agents
     ctl = agent._ctl(VM)
     other = subprocess.Popen(["sleep", "30"])
     try:
-        monkeypatch.setattr(agent, "destroy_domain", lambda name: None)
+        monkeypatch.setattr(agent.services, "destroy_domain", lambda name: None)
         monkeypatch.setattr(domains, "qemu_pid", lambda name, among=None: other.pid)
         monkeypatch.setattr(domains, "start_time", lambda pid: 100, raising=False)
         assert ctl.qemu_alive()                     # the VM's QEMU, as seen then

@@ -93,7 +93,8 @@ def test_arbiter_refuses_half_credentials(kw, message):
 def test_arbiter_warns_of_a_password_over_http(caplog):
     caplog.set_level(logging.WARNING)
     a = Arbiter(["http://127.0.0.1:2379"], username="u", password=SECRET)
-    assert "clear text" in caplog.text and SECRET not in caplog.text + repr(a) + repr(a._t)
+    assert "clear text" in caplog.text
+    assert SECRET not in caplog.text + repr(a) + repr(a.transport)
 
 
 def test_hooks_pass_the_host_etcd_credentials(tmp_path):
@@ -104,5 +105,5 @@ def test_hooks_pass_the_host_etcd_credentials(tmp_path):
                     "[etcd]\nendpoints = https://127.0.0.1:2379\n"
                     f"username = ft-agent\npassword = {SECRET}\n")
     path.chmod(0o600)
-    t = HookContext({}, config=hostconfig.load(str(path))).arbiter._t
-    assert (t.username, t._password) == ("ft-agent", SECRET)
+    t = HookContext({}, config=hostconfig.load(str(path))).arbiter.transport
+    assert (t.username, t.password) == ("ft-agent", SECRET)

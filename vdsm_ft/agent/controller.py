@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from vdsm_ft import (colo, copyback, domains, domxml, emulator, identity, libvirtconn,
                      replica, runfiles)
@@ -21,17 +20,14 @@ from vdsm_ft.agent import states
 from vdsm_ft.agent.states import Action
 from vdsm_ft.agent.checkpoints import CheckpointStats
 from vdsm_ft.agent.registry import NotOwner
+from vdsm_ft.agent.services import Services
 from vdsm_ft.agent.store import VmRecord
 from vdsm_ft.agent.traffic import TrafficMeter
 from vdsm_ft.api import (COPYING_BACK, AgentClient, AgentError, Failover,
                          PrepareSecondary, Role, VmState, VmStatus)
 from vdsm_ft.arbiter import ArbiterError, ArbiterUnavailable
-from vdsm_ft.layout import (IDENTITY_MIGRATION_SOCKET, Disk, Endpoints, Nic, VmLayout,
-                            qmp_socket)
+from vdsm_ft.layout import IDENTITY_MIGRATION_SOCKET, Endpoints, VmLayout, qmp_socket
 from vdsm_ft.qmp import Event, Qmp, QmpError
-
-if TYPE_CHECKING:
-    from vdsm_ft.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +47,8 @@ STALE_RETRY_S = 30.0
 
 
 class VmController:
-    def __init__(self, agent: "Agent", record: VmRecord):
-        self.agent = agent
+    def __init__(self, services: Services[VmController], record: VmRecord):
+        self.services = services
         self._record = record
         self.vm_id = record.vm_id
         self.epoch = record.epoch     # its owner epoch (vdsm_ft/agent/registry.py)
@@ -87,7 +83,7 @@ class VmController:
         replaced, so that its writes never land over the new owner's."""
         with self._lock:
             record = self._record.evolve(**changes)
-            self.agent.registry.save(self, record)
+            self.services.save(self, record)
             self._record = record
             return record
 
@@ -122,7 +118,7 @@ class VmController:
         disks = tuple(replace(d, size=size) for d, size in zip(base.disks,
                                                                rec.disk_sizes))
         if rec.role is Role.SECONDARY or rec.on_replica:
-            disks = tuple(self.agent.replica_disk(rec.vm_id, d) for d in disks)
+            disks = tuple(self.services.replica_disk(rec.vm_id, d) for d in disks)
         return replace(base, name=rec.domain, disks=disks)
 
     def copyback_targets(self) -> tuple[copyback.Target, ...]:
@@ -130,7 +126,7 @@ class VmController:
 
     @property
     def run_dir(self) -> str:
-        return self.agent.vm_run_dir(self.record.vm_id)
+        return self.services.vm_run_dir(self.record.vm_id)
 
     def qemu_alive(self) -> bool:
         return self._qemu_pid() is not None
@@ -149,7 +145,8 @@ class VmController:
             self._qemu = (pid, started) if pid is not None and started is not None else None
             return self._qemu[0] if self._qemu else None
 
-    def _ensure_qmp(self) -> Qmp | None:
+    def ensure_qmp(self) -> Qmp | None:
+        """This VM's QMP connection, made on first use; None while QEMU does not answer."""
         if self.qmp is not None:
             return self.qmp
         if not self.qemu_alive():
@@ -176,7 +173,7 @@ class VmController:
             self.wake()
 
     def colo_mode(self) -> str | None:
-        qmp = self._ensure_qmp()
+        qmp = self.ensure_qmp()
         if qmp is None:
             return None
         try:
@@ -245,7 +242,7 @@ class VmController:
             log.info("%s: %s -> %s (%s, %s)", rec.name, rec.state.value, result.value,
                      row.condition.value, row.action.value)
             self.update(state=result)
-            self.agent.state_changed(self)
+            self.services.state_changed(self)
             self.wake()  # the new state may have a row to take right away
 
     # -- actions (each returns the next state) ----------------------------------------
@@ -255,7 +252,7 @@ class VmController:
         self._close_qmp()
         if rec.role is Role.SECONDARY:
             # A secondary's copy is only a replica; the primary decides what happens.
-            self.agent.forget(self, reason="secondary QEMU exited")
+            self.services.forget(self, reason="secondary QEMU exited")
             return VmState.DOWN
         if rec.peer is not None:
             reason = f"QEMU exited; the secondary on {rec.peer.host_id} takes over"
@@ -263,7 +260,7 @@ class VmController:
             reason = "QEMU exited; " + self._copy_back_offline(STOP_COPY_BOUND_S)
         else:
             reason = (f"QEMU exited; the last copy of the data is on this host "
-                      f"({self.agent.config.host_id})")
+                      f"({self.services.config.host_id})")
         self.update(reason=reason)
         if rec.peer is None and rec.generation:
             self._record_down(reason)
@@ -279,7 +276,7 @@ class VmController:
     def _do_teardown(self) -> VmState:
         rec = self.record
         if rec.role is Role.SECONDARY:
-            self.agent.forget(self, reason="stopped")
+            self.services.forget(self, reason="stopped")
             return VmState.DOWN
         self._end_pair()
         reason = "stopped by the admin or the guest"
@@ -295,11 +292,11 @@ class VmController:
         this host's (Not Protected), so the start hook elsewhere refuses a start."""
         rec = self.record
         if not rec.on_replica:
-            self.agent.pair_down(rec, reason)
+            self.services.pair_down(rec, reason)
             return
         try:
-            self.agent.arbiter.update_pair(rec.vm_id, rec.generation, state="Not Protected",
-                                           reason=reason[:512])
+            self.services.arbiter.update_pair(rec.vm_id, rec.generation,
+                                              state="Not Protected", reason=reason[:512])
         except ArbiterError as exc:
             log.warning("%s: pair record not updated: %s", rec.name, exc)
 
@@ -310,9 +307,9 @@ class VmController:
         reason = "stopped; " + self._copy_back_offline(STOP_COPY_BOUND_S)
         self.update(reason=reason)
         if not self.record.on_replica:
-            self.agent.pair_down(self.record, reason)
+            self.services.pair_down(self.record, reason)
             if self.forget_when_down:
-                self.agent.forget(self, reason="VDSM released the VM")
+                self.services.forget(self, reason="VDSM released the VM")
         return VmState.DOWN
 
     def _do_unprotect(self) -> VmState:
@@ -342,9 +339,9 @@ class VmController:
         """Win this pair's generation for this host (a claim it holds already is kept);
         False when the secondary won it first. Raises ArbiterError without an answer."""
         rec = self.record
-        return self.agent.arbiter.claim_live(rec.vm_id, rec.generation,
-                                             self.agent.config.host_id,
-                                             timeout=self.agent.arbiter_bound)
+        return self.services.arbiter.claim_live(rec.vm_id, rec.generation,
+                                                self.services.config.host_id,
+                                                timeout=self.services.arbiter_bound)
 
     def _end_pair(self) -> bool:
         """End protection on purpose, so that the secondary never mistakes it for a loss.
@@ -365,7 +362,7 @@ class VmController:
         return True
 
     def _do_abandon(self) -> VmState:
-        qmp = self._ensure_qmp()
+        qmp = self.ensure_qmp()
         if qmp is not None:
             colo.abandon(qmp, self.layout())
         self._drop_peer_secondary()
@@ -375,8 +372,8 @@ class VmController:
     def _do_protect(self) -> VmState:
         rec = self.update(state=VmState.SYNCING, reason="", move_to=None,
                           test_failover=False)
-        self.agent.state_changed(self)
-        qmp = self._ensure_qmp()
+        self.services.state_changed(self)
+        qmp = self.ensure_qmp()
         if qmp is None:
             # This side is the problem, not the peer: another peer would not help.
             self.update(peer=None, reason="the VM's private QMP socket does not answer; "
@@ -385,30 +382,30 @@ class VmController:
         peer = rec.peer
         layout = self.layout()
         try:
-            generation = self.agent.arbiter.begin_generation(
-                rec.vm_id, self.agent.config.host_id, peer.host_id, state="Syncing")
-            ports = self.agent.allocate_ports(self, "primary", 2 * len(layout.nics))
+            generation = self.services.arbiter.begin_generation(
+                rec.vm_id, self.services.config.host_id, peer.host_id, state="Syncing")
+            ports = self.services.allocate_ports(self, "primary", 2 * len(layout.nics))
             self.update(generation=generation)
-            client = self.agent.peer_client(peer)
+            client = self.services.peer_client(peer)
             ready = client.prepare_secondary(PrepareSecondary(
                 vm_id=rec.vm_id, name=rec.name, generation=generation,
-                primary=self.agent.self_spec(), domain_xml=rec.engine_xml,
+                primary=self.services.self_spec(), domain_xml=rec.engine_xml,
                 disks=tuple((d.index, d.size) for d in layout.disks),
                 nics=tuple((n.index, n.netdev, n.mac) for n in layout.nics),
                 mirror_ports=tuple(ports[0::2]), compare_ports=tuple(ports[1::2]),
-                colo_tls=self.agent.colo_tls() is not None, qemu_build=rec.qemu_build,
+                colo_tls=self.services.colo_tls() is not None, qemu_build=rec.qemu_build,
                 machine=rec.machine))
             self.update(peer_ports=(ready.migration_port, ready.nbd_port))
-            ep = ready.endpoints(self.agent.config.replication_address,
+            ep = ready.endpoints(self.services.config.replication_address,
                                  peer.replication_address, tuple(ports[0::2]),
                                  tuple(ports[1::2]))
             colo.protect(qmp, layout, _RemoteSecondary(client, rec.vm_id), ep,
                          before_rewriter=rec.was_secondary,
                          checkpoint_delay_ms=colo.DEFAULT_CHECKPOINT_DELAY_MS,
-                         tls=self.agent.colo_tls())
-            self.agent.arbiter.update_pair(rec.vm_id, generation, state="Protected",
-                                           primary=self.agent.config.host_id,
-                                           secondary=peer.host_id)
+                         tls=self.services.colo_tls())
+            self.services.arbiter.update_pair(rec.vm_id, generation, state="Protected",
+                                              primary=self.services.config.host_id,
+                                              secondary=peer.host_id)
         except (colo.ColoError, QmpError, AgentError, ArbiterError, OSError) as exc:
             return self._protect_failed(f"protection onto {peer.host_id} failed: {exc}")
         with self._lock:
@@ -418,17 +415,17 @@ class VmController:
     def _protect_failed(self, reason: str) -> VmState:
         log.warning("%s: %s", self.record.name, reason)
         self._drop_peer_secondary()
-        self.agent.release_ports(self, "primary")
+        self.services.release_ports(self, "primary")
         self.update(peer=None, reason=reason)
         return VmState.NEED_SECONDARY
 
     def _do_fail_over(self) -> VmState:
         rec = self.update(state=VmState.FAILING_OVER)
-        self.agent.state_changed(self)
+        self.services.state_changed(self)
         with self._lock:
             detected = self._peer_lost_at or time.monotonic()
             why = self._peer_lost_why
-        me = self.agent.config.host_id
+        me = self.services.config.host_id
         try:
             won = self.hold_generation()
             lost_to = "" if won else f"the other side won generation {rec.generation}"
@@ -449,11 +446,11 @@ class VmController:
             self.kill_qemu()
             log.warning("%s: fenced itself: %s", rec.name, lost_to)
             if rec.role is Role.SECONDARY:
-                self.agent.forget(self, reason=lost_to)
+                self.services.forget(self, reason=lost_to)
             else:
                 self.update(reason=f"stopped to avoid two live copies: {lost_to}")
             return VmState.DOWN
-        qmp = self._ensure_qmp()
+        qmp = self.ensure_qmp()
         try:
             if qmp is None:
                 raise QmpError("the VM's QMP socket does not answer")
@@ -469,8 +466,8 @@ class VmController:
         failover = Failover(at=time.time(), from_host=rec.peer.host_id if (
             rec.role is Role.SECONDARY and rec.peer) else me, to_host=me,
             duration_ms=took_ms, old_primary_cannot_run=rec.role is Role.SECONDARY)
-        self.agent.release_ports(self, "secondary" if rec.role is Role.SECONDARY
-                                 else "primary")
+        self.services.release_ports(self, "secondary" if rec.role is Role.SECONDARY
+                                    else "primary")
         # A secondary runs on its replica from here: the engine's image is behind
         # (docs/decisions.md, D2).
         self.update(role=Role.PRIMARY, was_secondary=rec.was_secondary or
@@ -482,9 +479,9 @@ class VmController:
         with self._lock:
             self._peer_lost_at = None
         try:
-            self.agent.arbiter.update_pair(rec.vm_id, rec.generation,
-                                           state="Need Secondary", primary=me,
-                                           secondary=None)
+            self.services.arbiter.update_pair(rec.vm_id, rec.generation,
+                                              state="Need Secondary", primary=me,
+                                              secondary=None)
         except ArbiterError as exc:
             log.warning("%s: pair record not updated after failover: %s", rec.name, exc)
         log.warning("%s: failed over in %.1f ms (%s)", rec.name, took_ms, why)
@@ -500,7 +497,7 @@ class VmController:
             # Moved already; an agent restart cut the cleanup short.
             self._finish_identity(domxml.secondary_name(rec.name))
             return VmState.NEED_SECONDARY
-        src = self._ensure_qmp()
+        src = self.ensure_qmp()
         if src is None:
             self.update(reason=f"{rec.reason}; not moved into its own identity: the "
                         "survivor's QMP socket does not answer")
@@ -547,8 +544,8 @@ class VmController:
             # itself if the survivor waits in postmigrate: then the new domain is the VM.
             if identity.run_state(src) == "postmigrate":
                 return self._adopt_moved(src, new_domain)
-            self.agent.destroy_domain(new_domain)      # it never ran
-        emu = self.agent.emulator()
+            self.services.destroy_domain(new_domain)      # it never ran
+        emu = self.services.emulator()
         if rec.qemu_build and emu.identity != rec.qemu_build:
             raise identity.IdentityError(
                 f"{emu.path} is now build {emu.identity!r}, the survivor runs "
@@ -556,7 +553,7 @@ class VmController:
         xml = domxml.identity_xml(rec.engine_xml, self.run_dir, src_layout.disks,
                                   emu.version, emulator=emu.path,
                                   machine=rec.machine or None)
-        conn = libvirtconn.connect(self.agent.config)
+        conn = libvirtconn.connect(self.services.config)
         try:
             self.update(reason=f"{rec.reason}; starting domain {new_domain}")
             runfiles.make_placeholders(xml)
@@ -576,7 +573,7 @@ class VmController:
         except (identity.IdentityError, QmpError) as exc:
             dst.close()
             # Never two live copies: the new domain is dead before the survivor resumes.
-            self.agent.destroy_domain(new_domain)
+            self.services.destroy_domain(new_domain)
             try:
                 identity.resume_source(src)
             except (identity.IdentityError, QmpError) as again:
@@ -621,15 +618,15 @@ class VmController:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.agent.destroy_domain(old_domain)
-        replica.remove_overlays(self.record.vm_id, self.agent.config.overlay_dir)
+        self.services.destroy_domain(old_domain)
+        replica.remove_overlays(self.record.vm_id, self.services.config.overlay_dir)
 
     def _do_copy_back(self) -> VmState:
         """One step of the copy-back (vdsm_ft.copyback): prove, start or resume, report,
         and once in sync pivot onto the engine's image. The loop takes a step a tick,
         so a stop or a crash is seen between steps."""
         rec = self.record
-        qmp = self._ensure_qmp()
+        qmp = self.ensure_qmp()
         to = self.copyback_targets()
         try:
             if qmp is None:
@@ -642,7 +639,7 @@ class VmController:
                 if j["status"] in ("running", "ready", "paused")}
             if running and not self._copy_attached:
                 # Started by an earlier run of this agent: the job went on in QEMU.
-                copyback.start(qmp, layout, to, self.agent.config.copyback_rate)
+                copyback.start(qmp, layout, to, self.services.config.copyback_rate)
                 log.info("%s: copy-back resumed in QEMU", rec.name)
             elif not running:
                 wait = self._fencing_wait()
@@ -651,9 +648,9 @@ class VmController:
                                 "old primary is provably fenced")
                     self._wake_in(wait)
                     return VmState.NOT_PROTECTED
-                copyback.start(qmp, layout, to, self.agent.config.copyback_rate)
+                copyback.start(qmp, layout, to, self.services.config.copyback_rate)
                 log.info("%s: copy-back started at %d bytes/s", rec.name,
-                         self.agent.config.copyback_rate)
+                         self.services.config.copyback_rate)
             self._copy_attached = True
             p = copyback.progress(qmp, to)
             if not p.ready:
@@ -686,9 +683,9 @@ class VmController:
         raises NotYetSafe or ArbiterError when it proves nothing yet."""
         rec = self.record
         return copyback.old_primary_fenced(
-            self.agent.arbiter.live_claim(rec.vm_id, rec.generation,
-                                          timeout=self.agent.arbiter_bound),
-            self.agent.config.host_id, rec.generation)
+            self.services.arbiter.live_claim(rec.vm_id, rec.generation,
+                                             timeout=self.services.arbiter_bound),
+            self.services.config.host_id, rec.generation)
 
     def _await_fenced(self, deadline: float) -> str | None:
         """Wait (until `deadline`) for the proof before a stop's copy writes the image;
@@ -721,10 +718,10 @@ class VmController:
 
     def _replica_done(self) -> None:
         rec = self.record
-        replica.remove_secondary_disks(rec.vm_id, self.agent.config.replica_dir,
-                                       self.agent.config.overlay_dir)
+        replica.remove_secondary_disks(rec.vm_id, self.services.config.replica_dir,
+                                       self.services.config.overlay_dir)
         self.update(on_replica=False, image_current_at=time.time())
-        self.agent.image_made_current(rec.vm_id, rec.name, rec.generation)
+        self.services.image_made_current(rec.vm_id, rec.name, rec.generation)
 
     def _finish_copy_back(self, bound: float) -> str:
         """A stop while the image is behind: pivot online if the copy gets in sync in
@@ -733,7 +730,7 @@ class VmController:
         unproven = self._await_fenced(deadline)
         if unproven is not None:
             return self._stale_left(unproven)
-        qmp = self._ensure_qmp()
+        qmp = self.ensure_qmp()
         to = self.copyback_targets()
         try:
             if qmp is not None and self.qemu_alive():
@@ -772,9 +769,9 @@ class VmController:
         return "the storage-domain image was made current from this host's replica"
 
     def _stale_left(self, why: str) -> str:
-        where = os.path.join(self.agent.config.replica_dir, self.record.vm_id)
+        where = os.path.join(self.services.config.replica_dir, self.record.vm_id)
         return (f"the storage-domain image is NOT current ({why}): the newest data is in "
-                f"{where} on host {self.agent.config.host_id}; copy it onto the image "
+                f"{where} on host {self.services.config.host_id}; copy it onto the image "
                 "(docs/operations.md, copy-back) before the VM starts again")
 
     def _wake_in(self, seconds: float) -> None:
@@ -792,7 +789,7 @@ class VmController:
             except ProcessLookupError:
                 pass
         self._close_qmp()
-        self.agent.destroy_domain(self.record.domain)
+        self.services.destroy_domain(self.record.domain)
 
     def _close_qmp(self) -> None:
         if self.qmp is not None:
@@ -800,7 +797,7 @@ class VmController:
             self.qmp = None
 
     def _leave_colo(self) -> None:
-        qmp = self._ensure_qmp()
+        qmp = self.ensure_qmp()
         if qmp is None:
             return
         try:
@@ -810,14 +807,14 @@ class VmController:
                 colo.abandon(qmp, self.layout())
         except (colo.ColoError, QmpError) as exc:
             log.warning("%s: leaving COLO: %s", self.record.name, exc)
-        self.agent.release_ports(self, "primary")
+        self.services.release_ports(self, "primary")
 
     def _drop_peer_secondary(self) -> None:
         peer = self.record.peer
         if peer is None:
             return
         try:
-            self.agent.peer_client(peer).unprotect(self.record.vm_id)
+            self.services.peer_client(peer).unprotect(self.record.vm_id)
         except AgentError as exc:
             log.warning("%s: peer %s did not drop its secondary: %s", self.record.name,
                         peer.host_id, exc)
@@ -828,7 +825,7 @@ class VmController:
             # The primary polls this while it waits for COLO to begin: look now rather
             # than at the next tick.
             self.wake()
-        me = self.agent.config.host_id
+        me = self.services.config.host_id
         peer = rec.peer.host_id if rec.peer else None
         primary, secondary = (me, peer) if rec.role is Role.PRIMARY else (peer, me)
         sent = 0
@@ -860,9 +857,3 @@ class _RemoteSecondary:
         status = self.client.vm_status(self.vm_id)
         return "secondary" if status.state is VmState.PROTECTED else "none"
 
-
-def secondary_layout(request: PrepareSecondary, run_dir: str,
-                     disks: tuple[Disk, ...]) -> VmLayout:
-    return VmLayout(vm_id=request.vm_id, name=domxml.secondary_name(request.name),
-                    run_dir=run_dir, disks=disks,
-                    nics=tuple(Nic(i, n, m) for i, n, m in request.nics))

@@ -9,24 +9,33 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from vdsm_ft.agent.store import Store, VmRecord
 from vdsm_ft.api import NotFound
-
-if TYPE_CHECKING:
-    from vdsm_ft.agent.controller import VmController
 
 
 class NotOwner(NotFound):
     """A controller that no longer owns its VM tried to write the VM's record."""
 
 
-class Registry:
+class Owned(Protocol):
+    """What the registry needs of a controller (vdsm_ft.agent.controller.VmController)."""
+
+    vm_id: str
+    epoch: int
+
+    def retire(self) -> None: ...
+
+
+C = TypeVar("C", bound=Owned)
+
+
+class Registry(Generic[C]):
     def __init__(self, store: Store):
         self.store = store
         self._lock = threading.Lock()
-        self._vms: dict[str, "VmController"] = {}
+        self._vms: dict[str, C] = {}
         self._epoch = 0
 
     def load(self) -> list[VmRecord]:
@@ -36,8 +45,7 @@ class Registry:
             self._epoch = max([self._epoch] + [r.epoch for r in records])
         return records
 
-    def install(self, record: VmRecord,
-                make: Callable[[VmRecord], "VmController"]) -> "VmController":
+    def install(self, record: VmRecord, make: Callable[[VmRecord], C]) -> C:
         """Make `record`'s VM owned by a new controller; one it had before is retired."""
         with self._lock:
             self._epoch += 1
@@ -50,14 +58,14 @@ class Registry:
             old.retire()
         return ctl
 
-    def save(self, ctl: "VmController", record: VmRecord) -> None:
+    def save(self, ctl: C, record: VmRecord) -> None:
         with self._lock:
             if not self._owns(ctl, record):
                 raise NotOwner(f"VM {record.vm_id} is no longer owned by this controller "
                                f"(epoch {record.epoch})")
             self.store.save(record)
 
-    def remove(self, ctl: "VmController") -> bool:
+    def remove(self, ctl: C) -> bool:
         """Drop the VM's record and its controller; False when `ctl` did not own it."""
         with self._lock:
             if self._vms.get(ctl.vm_id) is not ctl:
@@ -67,17 +75,17 @@ class Registry:
         ctl.retire()
         return True
 
-    def owns(self, ctl: "VmController") -> bool:
+    def owns(self, ctl: C) -> bool:
         with self._lock:
             return self._vms.get(ctl.vm_id) is ctl
 
-    def get(self, vm_id: str) -> "VmController | None":
+    def get(self, vm_id: str) -> C | None:
         with self._lock:
             return self._vms.get(vm_id)
 
-    def all(self) -> list["VmController"]:
+    def all(self) -> list[C]:
         with self._lock:
             return list(self._vms.values())
 
-    def _owns(self, ctl: "VmController", record: VmRecord) -> bool:
+    def _owns(self, ctl: C, record: VmRecord) -> bool:
         return self._vms.get(record.vm_id) is ctl and record.epoch == ctl.epoch
