@@ -46,7 +46,9 @@ def one_run(lab: AgentLab, run: int) -> dict[str, float]:
     try:
         lab.protect(vm, primary, survivor, attempts=3)
         disk = Disk(index=0, image="", size=64 * MiB)
-        write_pattern(LibvirtMonitor(lab.host(primary).uri, vm.name), disk, 0, BLOCK,
+        primary_dir = os.path.join(lab.agent(primary).run_dir, "vms", vm.vm_id)
+        write_pattern(LibvirtMonitor(lab.host(primary).uri, vm.name),
+                      VmLayout(vm.vm_id, vm.name, primary_dir, (disk,)), disk, 0, BLOCK,
                       0x40 + run)
         lab.wait_checkpoints(primary, vm.vm_id)
         pid = lab.qemu_pid(primary, vm.name)

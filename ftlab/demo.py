@@ -271,10 +271,10 @@ def write_round(lab: Lab, tl: Timeline, host: str, vm_id: str, vm_name: str,
     """Write BLOCKS_PER_ROUND blocks from offset `base`; returns the ones a completed
     checkpoint covers."""
     mon = lab.monitor(host, vm_name)
-    disk = Disk(index=0, image="", size=DISK_SIZE)
+    layout, disk = probe_layout(lab.state.host(host), vm_id, vm_name)
     written: list[tuple[int, int]] = []           # (seq, checkpoint count after the write)
     for seq in range(first, first + BLOCKS_PER_ROUND):
-        write_pattern(mon, disk, base + seq * BLOCK, BLOCK, pattern(seq))
+        write_pattern(mon, layout, disk, base + seq * BLOCK, BLOCK, pattern(seq))
         written.append((seq, lab.checkpoints(host, vm_id)))
     tl.say(f"writer: blocks {first}..{first + BLOCKS_PER_ROUND - 1} (64 KiB each, "
            f"pattern = sequence number) written through {host}'s quorum node; "

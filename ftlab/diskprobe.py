@@ -1,9 +1,13 @@
 """Block-level data checks on a live VM, the tier 1 stand-in for a guest's own writes.
 
-Writes go through HMP `qemu-io` on the guest device's backend, which is the path guest
-writes take (device -> quorum -> children). Reads export the quorum node read-only over
-NBD on a unix socket and check the pattern with the host's `qemu-io`, whose exit code
-says whether the pattern matched; nothing depends on parsing QEMU's log.
+Both directions export the quorum node over NBD on a unix socket in the VM's run dir
+and run the host's `qemu-io` on it. A write then takes the path guest writes take below
+the device (quorum -> children) and, like a guest's, waits for the replica's NBD child
+without holding QEMU's main lock. HMP `qemu-io` held it through that wait, so a
+checkpoint that needs the lock (patches 0001 and 0006) could not start while the
+secondary's NBD export waited for that checkpoint: a deadlock of the harness, not of
+COLO, seen once each patch made checkpoints more frequent or earlier. A read's exit
+code says whether the pattern matched; nothing depends on parsing QEMU's log.
 """
 from __future__ import annotations
 
@@ -23,27 +27,23 @@ class Monitor(Protocol):
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
 
-    def hmp(self, command_line: str) -> str: ...
-
 
 class ProbeError(RuntimeError):
     """The probe itself failed (not: the data did not match)."""
 
 
-def guest_device(q: Monitor, disk: Disk) -> str:
-    """The QOM path of the guest device on the disk's quorum node (libvirt names the
-    device after the engine disk's alias, vdsm_ft/domxml.disks_on_nodes)."""
-    for b in q.execute("query-block"):
-        if b.get("inserted", {}).get("node-name") == disk.quorum and b.get("qdev"):
-            return b["qdev"]
-    raise ProbeError(f"no guest device uses block node {disk.quorum}")
-
-
-def write_pattern(q: Monitor, disk: Disk, offset: int, length: int, pattern: int) -> None:
-    backend = guest_device(q, disk)
-    reply = q.hmp(f'qemu-io -d {backend} "write -P {pattern:#x} {offset} {length}"')
-    if reply.strip():
-        raise ProbeError(f"qemu-io write on {backend} failed: {reply.strip()}")
+def write_pattern(q: Monitor, layout: VmLayout, disk: Disk, offset: int, length: int,
+                  pattern: int, timeout: float = 30.0) -> None:
+    """Write `pattern` over [offset, offset+length) of the live VM's disk, through its
+    quorum node; returns once every child has it."""
+    with exported(q, layout.unix_socket(PROBE_EXPORT), disk.quorum, writable=True) as image:
+        proc = subprocess.run(
+            ["qemu-io", "--image-opts", image, "-c",
+             f"write -P {pattern:#x} {offset} {length}"],
+            capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or f"wrote {length}/{length} bytes" not in proc.stdout:
+        raise ProbeError(f"qemu-io write on {disk.quorum} failed: "
+                         f"{proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def pattern_matches(q: Monitor, layout: VmLayout, disk: Disk, offset: int, length: int,
@@ -87,14 +87,14 @@ def node_matches(q: Monitor, sock: str, node: str, offset: int, length: int,
 
 
 @contextlib.contextmanager
-def exported(q: Monitor, sock: str, node: str) -> Iterator[str]:
-    """Block node `node` of a live VM, exported read-only over NBD on unix socket `sock`
-    while the block runs; yields QEMU `--image-opts` that open it."""
+def exported(q: Monitor, sock: str, node: str, writable: bool = False) -> Iterator[str]:
+    """Block node `node` of a live VM, exported over NBD on unix socket `sock` (read-only
+    unless `writable`) while the block runs; yields QEMU `--image-opts` that open it."""
     q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
     try:
         q.execute("block-export-add", {"type": "nbd", "id": PROBE_EXPORT,
                                        "node-name": node, "name": PROBE_EXPORT,
-                                       "writable": False})
+                                       "writable": writable})
         yield f"driver=nbd,server.type=unix,server.path={sock},export={PROBE_EXPORT}"
     finally:
         try:

@@ -34,7 +34,6 @@ from ftlab.monitor import CHECKPOINT_STOPS, LibvirtMonitor
 from ftlab.vdsmdriver import DATA_PATTERN, DATA_PROPERTY, IDLE_TEMPLATE
 from vdsm_ft import domains, domxml
 from vdsm_ft.api import Role, VmState, VmStatus
-from vdsm_ft.layout import Disk
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
@@ -358,10 +357,10 @@ def test_agent_crash_changes_nothing_and_protection_goes_on(fl, vms):
         # The secondary's agent counts the checkpoints it takes part in.
         before = checkpoints(fl, secondary, vm)
         mon = fl.lab.monitor(vm.primary, vm.name)
+        layout, disk = probe_layout(fl.lab.state.host(vm.primary), vm.id, vm.name)
         during = list(range(100, 104))
         for seq in during:
-            write_pattern(mon, Disk(index=0, image="", size=0), seq * BLOCK, BLOCK,
-                          pattern(seq))
+            write_pattern(mon, layout, disk, seq * BLOCK, BLOCK, pattern(seq))
         wait_for("checkpoints while the primary's agent is down",
                  lambda: checkpoints(fl, secondary, vm) >= before + 3, 30)
         sec = fl.lab.vm_status(secondary, vm.id)

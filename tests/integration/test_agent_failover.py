@@ -53,8 +53,9 @@ def probe_layout(lab: AgentLab, host_name: str, vm: LabVm) -> tuple[VmLayout, Di
     return VmLayout(vm.vm_id, vm.name, run_dir, (disk,)), disk
 
 
-def write(mon: LibvirtMonitor, offset: int, pattern: int) -> None:
-    write_pattern(mon, Disk(index=0, image="", size=0), offset, BLOCK, pattern)
+def write(lab: AgentLab, host_name: str, vm: LabVm, offset: int, pattern: int) -> None:
+    layout, disk = probe_layout(lab, host_name, vm)
+    write_pattern(monitor(lab, host_name, vm, False), layout, disk, offset, BLOCK, pattern)
 
 
 def holds(lab: AgentLab, host_name: str, vm: LabVm, mon: LibvirtMonitor, offset: int,
@@ -66,7 +67,7 @@ def holds(lab: AgentLab, host_name: str, vm: LabVm, mon: LibvirtMonitor, offset:
 def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    write(monitor(lab, "ag-a", vm, False), 0, 0x5A)
+    write(lab, "ag-a", vm, 0, 0x5A)
     lab.wait_checkpoints("ag-a", vm.vm_id)
 
     pid = lab.qemu_pid("ag-a", vm.name)
@@ -90,7 +91,7 @@ def test_test_failover_request_hands_the_vm_to_the_secondary(lab):
     primary's loop kills its QEMU; the secondary takes over as after a crash."""
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    write(monitor(lab, "ag-a", vm, False), 0, 0x5B)
+    write(lab, "ag-a", vm, 0, 0x5B)
     lab.wait_checkpoints("ag-a", vm.vm_id)
 
     asked = lab.call("ag-a", "test_failover", vm.vm_id)
@@ -139,7 +140,7 @@ class DomainStates:
 def test_survivor_becomes_the_vm_itself_and_fails_over_again_from_it(lab):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    write(monitor(lab, "ag-a", vm, False), 0, 0x3A)
+    write(lab, "ag-a", vm, 0, 0x3A)
     lab.wait_checkpoints("ag-a", vm.vm_id)
     sec_name = domxml.secondary_name(vm.name)
 
@@ -185,7 +186,7 @@ def test_survivor_becomes_the_vm_itself_and_fails_over_again_from_it(lab):
     assert not os.path.exists(os.path.join(lab.agent("ag-b").overlay_dir, vm.vm_id))
 
     # Protected again from the renamed domain, and a second failover works the same way.
-    write(survivor, 1 * MiB, 0x3B)
+    write(lab, "ag-b", vm, 1 * MiB, 0x3B)
     lab.protect(vm, "ag-b", "ag-c")
     lab.wait_checkpoints("ag-b", vm.vm_id)
     os.kill(lab.qemu_pid("ag-b", vm.name), 9)
@@ -210,7 +211,7 @@ def partition(lab: AgentLab, a: str, b: str, cut: bool) -> None:
 def test_whole_primary_host_lost(lab):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    write(monitor(lab, "ag-a", vm, False), 0, 0x61)
+    write(lab, "ag-a", vm, 0, 0x61)
     lab.wait_checkpoints("ag-a", vm.vm_id)
 
     lab.agent("ag-a").host.crash()
@@ -233,7 +234,7 @@ def test_secondary_lost_primary_carries_on_and_writes_land(lab):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
     primary = monitor(lab, "ag-a", vm, False)
-    write(primary, 0, 0x71)
+    write(lab, "ag-a", vm, 0, 0x71)
     lab.wait_checkpoints("ag-a", vm.vm_id)
 
     os.kill(lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)), 9)
@@ -241,7 +242,7 @@ def test_secondary_lost_primary_carries_on_and_writes_land(lab):
     after = lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
     assert after.role is Role.PRIMARY and after.failovers == 1
     assert primary.execute("query-colo-status")["mode"] == "none"
-    write(primary, 3 * MiB, 0x72)
+    write(lab, "ag-a", vm, 3 * MiB, 0x72)
     assert holds(lab, "ag-a", vm, primary, 0, 0x71)
     assert holds(lab, "ag-a", vm, primary, 3 * MiB, 0x72)
     assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
@@ -251,7 +252,7 @@ def test_secondary_lost_primary_carries_on_and_writes_land(lab):
 def test_partition_leaves_exactly_one_live_copy(lab, run):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    write(monitor(lab, "ag-a", vm, False), 0, 0x80 + run)
+    write(lab, "ag-a", vm, 0, 0x80 + run)
     lab.wait_checkpoints("ag-a", vm.vm_id)
     sec_name = domxml.secondary_name(vm.name)
 
@@ -283,13 +284,12 @@ def test_partition_leaves_exactly_one_live_copy(lab, run):
 def test_stale_secondary_is_never_promoted(lab):
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    primary = monitor(lab, "ag-a", vm, False)
-    write(primary, 0, 0x91)
+    write(lab, "ag-a", vm, 0, 0x91)
     lab.wait_checkpoints("ag-a", vm.vm_id)
     sec_name = domxml.secondary_name(vm.name)
     os.kill(lab.qemu_pid("ag-b", sec_name), 9)
     lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
-    write(primary, 1 * MiB, 0x92)            # only the primary has this now
+    write(lab, "ag-a", vm, 1 * MiB, 0x92)            # only the primary has this now
 
     os.kill(lab.qemu_pid("ag-a", vm.name), 9)
 
@@ -312,7 +312,7 @@ def test_losing_one_etcd_member_changes_nothing(lab):
     try:
         vm = lab.start_vm("ag-a")
         lab.protect(vm, "ag-a", "ag-b")
-        write(monitor(lab, "ag-a", vm, False), 0, 0xA1)
+        write(lab, "ag-a", vm, 0, 0xA1)
         lab.wait_checkpoints("ag-a", vm.vm_id)
         os.kill(lab.qemu_pid("ag-a", vm.name), 9)
         after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
@@ -343,7 +343,7 @@ def test_secondary_outwaits_an_etcd_outage_then_takes_over_with_the_data(lab):
     nor throw its copy away; it asks again and takes over once etcd answers."""
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
-    write(monitor(lab, "ag-a", vm, False), 0, 0x6E)
+    write(lab, "ag-a", vm, 0, 0x6E)
     lab.wait_checkpoints("ag-a", vm.vm_id)
     for i in range(3):
         lab.etcd.stop_member(i)
@@ -590,7 +590,7 @@ def test_admin_operations_suspend_resume_migrate_secondary_and_test_failover(lab
     assert moved.secondary_host == "ag-c" and moved.failovers == 0
     assert lab.qemu_pid("ag-b", sec_name) is None
 
-    write(monitor(lab, "ag-a", vm, False), 0, 0xE1)
+    write(lab, "ag-a", vm, 0, 0xE1)
     lab.wait_checkpoints("ag-a", vm.vm_id)
     lab.call("ag-a", "test_failover", vm.vm_id)
     after = lab.wait_status("ag-c", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
@@ -624,7 +624,7 @@ def test_colo_over_tls_through_the_agents_and_a_mismatch_is_refused(lab):
         lab.protect(vm, "ag-a", "ag-b")
         primary = monitor(lab, "ag-a", vm, False)
         assert primary.execute("query-migrate-parameters")["tls-creds"] == "ft-tls-client"
-        write(primary, 0, 0x7C)
+        write(lab, "ag-a", vm, 0, 0x7C)
         lab.wait_checkpoints("ag-a", vm.vm_id)
         os.kill(lab.qemu_pid("ag-a", vm.name), 9)
         after = lab.wait_status("ag-b", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)

@@ -90,7 +90,7 @@ def _checkpoint_after(member: Member, cursor: int, timeout: float = 10.0) -> Non
 def write_covered(member: Member, offset: int, pattern: int) -> None:
     """A write that a completed checkpoint has covered: acknowledged."""
     cursor = member.qmp.cursor()
-    write_pattern(member.qmp, member.layout.disks[0], offset, BLOCK, pattern)
+    write_pattern(member.qmp, member.layout, member.layout.disks[0], offset, BLOCK, pattern)
     _checkpoint_after(member, cursor)
 
 
@@ -98,7 +98,7 @@ def write_uncovered(member: Member, offset: int, pattern: int) -> int:
     """A write just after a checkpoint ended; returns the cursor to prove none followed."""
     member.qmp.wait_event("RESUME", 10.0, since=member.qmp.cursor())
     cursor = member.qmp.cursor()
-    write_pattern(member.qmp, member.layout.disks[0], offset, BLOCK, pattern)
+    write_pattern(member.qmp, member.layout, member.layout.disks[0], offset, BLOCK, pattern)
     return cursor
 
 
@@ -161,7 +161,7 @@ def test_secondary_killed_primary_carries_on_and_later_writes_land(pair, hosts):
     disk = primary.layout.disks[0]
     assert colo.quorum_children(primary.qmp, disk.quorum) == {
         "children.0": disk.primary_child}
-    write_pattern(primary.qmp, disk, 3 * MiB, BLOCK, 0xD4)
+    write_pattern(primary.qmp, primary.layout, disk, 3 * MiB, BLOCK, 0xD4)
     assert holds(primary, 0, 0xC3)
     assert holds(primary, 3 * MiB, 0xD4)
     assert not holds(primary, 4 * MiB, 0xD4), "negative control: never written"
@@ -212,7 +212,7 @@ def test_reprotect_twice_a_to_b_to_c(pair, hosts):
     assert holds(b, 0, 0x11) and not holds(b, 1 * MiB, 0x22)
 
     # B, now the only copy, takes a write unprotected, then protects onto C.
-    write_pattern(b.qmp, b.layout.disks[0], 2 * MiB, BLOCK, 0x33)
+    write_pattern(b.qmp, b.layout, b.layout.disks[0], 2 * MiB, BLOCK, 0x33)
     c, ep = pair.start_secondary(c_host, b, generation=2)
     pair.protect(b, c, ep)
     assert colo.colo_status(b.qmp)["mode"] == "primary"

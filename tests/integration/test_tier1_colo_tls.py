@@ -112,7 +112,7 @@ def test_tls_protect_checkpoints_failover_and_reprotect(pair, hosts):
     # Failover removed the server creds; re-protecting from B adds client ones.
     assert colo.TLS_SERVER_ID not in _objects(b) and _tls_param(b) == ""
 
-    write_pattern(b.qmp, b.layout.disks[0], 2 * MiB, BLOCK, 0x33)
+    write_pattern(b.qmp, b.layout, b.layout.disks[0], 2 * MiB, BLOCK, 0x33)
     c, ep = pair.start_secondary(c_host, b, generation=2)
     pair.protect(b, c, ep)
     assert colo.colo_status(b.qmp)["mode"] == "primary"

@@ -62,7 +62,7 @@ def _fail_over_to_b(pair: ColoPair, hosts) -> tuple[Member, list[tuple[int, int]
     assert a.qmp.events(lost, "STOP") == [], "a checkpoint ran after the write"
     colo.failover_secondary(b.qmp, b.layout)
     # The survivor's own writes are acknowledged: nothing else holds the data.
-    write_pattern(b.qmp, b.layout.disks[0], 3 * MiB, BLOCK, 0xC3)
+    write_pattern(b.qmp, b.layout, b.layout.disks[0], 3 * MiB, BLOCK, 0xC3)
     return b, [(0, 0xA1), (1 * MiB, 0xA2), (3 * MiB, 0xC3)]
 
 
@@ -72,7 +72,7 @@ def _writes_during_copy(b: Member, to, covered: list[tuple[int, int]]) -> None:
     for offset, pattern in ((0, 0xE0), (4 * MiB, 0xD4), (60 * MiB, 0xD5)):
         p = copyback.progress(b.qmp, to)
         assert not p.ready, f"the copy finished before the write at {offset} ({p})"
-        write_pattern(b.qmp, disk, offset, BLOCK, pattern)
+        write_pattern(b.qmp, b.layout, disk, offset, BLOCK, pattern)
         covered[:] = [(o, v) for o, v in covered if o != offset] + [(offset, pattern)]
         time.sleep(0.5)
 
@@ -104,7 +104,7 @@ def test_copy_back_after_primary_crash_then_normal_start_reads_every_covered_wri
     seen: list[int] = []
     copyback.wait_ready(b.qmp, to, 120.0, lambda p: seen.append(p.percent), interval=0.2)
     assert len(set(seen)) >= 3 and seen[-1] == 100, seen
-    write_pattern(b.qmp, b.layout.disks[0], 5 * MiB, BLOCK, 0xF5)   # while READY
+    write_pattern(b.qmp, b.layout, b.layout.disks[0], 5 * MiB, BLOCK, 0xF5)   # while READY
     covered.append((5 * MiB, 0xF5))
     cursor = b.qmp.cursor()
     result = copyback.pivot(b.qmp, b.layout, to)
@@ -125,7 +125,7 @@ def test_copy_back_after_primary_crash_then_normal_start_reads_every_covered_wri
         n["node-name"] for n in b.qmp.execute("query-named-block-nodes", {"flat": True})}
     assert colo.run_state(b.qmp) == "running"
 
-    write_pattern(b.qmp, disk, 6 * MiB, BLOCK, 0x16)      # lands on the image directly
+    write_pattern(b.qmp, b.layout, disk, 6 * MiB, BLOCK, 0x16)      # lands on the image directly
     covered.append((6 * MiB, 0x16))
     for offset, pattern in covered:
         assert holds(b, offset, pattern), f"{pattern:#x} at {offset} lost on the survivor"
