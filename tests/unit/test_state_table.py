@@ -1,0 +1,68 @@
+"""The state table decides every (state, observation) pair as it did when its safety
+rows were written once: each VmState against all 2**11 combinations of Observation's
+booleans, compared with a snapshot of the table before that change
+(state_table_before.json), apart from the changes listed in `intended`."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from vdsm_ft.agent import states
+from vdsm_ft.api import VmState
+
+SNAPSHOT = Path(__file__).with_name("state_table_before.json")
+# Observation's booleans, in the snapshot's bit order (the first is the highest bit).
+FIELDS = ("is_primary", "launched", "qemu_alive", "in_colo", "stopping",
+          "disable_requested", "peer_assigned", "peer_lost", "image_stale",
+          "move_requested", "test_failover_requested")
+CODES = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def observations() -> list[states.Observation]:
+    return [states.Observation(**dict(zip(FIELDS, bits)))
+            for bits in itertools.product((False, True), repeat=len(FIELDS))]
+
+
+def decision(row: states.Row | None) -> str:
+    if row is None:
+        return "-"
+    return f"{row.action.value} -> {', '.join(sorted(s.value for s in row.leads_to))}"
+
+
+def decisions() -> dict[str, list[str]]:
+    return {state.value: [decision(states.next_row(state, seen))
+                          for seen in observations()] for state in VmState}
+
+
+def write_snapshot() -> None:
+    """Run once, on the table before the change; never after."""
+    table = decisions()
+    legend = sorted({d for column in table.values() for d in column})
+    SNAPSHOT.write_text(json.dumps({
+        "fields": FIELDS, "decisions": legend,
+        "table": {state: "".join(CODES[legend.index(d)] for d in column)
+                  for state, column in table.items()}}, indent=1) + "\n")
+
+
+def snapshot() -> dict[str, list[str]]:
+    data = json.loads(SNAPSHOT.read_text())
+    assert tuple(data["fields"]) == FIELDS
+    return {state: [data["decisions"][CODES.index(c)] for c in column]
+            for state, column in data["table"].items()}
+
+
+def intended(state: VmState, seen: states.Observation, before: str) -> str:
+    """What the table decides now where it was changed on purpose."""
+    return before
+
+
+def test_every_state_and_observation_is_decided_as_before():
+    before = snapshot()
+    now = decisions()
+    assert set(now) == set(before)
+    differ = [(state, seen, before[state.value][i], now[state.value][i])
+              for state in VmState for i, seen in enumerate(observations())
+              if now[state.value][i] != intended(state, seen, before[state.value][i])]
+    assert not differ, f"{len(differ)} decisions changed, e.g. {differ[:3]}"
+    assert sum(len(column) for column in now.values()) == len(VmState) * 2 ** len(FIELDS)
