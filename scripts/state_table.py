@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Render the agent's state table (vdsm_ft/agent/states.py TABLE) as Markdown.
+"""Render the agent's state table (vdsm_ft/agent/states.py) as Markdown: the safety rows
+once, the states where they differ, then each state's own rows.
 
     scripts/state_table.py            print it
     scripts/state_table.py --write    put it into docs/agent.md between the markers
@@ -14,16 +15,25 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from vdsm_ft.agent.states import TABLE  # noqa: E402
+from vdsm_ft.agent.states import ROWS, SAFETY, SAFETY_EXCEPT  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "agent.md")
 BEGIN = "<!-- state table: scripts/state_table.py --write -->"
 END = "<!-- end of state table -->"
 
 
+HEAD = ["| state | when | action | may lead to |", "|---|---|---|---|"]
+
+
 def render() -> str:
-    lines = ["| state | when | action | may lead to |", "|---|---|---|---|"]
-    for row in TABLE:
+    lines = ["Safety rows, first in every state:", ""] + HEAD
+    lines += [f"| every state | {s.condition.value} | `{s.action.value}` | Down |"
+              for s in SAFETY]
+    lines += ["", "States whose safety rows differ (these conditions, in this order):", ""]
+    lines += [f"- {state.value}: " + (", ".join(c.value for c in conditions) or "none")
+              for state, conditions in SAFETY_EXCEPT.items()]
+    lines += ["", "Then each state's own rows:", ""] + HEAD
+    for row in ROWS:
         leads = ", ".join(sorted(s.value for s in row.leads_to))
         lines.append(f"| {row.state.value} | {row.condition.value} | `{row.action.value}` |"
                      f" {leads} |")

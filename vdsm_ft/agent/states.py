@@ -107,12 +107,36 @@ def _row(state: VmState, condition: str, action: str, *leads_to: VmState) -> Row
     return Row(state, When(condition), Action(action), frozenset(leads_to))
 
 
-# First matching row wins, so the safety rows (QEMU gone, intentional stop) come first
-# within each state.
-TABLE: tuple[Row, ...] = (
+@dataclass(frozen=True)
+class Safety:
+    """A row that comes first in every state (but those in SAFETY_EXCEPT); it leads to
+    Down."""
+
+    condition: When
+    action: Action
+
+
+# A QEMU that is gone is Down; an intentional stop ends the pair.
+SAFETY: tuple[Safety, ...] = (
+    Safety(When.QEMU_GONE, Action.MARK_DOWN),
+    Safety(When.STOPPING, Action.TEARDOWN),
+)
+
+# The states whose safety rows differ from SAFETY: these conditions, in this order.
+SAFETY_EXCEPT: dict[VmState, tuple[When, ...]] = {
+    # A stop that is seen once its QEMU is gone is still a stop, not a loss for the
+    # secondary to take over.
+    S.PROTECTED: (When.STOPPING, When.QEMU_GONE),
+    # The abandon (or the failover) runs first; the state it leads to takes the stop.
+    S.SYNCING: (When.QEMU_GONE,),
+    S.FAILING_OVER: (When.QEMU_GONE,),
+    # Nothing runs to mark Down or to stop.
+    S.DOWN: (),
+}
+
+# Each state's own rows, after its safety rows; within a state the first match wins.
+ROWS: tuple[Row, ...] = (
     # state               condition              action              may lead to
-    _row(S.STARTING,       "qemu gone",           "mark_down",        S.DOWN),
-    _row(S.STARTING,       "stopping",            "teardown",         S.DOWN),
     # A secondary whose primary is lost before COLO began holds no consistent copy.
     _row(S.STARTING,       "peer lost",           "teardown",         S.DOWN),
     _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),
@@ -120,8 +144,6 @@ TABLE: tuple[Row, ...] = (
     _row(S.STARTING,       "primary, peer named", "protect",          S.PROTECTED,
          S.NEED_SECONDARY, S.NOT_PROTECTED),
 
-    _row(S.NEED_SECONDARY, "qemu gone",           "mark_down",        S.DOWN),
-    _row(S.NEED_SECONDARY, "stopping",            "teardown",         S.DOWN),
     # A survivor that ran on its replica first makes the engine's image current
     # (docs/decisions.md, D2);
     # protection waits, so the next resync reads from that image.
@@ -131,8 +153,6 @@ TABLE: tuple[Row, ...] = (
     _row(S.NEED_SECONDARY, "primary, peer named", "protect",          S.PROTECTED,
          S.NEED_SECONDARY, S.NOT_PROTECTED),
 
-    _row(S.NOT_PROTECTED,  "qemu gone",           "mark_down",        S.DOWN),
-    _row(S.NOT_PROTECTED,  "stopping",            "teardown",         S.DOWN),
     _row(S.NOT_PROTECTED,  "image stale",         "copy_back",        S.NOT_PROTECTED,
          S.NEED_SECONDARY),
     _row(S.NOT_PROTECTED,  "disable requested",   "none",             S.DISABLED),
@@ -141,12 +161,9 @@ TABLE: tuple[Row, ...] = (
 
     # Syncing is the state while `protect` runs; a step that finds it (agent restart
     # mid-sync) drops the half-made pair and starts over.
-    _row(S.SYNCING,        "qemu gone",           "mark_down",        S.DOWN),
     _row(S.SYNCING,        "in COLO",             "none",             S.PROTECTED),
     _row(S.SYNCING,        "always",              "abandon",          S.NEED_SECONDARY),
 
-    _row(S.PROTECTED,      "stopping",            "teardown",         S.DOWN),
-    _row(S.PROTECTED,      "qemu gone",           "mark_down",        S.DOWN),
     # A secondary that etcd cannot answer yet stays Failing Over and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
          S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
@@ -157,24 +174,31 @@ TABLE: tuple[Row, ...] = (
     # secondary takes over as after a crash.
     _row(S.PROTECTED,      "test failover requested", "test_failover", S.PROTECTED),
 
-    _row(S.FAILING_OVER,   "qemu gone",           "mark_down",        S.DOWN),
     _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,
          S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
 
     # A promoted secondary moves into a domain with the VM's own identity
     # (vdsm_ft/identity.py); a failed move leaves it running as it was.
-    _row(S.TAKING_IDENTITY, "qemu gone",          "mark_down",        S.DOWN),
-    _row(S.TAKING_IDENTITY, "stopping",           "teardown",         S.DOWN),
     _row(S.TAKING_IDENTITY, "always",             "take_identity",    S.NEED_SECONDARY),
 
     # A stop whose copy-back could not finish keeps the replica and retries it; until
     # then a start is refused (the engine's image is behind).
     _row(S.DOWN,           "image stale, QEMU gone", "retry_copy_back", S.DOWN),
 
-    _row(S.DISABLED,       "qemu gone",           "mark_down",        S.DOWN),
-    _row(S.DISABLED,       "stopping",            "teardown",         S.DOWN),
     _row(S.DISABLED,       "enabled again",       "none",             S.NEED_SECONDARY),
 )
+
+
+def safety_rows(state: VmState) -> tuple[Row, ...]:
+    actions = {s.condition: s.action for s in SAFETY}
+    conditions = SAFETY_EXCEPT.get(state, tuple(s.condition for s in SAFETY))
+    return tuple(Row(state, c, actions[c], frozenset({S.DOWN})) for c in conditions)
+
+
+# What each step follows: every state's safety rows, then its own.
+TABLE: tuple[Row, ...] = tuple(
+    row for state in VmState
+    for row in safety_rows(state) + tuple(r for r in ROWS if r.state is state))
 
 
 class IllegalTransition(RuntimeError):
