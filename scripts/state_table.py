@@ -32,11 +32,14 @@ def render() -> str:
     lines += ["", "States whose safety rows differ (these conditions, in this order):", ""]
     lines += [f"- {state.value}: " + (", ".join(c.value for c in conditions) or "none")
               for state, conditions in SAFETY_EXCEPT.items()]
-    lines += ["", "Then each state's own rows:", ""] + HEAD
+    lines += ["", "Then each state's own rows (a row that enters a state saves it before "
+              "its action runs):", "",
+              "| state | when | enters | action | may lead to |", "|---|---|---|---|---|"]
     for row in ROWS:
         leads = ", ".join(sorted(s.value for s in row.leads_to))
-        lines.append(f"| {row.state.value} | {row.condition.value} | `{row.action.value}` |"
-                     f" {leads} |")
+        enters = row.entering.value if row.entering else ""
+        lines.append(f"| {row.state.value} | {row.condition.value} | {enters} |"
+                     f" `{row.action.value}` | {leads} |")
     return "\n".join(lines) + "\n"
 
 

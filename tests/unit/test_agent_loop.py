@@ -235,3 +235,51 @@ def test_an_admin_stop_holds_the_generation_before_vdsm_kills_qemu(config, agent
                         or True)
     agent.stopping(VM)
     assert claims and claims[0] == (VM, 3, "host-a", threading.current_thread().name)
+
+
+def test_syncing_and_failing_over_are_on_disk_before_their_actions_run(config, agents,
+                                                                       monkeypatch):
+    """Entered through their rows, and saved before the long part: an agent restarted
+    mid-sync finds Syncing (and abandons the half-made pair), one restarted mid-failover
+    finds Failing Over (and goes on with it)."""
+    from vdsm_ft.agent.controller import VmController
+    from vdsm_ft.agent.states import Action
+    monkeypatch.setattr(VmController, "qemu_alive", lambda self: True)
+    monkeypatch.setattr(VmController, "colo_mode", lambda self: None)
+    on_disk: list[tuple[Action, VmState]] = []
+
+    def recording(action: Action, result: VmState):
+        def act(ctl: VmController) -> VmState:
+            on_disk.append((action, Store(os.path.join(config.state_dir, "vms"))
+                            .load_all()[0].state))
+            return result
+        return act
+
+    monkeypatch.setitem(VmController.ACTIONS, Action.PROTECT,
+                        recording(Action.PROTECT, VmState.PROTECTED))
+    monkeypatch.setitem(VmController.ACTIONS, Action.FAIL_OVER,
+                        recording(Action.FAIL_OVER, VmState.DOWN))
+    agent = agents(config)
+    agent.register(VM, XML)
+    ctl = agent._ctl(VM)
+    peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
+                    replication_address="127.0.0.1")
+    ctl.update(launched=True, peer=peer)
+    ctl.wake()
+    _wait(lambda: ctl.record.state is VmState.PROTECTED)
+    ctl.peer_lost("test")
+    _wait(lambda: ctl.record.state is VmState.DOWN)
+    assert on_disk == [(Action.PROTECT, VmState.SYNCING),
+                       (Action.FAIL_OVER, VmState.FAILING_OVER)]
+
+
+def test_only_the_step_writes_a_vms_state():
+    """No action writes `state=` itself: the step applies its row's entering state and
+    the action's checked outcome, in one place (VmController._enter)."""
+    import inspect
+    import re
+    from vdsm_ft.agent import controller
+    source = inspect.getsource(controller)
+    writes = [m.start() for m in re.finditer(r"\bupdate\([^)]*\bstate=", source)]
+    assert len(writes) == 1
+    assert source.rfind("def ", 0, writes[0]) == source.index("def _enter(")

@@ -27,7 +27,9 @@ def observations() -> list[states.Observation]:
 def decision(row: states.Row | None) -> str:
     if row is None:
         return "-"
-    return f"{row.action.value} -> {', '.join(sorted(s.value for s in row.leads_to))}"
+    leads = ", ".join(sorted(s.value for s in row.leads_to))
+    enters = f" (enters {row.entering.value})" if row.entering else ""
+    return f"{row.action.value}{enters} -> {leads}"
 
 
 def decisions() -> dict[str, list[str]]:
@@ -54,6 +56,13 @@ def snapshot() -> dict[str, list[str]]:
 
 def intended(state: VmState, seen: states.Observation, before: str) -> str:
     """What the table decides now where it was changed on purpose."""
+    action, _, leads = before.partition(" -> ")
+    # Syncing and Failing Over are entered through their rows, no longer written by
+    # the actions themselves.
+    if action == "protect":
+        return f"protect (enters Syncing) -> {leads}"
+    if state is VmState.PROTECTED and action == "fail_over":
+        return f"fail_over (enters Failing Over) -> {leads}"
     return before
 
 

@@ -231,6 +231,8 @@ class VmController:
         row = states.next_row(rec.state, seen)
         if row is None:
             return
+        if row.entering is not None:
+            self._enter(row, row.entering)
         if row.action is Action.NONE:
             (result,) = row.leads_to
         else:
@@ -238,12 +240,20 @@ class VmController:
         if self.retired:
             # The action removed the VM (forget): its record is gone and stays gone.
             return
-        if result is not self.record.state:
-            log.info("%s: %s -> %s (%s, %s)", rec.name, rec.state.value, result.value,
-                     row.condition.value, row.action.value)
-            self.update(state=result)
-            self.services.state_changed(self)
+        if self._enter(row, result):
             self.wake()  # the new state may have a row to take right away
+
+    def _enter(self, row: states.Row, state: VmState) -> bool:
+        """The one place a VM's state changes: to its row's `entering` state or to the
+        action's checked outcome. False when it is in `state` already."""
+        rec = self.record
+        if state is rec.state:
+            return False
+        log.info("%s: %s -> %s (%s, %s)", rec.name, rec.state.value, state.value,
+                 row.condition.value, row.action.value)
+        self.update(state=state)
+        self.services.state_changed(self)
+        return True
 
     # -- actions (each returns the next state) ----------------------------------------
 
@@ -370,9 +380,7 @@ class VmController:
         return VmState.NEED_SECONDARY
 
     def _do_protect(self) -> VmState:
-        rec = self.update(state=VmState.SYNCING, reason="", move_to=None,
-                          test_failover=False)
-        self.services.state_changed(self)
+        rec = self.update(reason="", move_to=None, test_failover=False)
         qmp = self.ensure_qmp()
         if qmp is None:
             # This side is the problem, not the peer: another peer would not help.
@@ -420,8 +428,7 @@ class VmController:
         return VmState.NEED_SECONDARY
 
     def _do_fail_over(self) -> VmState:
-        rec = self.update(state=VmState.FAILING_OVER)
-        self.services.state_changed(self)
+        rec = self.record
         with self._lock:
             detected = self._peer_lost_at or time.monotonic()
             why = self._peer_lost_why

@@ -1,9 +1,9 @@
 """The per-VM state machine, as one table.
 
 Each reconcile step observes the VM (its QEMU, its COLO mode, the peer, what was asked)
-and takes the first row whose state and condition match. The row names one action and
-the states that action may lead to; anything else is a bug and is refused. States are
-the ones admins see (api.VmState).
+and takes the first row whose state and condition match. The row names one action, the
+state it enters while that action runs (if any) and the states the action may lead to;
+anything else is a bug and is refused. States are the ones admins see (api.VmState).
 """
 from __future__ import annotations
 
@@ -99,12 +99,15 @@ class Row:
     condition: When
     action: Action
     leads_to: frozenset[VmState]
+    # Saved before a long action runs, so that an agent restarted meanwhile finds it.
+    entering: VmState | None = None
 
 
-def _row(state: VmState, condition: str, action: str, *leads_to: VmState) -> Row:
+def _row(state: VmState, condition: str, action: str, *leads_to: VmState,
+         entering: VmState | None = None) -> Row:
     """The table below writes conditions and actions by their words; a word that is
     not a When or an Action fails here, at import."""
-    return Row(state, When(condition), Action(action), frozenset(leads_to))
+    return Row(state, When(condition), Action(action), frozenset(leads_to), entering)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ ROWS: tuple[Row, ...] = (
     _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),
     _row(S.STARTING,       "primary, no peer",    "none",             S.NEED_SECONDARY),
     _row(S.STARTING,       "primary, peer named", "protect",          S.PROTECTED,
-         S.NEED_SECONDARY, S.NOT_PROTECTED),
+         S.NEED_SECONDARY, S.NOT_PROTECTED, entering=S.SYNCING),
 
     # A survivor that ran on its replica first makes the engine's image current
     # (docs/decisions.md, D2);
@@ -151,22 +154,23 @@ ROWS: tuple[Row, ...] = (
          S.NEED_SECONDARY),
     _row(S.NEED_SECONDARY, "disable requested",   "none",             S.DISABLED),
     _row(S.NEED_SECONDARY, "primary, peer named", "protect",          S.PROTECTED,
-         S.NEED_SECONDARY, S.NOT_PROTECTED),
+         S.NEED_SECONDARY, S.NOT_PROTECTED, entering=S.SYNCING),
 
     _row(S.NOT_PROTECTED,  "image stale",         "copy_back",        S.NOT_PROTECTED,
          S.NEED_SECONDARY),
     _row(S.NOT_PROTECTED,  "disable requested",   "none",             S.DISABLED),
     _row(S.NOT_PROTECTED,  "primary, peer named", "protect",          S.PROTECTED,
-         S.NEED_SECONDARY, S.NOT_PROTECTED),
+         S.NEED_SECONDARY, S.NOT_PROTECTED, entering=S.SYNCING),
 
-    # Syncing is the state while `protect` runs; a step that finds it (agent restart
-    # mid-sync) drops the half-made pair and starts over.
+    # Syncing is the state while `protect` runs (its rows enter it); a step that finds
+    # it (agent restart mid-sync) drops the half-made pair and starts over.
     _row(S.SYNCING,        "in COLO",             "none",             S.PROTECTED),
     _row(S.SYNCING,        "always",              "abandon",          S.NEED_SECONDARY),
 
-    # A secondary that etcd cannot answer yet stays Failing Over and asks again.
+    # Failing Over while the claim and the failover run, so that a restarted agent goes
+    # on with them; a secondary that etcd cannot answer yet stays there and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
-         S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
+         S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY, entering=S.FAILING_OVER),
     _row(S.PROTECTED,      "disable requested",   "unprotect",        S.DISABLED, S.DOWN),
     _row(S.PROTECTED,      "move requested",      "move_secondary",   S.NEED_SECONDARY,
          S.DOWN),
