@@ -1,7 +1,11 @@
 """The state table decides every (state, observation) pair as it did when its safety
 rows were written once: each VmState against all 2**11 combinations of Observation's
 booleans, compared with a snapshot of the table before that change
-(state_table_before.json), apart from the changes listed in `intended`."""
+(state_table_before.json), apart from the changes listed in `intended`.
+
+The snapshot was written once from a8a2383's table with this module's `decisions()`:
+per state, one character per observation (in `observations()` order), indexing the
+sorted list of distinct decisions."""
 from __future__ import annotations
 
 import itertools
@@ -35,16 +39,6 @@ def decision(row: states.Row | None) -> str:
 def decisions() -> dict[str, list[str]]:
     return {state.value: [decision(states.next_row(state, seen))
                           for seen in observations()] for state in VmState}
-
-
-def write_snapshot() -> None:
-    """Run once, on the table before the change; never after."""
-    table = decisions()
-    legend = sorted({d for column in table.values() for d in column})
-    SNAPSHOT.write_text(json.dumps({
-        "fields": FIELDS, "decisions": legend,
-        "table": {state: "".join(CODES[legend.index(d)] for d in column)
-                  for state, column in table.items()}}, indent=1) + "\n")
 
 
 def snapshot() -> dict[str, list[str]]:
