@@ -11,6 +11,7 @@ import pytest
 
 from ftlab.pki import issue, make_ca
 from vdsm_ft import api
+from vdsm_ft.agent.controller import VmController
 from vdsm_ft.agent.daemon import Agent
 from vdsm_ft.agent.store import Store, VmRecord
 from vdsm_ft.api import NotFound, PeerSpec, Role, VmState
@@ -67,9 +68,15 @@ def _wait(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _ctl(agent: Agent) -> VmController:
+    ctl = agent.registry.get(VM)
+    assert ctl is not None, f"VM {VM} is not known to the agent"
+    return ctl
+
+
 def _gone(agent: Agent) -> bool:
     try:
-        agent.vm_status(VM)
+        agent.api_backend.vm_status(VM)
     except NotFound:
         return True
     return False
@@ -90,8 +97,8 @@ def test_a_forgotten_secondary_stays_forgotten_and_its_vm_may_start_after_a_rest
     first.stop()
 
     again = agents(config)
-    again.register(VM, XML)     # VDSM starts the VM here: no secondary refuses it
-    assert again.vm_status(VM).role is Role.PRIMARY
+    again.hook_backend.register(VM, XML)     # VDSM starts the VM here: no secondary refuses it
+    assert again.api_backend.vm_status(VM).role is Role.PRIMARY
 
 
 def test_a_down_secondary_record_left_by_an_older_agent_does_not_refuse_a_start(
@@ -100,19 +107,19 @@ def test_a_down_secondary_record_left_by_an_older_agent_does_not_refuse_a_start(
         vm_id=VM, name="vm1", role=Role.SECONDARY, engine_xml=XML, state=VmState.DOWN,
         domain="vm1-ft-secondary", generation=3))
     agent = agents(config)
-    agent.register(VM, XML)
-    assert agent.vm_status(VM).role is Role.PRIMARY
+    agent.hook_backend.register(VM, XML)
+    assert agent.api_backend.vm_status(VM).role is Role.PRIMARY
 
 
 def test_a_replaced_controller_never_writes_over_the_new_record(config, agents):
     agent = agents(config)
-    agent.register(VM, XML)
-    old = agent._ctl(VM)
-    agent.register(VM, XML)     # the start hook again (VDSM restarted the VM)
+    agent.hook_backend.register(VM, XML)
+    old = _ctl(agent)
+    agent.hook_backend.register(VM, XML)     # the start hook again (VDSM restarted the VM)
     with pytest.raises(NotFound):
         old.update(reason="written by the replaced controller")
     assert Store(os.path.join(config.state_dir, "vms")).load_all()[0].reason == ""
-    assert agent.vm_status(VM).reason == ""
+    assert agent.api_backend.vm_status(VM).reason == ""
 
 
 def test_restart_secondary_answers_before_its_client_gives_up(config, agents):
@@ -125,12 +132,12 @@ def test_restart_secondary_answers_before_its_client_gives_up(config, agents):
         peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1",
                         agent_port=silent.getsockname()[1], replication_address="127.0.0.1")
         agent = agents(config)
-        agent.register(VM, XML)
-        agent._ctl(VM).update(state=VmState.PROTECTED, peer=peer, generation=3)
+        agent.hook_backend.register(VM, XML)
+        _ctl(agent).update(state=VmState.PROTECTED, peer=peer, generation=3)
         answered = threading.Event()
 
         def ask() -> None:
-            agent.restart_secondary(VM)
+            agent.api_backend.restart_secondary(VM)
             answered.set()
 
         threading.Thread(target=ask, daemon=True).start()
@@ -141,18 +148,18 @@ def test_restart_secondary_answers_before_its_client_gives_up(config, agents):
 
 
 def _loop_thread(agent: Agent) -> str:
-    return agent._ctl(VM)._thread.name
+    return _ctl(agent)._thread.name
 
 
 def test_test_failover_is_done_by_the_loop_not_the_request(config, agents, monkeypatch):
     agent = agents(config)
-    agent.register(VM, XML)
-    ctl = agent._ctl(VM)
+    agent.hook_backend.register(VM, XML)
+    ctl = _ctl(agent)
     ctl.update(state=VmState.PROTECTED, generation=3)
     killed_in: list[str] = []
     monkeypatch.setattr(ctl, "kill_qemu",
                         lambda: killed_in.append(threading.current_thread().name))
-    agent.test_failover(VM)
+    agent.api_backend.test_failover(VM)
     _wait(lambda: not ctl.record.test_failover)
     assert killed_in == [_loop_thread(agent)]
 
@@ -176,7 +183,7 @@ def _protected_secondary(config, agents, monkeypatch) -> Agent:
 def test_a_guest_power_off_event_is_recorded_by_the_loop(config, agents, monkeypatch):
     from vdsm_ft.qmp import Event
     agent = _protected_secondary(config, agents, monkeypatch)
-    ctl = agent._ctl(VM)
+    ctl = _ctl(agent)
     writers: list[str] = []
     update = ctl.update
 
@@ -200,8 +207,8 @@ def test_a_pid_the_kernel_gave_to_another_process_is_never_killed(config, agents
     import subprocess
     from vdsm_ft import domains
     agent = agents(config)
-    agent.register(VM, XML)
-    ctl = agent._ctl(VM)
+    agent.hook_backend.register(VM, XML)
+    ctl = _ctl(agent)
     other = subprocess.Popen(["sleep", "30"])
     try:
         monkeypatch.setattr(agent.services, "destroy_domain", lambda name: None)
@@ -224,8 +231,8 @@ def test_an_admin_stop_holds_the_generation_before_vdsm_kills_qemu(config, agent
     """before_vm_destroy -> stopping: the claim is made before the answer, in the
     request, so the secondary, seeing QEMU die right after, can only lose it."""
     agent = agents(config)
-    agent.register(VM, XML)
-    ctl = agent._ctl(VM)
+    agent.hook_backend.register(VM, XML)
+    ctl = _ctl(agent)
     peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
                     replication_address="127.0.0.1")
     ctl.update(state=VmState.PROTECTED, peer=peer, generation=3)
@@ -233,7 +240,7 @@ def test_an_admin_stop_holds_the_generation_before_vdsm_kills_qemu(config, agent
     monkeypatch.setattr(agent.arbiter, "claim_live", lambda vm, gen, host, timeout:
                         claims.append((vm, gen, host, threading.current_thread().name))
                         or True)
-    agent.stopping(VM)
+    agent.hook_backend.stopping(VM)
     assert claims and claims[0] == (VM, 3, "host-a", threading.current_thread().name)
 
 
@@ -242,7 +249,6 @@ def test_syncing_and_failing_over_are_on_disk_before_their_actions_run(config, a
     """Entered through their rows, and saved before the long part: an agent restarted
     mid-sync finds Syncing (and abandons the half-made pair), one restarted mid-failover
     finds Failing Over (and goes on with it)."""
-    from vdsm_ft.agent.controller import VmController
     from vdsm_ft.agent.states import Action
     monkeypatch.setattr(VmController, "qemu_alive", lambda self: True)
     monkeypatch.setattr(VmController, "colo_mode", lambda self: None)
@@ -260,8 +266,8 @@ def test_syncing_and_failing_over_are_on_disk_before_their_actions_run(config, a
     monkeypatch.setitem(VmController.ACTIONS, Action.FAIL_OVER,
                         recording(Action.FAIL_OVER, VmState.DOWN))
     agent = agents(config)
-    agent.register(VM, XML)
-    ctl = agent._ctl(VM)
+    agent.hook_backend.register(VM, XML)
+    ctl = _ctl(agent)
     peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
                     replication_address="127.0.0.1")
     ctl.update(launched=True, peer=peer)

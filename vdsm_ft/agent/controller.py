@@ -64,7 +64,7 @@ class VmController:
         self._peer_lost_at: float | None = None
         self._peer_lost_why = ""
         self._guest_shutdown = threading.Event()   # set by the QMP thread (_on_event)
-        # VDSM released the VM while it finished a copy-back (daemon.destroyed).
+        # VDSM released the VM while it finished a copy-back (hook_backend: destroyed).
         self.forget_when_down = False
         self._copy_attached = False   # this process started or resumed the copy-back
         self._stale_retry_at = 0.0

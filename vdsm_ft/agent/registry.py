@@ -83,6 +83,13 @@ class Registry(Generic[C]):
         with self._lock:
             return self._vms.get(vm_id)
 
+    def known(self, vm_id: str, host_id: str) -> C:
+        """The VM's controller; NotFound, naming this host (`host_id`), without one."""
+        ctl = self.get(vm_id)
+        if ctl is None:
+            raise NotFound(f"VM {vm_id} is not known to the agent on {host_id}")
+        return ctl
+
     def all(self) -> list[C]:
         with self._lock:
             return list(self._vms.values())
