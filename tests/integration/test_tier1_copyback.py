@@ -66,12 +66,15 @@ def _fail_over_to_b(pair: ColoPair, hosts) -> tuple[Member, list[tuple[int, int]
     return b, [(0, 0xA1), (1 * MiB, 0xA2), (3 * MiB, 0xC3)]
 
 
-def _writes_during_copy(b: Member, to, covered: list[tuple[int, int]]) -> None:
-    """Overwrite an already-copied block and write new ones while the copy runs."""
+def _writes_during_copy(b: Member, to, covered: list[tuple[int, int]],
+                        seen: list[int]) -> None:
+    """Overwrite an already-copied block and write new ones while the copy runs;
+    `seen` gets the progress read before each write."""
     disk = b.layout.disks[0]
     for offset, pattern in ((0, 0xE0), (4 * MiB, 0xD4), (60 * MiB, 0xD5)):
         p = copyback.progress(b.qmp, to)
         assert not p.ready, f"the copy finished before the write at {offset} ({p})"
+        seen.append(p.percent)
         write_pattern(b.qmp, b.layout, disk, offset, BLOCK, pattern)
         covered[:] = [(o, v) for o, v in covered if o != offset] + [(offset, pattern)]
         time.sleep(0.5)
@@ -100,8 +103,8 @@ def test_copy_back_after_primary_crash_then_normal_start_reads_every_covered_wri
         "the image should be stale before the copy-back"
 
     assert copyback.start(b.qmp, b.layout, to, THROTTLE) is False
-    _writes_during_copy(b, to, covered)
     seen: list[int] = []
+    _writes_during_copy(b, to, covered, seen)
     copyback.wait_ready(b.qmp, to, 120.0, lambda p: seen.append(p.percent), interval=0.2)
     assert len(set(seen)) >= 3 and seen[-1] == 100, seen
     write_pattern(b.qmp, b.layout, b.layout.disks[0], 5 * MiB, BLOCK, 0xF5)   # while READY
@@ -160,7 +163,7 @@ def test_survivor_qemu_crash_mid_copy_loses_nothing_and_a_restart_copies_again(
     b, covered = _fail_over_to_b(pair, hosts)
     to = _targets(pair)
     copyback.start(b.qmp, b.layout, to, 1 * MiB)
-    _writes_during_copy(b, to, covered)
+    _writes_during_copy(b, to, covered, [])
     assert not copyback.progress(b.qmp, to).ready
     _crash(b)
 
