@@ -40,17 +40,11 @@ from ftlab.vdsmdriver import tcg_colo_refusal
 from vdsm_ft import domxml
 from vdsm_ft.api import Role, VmState
 
-# Not in CI (the bar: 20 passes in a row, docs/qemu.md "TCG secondary corruption:
-# evidence"). It fails whenever its echo connection's handshake falls after the last
-# checkpoint before the primary-host crash: the survivor's move into the VM's identity
-# drops filter-rewriter's sequence offsets (docs/qemu.md, experiment 21), not fixed yet.
-# Run it on purpose with VDSM_FT_TIER3T=1.
-RUN_ENV = "VDSM_FT_TIER3T"
-pytestmark = [pytest.mark.slow, pytest.mark.tcg,
-              pytest.mark.skipif(os.environ.get(RUN_ENV) != "1",
-                                 reason=f"tier 3T fails when its echo connection is younger than "
-                                 f"the last checkpoint at a crash (docs/qemu.md, "
-                                 f"experiment 21); {RUN_ENV}=1 runs it")]
+# In CI since patches 0007 and 0008 (docs/qemu.md, experiment 22): before them the
+# echo connection broke whenever its handshake fell after the last checkpoint before
+# the primary-host crash (experiment 21). The bar for CI, 20 passes in a row, is in
+# docs/qemu.md "TCG secondary corruption: evidence".
+pytestmark = [pytest.mark.slow, pytest.mark.tcg]
 
 START_TIMEOUT = 120.0
 PROTECT_TIMEOUT = 180.0          # resync + the first RAM copy of a 256 MiB TCG guest
