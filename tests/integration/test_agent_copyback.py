@@ -45,9 +45,8 @@ def _protected_and_covered(lab: AgentLab) -> tuple[LabVm, list[tuple[int, int]]]
     """A VM protected from agcb-a onto agcb-b, with two blocks covered by checkpoints."""
     vm = lab.start_vm("agcb-a")
     lab.protect(vm, "agcb-a", "agcb-b")
-    primary = monitor(lab, "agcb-a", vm, False)
-    write(primary, 0, 0xA1)
-    write(primary, 1 * MiB, 0xA2)
+    write(lab, "agcb-a", vm, 0, 0xA1)
+    write(lab, "agcb-a", vm, 1 * MiB, 0xA2)
     lab.wait_checkpoints("agcb-a", vm.vm_id)
     return vm, [(0, 0xA1), (1 * MiB, 0xA2)]
 
@@ -65,7 +64,7 @@ def _copying_with_a_write(lab: AgentLab) -> tuple[LabVm, list[tuple[int, int]],
     vm, covered = _fail_over(lab)
     lab.wait_reason("agcb-b", vm.vm_id, COPYING_BACK + ",", timeout=30)
     survivor = monitor(lab, "agcb-b", vm, False)
-    write(survivor, 3 * MiB, 0xC3)
+    write(lab, "agcb-b", vm, 3 * MiB, 0xC3)
     covered.append((3 * MiB, 0xC3))
     return vm, covered, survivor
 
@@ -94,7 +93,7 @@ def test_survivor_copies_back_resumes_after_an_agent_crash_and_pivots(lab):
     status = lab.wait_reason("agcb-b", vm.vm_id, COPYING_BACK + ",", timeout=30)
     assert status.state is VmState.NOT_PROTECTED and status.role is Role.PRIMARY
     survivor = monitor(lab, "agcb-b", vm, False)
-    write(survivor, 3 * MiB, 0xC3)                  # during the copy
+    write(lab, "agcb-b", vm, 3 * MiB, 0xC3)  # during the copy
     covered.append((3 * MiB, 0xC3))
 
     # Anything that would read the stale image is refused, with the reason: turning
@@ -115,7 +114,7 @@ def test_survivor_copies_back_resumes_after_an_agent_crash_and_pivots(lab):
     while _job_progress(lab, vm) <= before:
         assert time.monotonic() < deadline, "the copy stopped with the agent"
         time.sleep(0.5)
-    write(survivor, 4 * MiB, 0xD4)
+    write(lab, "agcb-b", vm, 4 * MiB, 0xD4)
     covered.append((4 * MiB, 0xD4))
     lab.agent("agcb-b").start()
     deadline = time.monotonic() + 15
@@ -144,7 +143,7 @@ def test_survivor_copies_back_resumes_after_an_agent_crash_and_pivots(lab):
 
     # Re-protection resyncs from the now-current image; a second failover repeats it.
     lab.protect(vm, "agcb-b", "agcb-c")
-    write(survivor, 5 * MiB, 0xE5)
+    write(lab, "agcb-b", vm, 5 * MiB, 0xE5)
     covered.append((5 * MiB, 0xE5))
     lab.wait_checkpoints("agcb-b", vm.vm_id)
     _stop_everywhere(lab, vm, ("agcb-b", "agcb-c"))
@@ -265,8 +264,7 @@ def _silent_hosts_then_offline_copy(lab: AgentLab, arbiter: Arbiter) -> None:
                                                         claimed_at)
     lab.revive("agcb-a")            # back with its etcd member (quorum after b is lost)
 
-    survivor = monitor(lab, "agcb-b", vm, False)
-    write(survivor, 3 * MiB, 0xC3)                  # during the copy
+    write(lab, "agcb-b", vm, 3 * MiB, 0xC3)  # during the copy
     covered.append((3 * MiB, 0xC3))
     with pytest.raises(HookError, match="storage-domain image is behind this host's"):
         _normal_start(lab, "agcb-b", vm)
