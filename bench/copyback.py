@@ -28,6 +28,7 @@ from colo_lab import MiB, BenchError, BenchLab
 from colo_report import dump_json, fmt, machine, print_machine, summary
 
 from ftlab.colopair import ColoPair, Member
+from ftlab.diskprobe import write_pattern_hmp
 from vdsm_ft import colo, copyback, domains, domxml
 
 SIZES_MIB = (64, 256, 1024)
@@ -77,18 +78,14 @@ def copy_run(lab: BenchLab, generation: int, size_mib: int) -> tuple[float, floa
 REGION = (512 * MiB, 1024 * MiB)   # the never-filled half of the 1 GiB disk
 
 
-def _hmp_write(b: Member, node: str, offset: int, length: int, pattern: int) -> None:
-    b.qmp.hmp(f'qemu-io {node} "write -P {pattern:#x} {offset} {length}"')
-
-
 def write_rate(b: Member, to: tuple[copyback.Target, ...] | None) -> tuple[float, float]:
     """MiB/s of 1 MiB writes, cycling through REGION, for up to WRITE_SECONDS; with `to`,
     only while that copy is not yet in sync. Returns (rate, seconds measured).
 
-    The writes go through HMP qemu-io on the quorum node, as in the figures of
-    docs/benchmarks.md (the lab's own probe writes through NBD now, ftlab/diskprobe.py;
-    with no COLO running here, HMP's lock is no hazard). HMP qemu-io reports errors to
-    the domain log, not in its reply, so every offset stays inside the disk."""
+    The writes go through the guest device (HMP qemu-io -d), as in the figures of
+    docs/benchmarks.md: no COLO runs here, and an NBD export would wake the throttled
+    copy (ftlab/diskprobe.py write_pattern_hmp). HMP qemu-io reports errors to the
+    domain log, not in its reply, so every offset stays inside the disk."""
     disk = b.layout.disks[0]
     span = (REGION[1] - REGION[0]) // (WRITE_MIB * MiB)
     n = 0
@@ -97,7 +94,7 @@ def write_rate(b: Member, to: tuple[copyback.Target, ...] | None) -> tuple[float
         if to is not None and copyback.progress(b.qmp, to).ready:
             break
         offset = REGION[0] + (n % span) * WRITE_MIB * MiB
-        _hmp_write(b, disk.quorum, offset, WRITE_MIB * MiB, 0x40 + n % 64)
+        write_pattern_hmp(b.qmp, disk, offset, WRITE_MIB * MiB, 0x40 + n % 64)
         n += 1
     took = time.monotonic() - t0
     if n == 0:
@@ -120,7 +117,8 @@ def rate_run(lab: BenchLab, generation: int) -> dict[str, Any]:
     try:
         to = targets(pair)
         # Every case overwrites allocated clusters: a first write would allocate them.
-        _hmp_write(b, b.layout.disks[0].quorum, REGION[0], REGION[1] - REGION[0], 0x3F)
+        write_pattern_hmp(b.qmp, b.layout.disks[0], REGION[0], REGION[1] - REGION[0],
+                          0x3F)
         base, base_s = write_rate(b, None)
         copyback.start(b.qmp, b.layout, to, 0)
         free, free_s = write_rate(b, to)

@@ -27,6 +27,8 @@ class Monitor(Protocol):
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
 
+    def hmp(self, command_line: str) -> str: ...
+
 
 class ProbeError(RuntimeError):
     """The probe itself failed (not: the data did not match)."""
@@ -44,6 +46,27 @@ def write_pattern(q: Monitor, layout: VmLayout, disk: Disk, offset: int, length:
     if proc.returncode != 0 or f"wrote {length}/{length} bytes" not in proc.stdout:
         raise ProbeError(f"qemu-io write on {disk.quorum} failed: "
                          f"{proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def guest_device(q: Monitor, disk: Disk) -> str:
+    """The QOM path of the guest device on the disk's quorum node (libvirt names the
+    device after the engine disk's alias, vdsm_ft/domxml.disks_on_nodes)."""
+    for b in q.execute("query-block"):
+        if b.get("inserted", {}).get("node-name") == disk.quorum and b.get("qdev"):
+            return b["qdev"]
+    raise ProbeError(f"no guest device uses block node {disk.quorum}")
+
+
+def write_pattern_hmp(q: Monitor, disk: Disk, offset: int, length: int,
+                      pattern: int) -> None:
+    """`write_pattern` through the guest device's own BlockBackend (HMP qemu-io -d),
+    for a VM outside COLO only (HMP holds the main lock through the write). Unlike the
+    NBD export it attaches nothing to the quorum node: an attach or detach drains the
+    node, which wakes a throttled copy-back from its rate-limit sleep."""
+    reply = q.hmp(f'qemu-io -d {guest_device(q, disk)} '
+                  f'"write -P {pattern:#x} {offset} {length}"')
+    if reply.strip():
+        raise ProbeError(f"qemu-io write on {disk.quorum} failed: {reply.strip()}")
 
 
 def pattern_matches(q: Monitor, layout: VmLayout, disk: Disk, offset: int, length: int,

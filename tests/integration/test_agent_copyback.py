@@ -13,13 +13,14 @@ import pytest
 
 from ftlab import guest
 from ftlab.agentlab import MiB, AgentLab, LabVm
-from ftlab.diskprobe import image_matches
+from ftlab.diskprobe import image_matches, write_pattern_hmp
 from ftlab.monitor import LibvirtMonitor
 from ftlab.vdsm import HookError
 from tests.integration.test_agent_failover import holds, monitor, write
 from vdsm_ft import copyback, domains
 from vdsm_ft.api import COPYING_BACK, AgentError, Role, VmState
 from vdsm_ft.arbiter import Arbiter
+from vdsm_ft.layout import Disk
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -59,16 +60,11 @@ def _fail_over(lab: AgentLab) -> tuple[LabVm, list[tuple[int, int]]]:
 
 
 def _write_mid_copy(mon: LibvirtMonitor, offset: int, pattern: int) -> None:
-    """A write through the guest device's own BlockBackend (HMP qemu-io -d). The NBD
-    writer of `write` attaches and detaches a BlockBackend on the quorum node, and each
-    such change drains the node, which wakes the throttled copy-back from its sleep: the
-    copy then finishes before this module can catch it mid-way. This VM is idle under
-    KVM, so HMP's hold on the main lock does not meet a checkpoint it stalls
+    """`write` would attach an NBD export to the quorum node, and its drain wakes the
+    throttled copy-back, which then ends before this module catches it mid-way. This
+    VM is idle under KVM, where HMP's hold on the main lock meets no stalled checkpoint
     (ftlab/diskprobe.py)."""
-    (qdev,) = [b["qdev"] for b in mon.execute("query-block")
-               if b.get("inserted", {}).get("node-name") == "ft-quorum0"]
-    reply = mon.hmp(f'qemu-io -d {qdev} "write -P {pattern:#x} {offset} {BLOCK}"')
-    assert not reply.strip(), reply
+    write_pattern_hmp(mon, Disk(index=0, image="", size=0), offset, BLOCK, pattern)
 
 
 def _copying_with_a_write(lab: AgentLab) -> tuple[LabVm, list[tuple[int, int]],
