@@ -289,3 +289,18 @@ def test_only_the_step_writes_a_vms_state():
     writes = [m.start() for m in re.finditer(r"\bupdate\([^)]*\bstate=", source)]
     assert len(writes) == 1
     assert source.rfind("def ", 0, writes[0]) == source.index("def _enter(")
+
+
+def test_a_start_whose_disk_image_is_missing_is_refused_with_its_cause(config, agents,
+                                                                       tmp_path):
+    """Issue 16: the hook used to get "internal error" (500), the cause only in the log."""
+    from vdsm_ft.agenterrors import AgentRefused
+    missing = str(tmp_path / "images" / "gone.qcow2")
+    xml = XML.replace("<devices></devices>", (
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{missing}'/><target dev='vda' bus='virtio'/></disk></devices>"))
+    agent = agents(config)
+    with pytest.raises(AgentRefused, match=r"not started: cannot read the size of "
+                       + missing.replace(".", r"\.")):
+        agent.hook_backend.register(VM, xml)
+    assert agent.registry.get(VM) is None    # nothing recorded for a VM that cannot run

@@ -6,6 +6,7 @@ loop; suspicion of the peer comes from the agent's monitor or from QEMU's COLO_E
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -44,6 +45,11 @@ WAITING_FOR_ARBITER = "waiting for the arbiter (etcd) to confirm this side"
 # one that could not is tried again this often.
 STOP_COPY_BOUND_S = 120.0
 STALE_RETRY_S = 30.0
+
+
+# The engine XML of a VM never changes while its record lives, and a step asks for its
+# layout several times: parsed once (a VmLayout is frozen). Parse errors are not cached.
+_engine_layout = functools.lru_cache(maxsize=256)(domxml.layout_from_domxml)
 
 
 class VmController:
@@ -114,7 +120,7 @@ class VmController:
 
     def layout(self) -> VmLayout:
         rec = self.record
-        base = domxml.layout_from_domxml(rec.engine_xml, self.run_dir)
+        base = _engine_layout(rec.engine_xml, self.run_dir)
         disks = tuple(replace(d, size=size) for d, size in zip(base.disks,
                                                                rec.disk_sizes))
         if rec.role is Role.SECONDARY or rec.on_replica:
@@ -122,7 +128,7 @@ class VmController:
         return replace(base, name=rec.domain, disks=disks)
 
     def copyback_targets(self) -> tuple[copyback.Target, ...]:
-        return copyback.targets(domxml.layout_from_domxml(self.record.engine_xml, "/"))
+        return copyback.targets(_engine_layout(self.record.engine_xml, "/"))
 
     @property
     def run_dir(self) -> str:

@@ -104,8 +104,13 @@ class AgentHookBackend(HookBackend):
         layout = domxml.layout_from_domxml(engine_xml, "/")
         name = layout.name
         self._refuse_beside_secondary(vm_id)
-        sizes = tuple(replica.virtual_size(d.image, d.fmt if d.fmt != "raw" else None)
-                      for d in layout.disks)
+        try:
+            sizes = tuple(replica.virtual_size(d.image, d.fmt if d.fmt != "raw" else None)
+                          for d in layout.disks)
+        except replica.ReplicaError as exc:
+            # Refused with the cause (issue 16): a 500 left it in the agent's log only.
+            raise AgentRefused(f"VM {vm_id} ({name}) not started: {exc}; check that the "
+                               "disk's storage domain is attached on this host") from None
         try:
             build, machine = self.services.qemu_of(engine_xml)
         except (emulator.EmulatorError, domxml.DomXmlError) as exc:
