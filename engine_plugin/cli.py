@@ -18,6 +18,7 @@ from engine_plugin.engine import (Engine, EngineAuthFailed, EngineError, EngineN
                                   EngineUnavailable)
 from engine_plugin.inventory import Inventory, VmInfo
 from engine_plugin.reconcile import RUNNING_VM_STATES, ft_wanted
+from vdsm_ft import ftvalue
 from vdsm_ft.api import AgentClient, AgentError, Role, VmState, VmStatus
 from vdsm_ft.imagestate import when as imagestate_when
 
@@ -50,7 +51,7 @@ def _row(vm: VmInfo, inv: Inventory, view: AgentView) -> dict:
             "vm": vm.name, "primary_host": name(host_id),
             "secondary_host": name(st.secondary_host)}
     if ft_wanted(vm) is None:
-        state, reason = VmState.NOT_PROTECTED.value, f"invalid ft value {vm.ft!r}"
+        state, reason = VmState.NOT_PROTECTED.value, f"invalid ft value {ftvalue.shown(vm.ft)}"
     elif not ft_wanted(vm):
         state, reason = VmState.DISABLED.value, "ft is off"
     elif vm.status not in RUNNING_VM_STATES:

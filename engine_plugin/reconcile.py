@@ -136,10 +136,10 @@ class _Planner:
         wanted = ft_wanted(vm)
         reports = self.view.reports(vm.id)
         if wanted is None:
-            self.reason(vm, f"invalid ft value {vm.ft!r}")
+            self.reason(vm, f"invalid ft value {ftvalue.shown(vm.ft)}")
             self.event(vm, "invalid-ft", 0, ERROR,
-                       f"VM {vm.name}: custom property ft={vm.ft!r} is not valid; use "
-                       f"ft=true to protect it or ft=false (or no property) for no FT.",
+                       f"VM {vm.name}: custom property ft={ftvalue.shown(vm.ft)} is not "
+                       f"valid; use ft=true to protect it or ft=false (or no property) for no FT.",
                        detail=vm.ft or "")
             return
         primary = _primary(reports)

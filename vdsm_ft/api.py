@@ -778,7 +778,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(raw)
         except ValueError as e:
-            raise BadRequest(f"body is not valid JSON: {e}") from None
+            # The rest of a body longer than its Content-Length would be read as the next
+            # request on this keep-alive connection: it ends here instead.
+            self.close_connection = True
+            raise BadRequest(f"body is not valid JSON: {e}; check that Content-Length "
+                             f"({n}) counts the whole body, not more or less") from None
 
     def _send_json(self, status: int, payload: Any) -> None:
         self._send(status, JSON_TYPE, json.dumps(payload).encode())

@@ -31,3 +31,21 @@ def test_the_hooks_and_the_poller_read_a_value_alike(value):
     vm = VmInfo(id="v", name="web", cluster_id="c", status="up", host_id=None, memory=1,
                 vcpus=1, custom_properties=() if value is None else (("ft", value),))
     assert ft_wanted(vm) is wanted
+
+
+def test_a_huge_value_is_quoted_cut_in_the_hook_message_and_the_engine_event():
+    """Issue 16: a 10 KB value was copied whole into two engine events."""
+    from engine_plugin.agents import AgentView
+    from engine_plugin.inventory import Inventory
+    from engine_plugin.placement import Limits
+    from engine_plugin.reconcile import plan
+    value = "x" * 10_000
+    with pytest.raises(ftvalue.InvalidFtValue) as e:
+        ftvalue.parse(value)
+    assert len(str(e.value)) < 200 and "(10000 characters)" in str(e.value)
+    vm = VmInfo(id="v", name="web", cluster_id="c", status="up", host_id=None, memory=1,
+                vcpus=1, custom_properties=(("ft", value),))
+    p = plan(Inventory(vms={"v": vm}), AgentView(), Limits(), lambda _: [], now=0.0)
+    [event] = [ev for ev in p.events if ev.kind == "invalid-ft"]
+    assert len(event.description) < 300 and "(10000 characters)" in event.description
+    assert len(p.reasons["web"]) < 100

@@ -249,3 +249,25 @@ def test_agent_cert_from_another_ca_is_rejected_by_the_client(pki):
         impostor.shutdown()
         impostor.server_close()
     assert backend.calls == []
+
+
+def test_a_body_longer_than_its_content_length_closes_the_connection(pki, agent, caplog):
+    """Issue 16: the rest of the body was parsed as a second request, with a traceback."""
+    import socket
+    server, backend = agent
+    vm = "0b6c1a43-8a47-4a53-9d6c-2c1fd1d4d9b1"
+    body = b'{"host_id": "host-b"}'
+    request = (f"POST /v1/vms/{vm}/unprotect HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Type: application/json\r\nContent-Length: 5\r\n\r\n").encode() + body
+    ctx = api.client_context(pki["poller"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"check that Content-Length (5) counts the whole body" in answer
+    assert backend.calls == []
+    assert not [r for r in caplog.records if r.exc_info]
