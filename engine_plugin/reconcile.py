@@ -31,6 +31,9 @@ ADOPTION_WAIT_S = 150.0
 RUNNING_VM_STATES = frozenset({"up", "powering_up", "reboot_in_progress", "migrating",
                                "paused", "not_responding", "unknown", "powering_down"})
 
+# A primary in Starting counts toward its host's caps once the engine runs it there.
+STARTED_VM_STATES = RUNNING_VM_STATES | {"wait_for_launch"}
+
 
 @dataclass(frozen=True)
 class Protect:
@@ -89,6 +92,9 @@ def loads_from(inv: Inventory, view: AgentView) -> dict[str, HostLoad]:
             if st.state is VmState.DOWN or st.role is Role.NONE:
                 continue
             vm = inv.vms.get(st.vm_id)
+            if st.role is Role.PRIMARY and st.state is VmState.STARTING and not (
+                    vm and vm.host_id == host_id and vm.status in STARTED_VM_STATES):
+                continue    # a start that never ran here holds nothing (issue 16)
             load.ft_vms += 1
             load.ft_vcpus += vm.vcpus if vm else 1
             if st.role is Role.SECONDARY and vm:

@@ -304,3 +304,12 @@ def test_a_start_whose_disk_image_is_missing_is_refused_with_its_cause(config, a
                        + missing.replace(".", r"\.")):
         agent.hook_backend.register(VM, xml)
     assert agent.registry.get(VM) is None    # nothing recorded for a VM that cannot run
+
+
+def test_a_start_that_never_ran_leaves_no_record(config, agents):
+    """Issue 16: a failed start after prepare left a primary in Starting for good."""
+    agent = agents(config)
+    agent.hook_backend.register(VM, XML)
+    agent.hook_backend.destroyed(VM)         # VDSM's start failed: no `started` came
+    assert agent.registry.get(VM) is None
+    assert not os.path.exists(_record_path(config))

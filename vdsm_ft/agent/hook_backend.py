@@ -166,5 +166,9 @@ class AgentHookBackend(HookBackend):
             ctl.wake()
         elif ctl.record.stopping or ctl.record.state is VmState.DOWN:
             self.services.forget(ctl, reason="VDSM released the VM")
+        elif ctl.record.role is Role.PRIMARY and not ctl.record.launched:
+            # A start that failed after prepare: the record held nothing, and left in
+            # Starting it counted toward the poller's per-host caps (issue 16).
+            self.services.forget(ctl, reason="VDSM released a VM that never started")
         else:
             ctl.wake()
