@@ -19,6 +19,7 @@ UNKNOWN_VM = "unknown_vm"               # HTTPS API: the agent does not know thi
 CONFLICT = "conflict"                   # HTTPS API: the VM's state forbids it now
 UNAVAILABLE = "unavailable"             # HTTPS API: retry later
 REFUSED = "refused"                     # hook API: the agent refuses this VM's request
+FORBIDDEN = "forbidden"                 # the caller may not make this request at all
 # Hook API: prepare refused because this host's QEMU cannot do COLO; the hook applies
 # `[hooks] qemu_incapable` (vdsm_ft/hooks.py).
 QEMU_INCAPABLE = "qemu_incapable"
@@ -92,6 +93,13 @@ class Conflict(AgentRejected):
     code = CONFLICT
 
 
+class Forbidden(AgentRejected):
+    """The caller is not one that may cross this boundary (docs/security.md)."""
+
+    status = 403
+    code = FORBIDDEN
+
+
 class Unavailable(AgentRejected):
     """HTTPS API: the agent cannot do this right now (e.g. the arbiter is unreachable)."""
 
@@ -108,7 +116,7 @@ class AgentRefused(AgentRejected):
 
 
 _REJECTED_BY_STATUS: dict[int, type[AgentRejected]] = {
-    400: BadRequest, 404: NotFound, 409: Conflict, 503: Unavailable}
+    400: BadRequest, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Unavailable}
 
 
 def rejected(status: int, code: str, message: str) -> AgentRejected:

@@ -24,13 +24,14 @@ has a total bound (connect + send + read), 2 s by default.
 """
 from __future__ import annotations
 
-import grp
 import json
 import os
+import pwd
 import re
 import socket
 import socketserver
 import stat
+import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -38,7 +39,7 @@ from typing import Any
 
 from vdsm_ft.agenterrors import (INTERNAL, INTERNAL_MESSAGE, METHOD_NOT_ALLOWED, NOT_FOUND,
                                  AgentError, AgentRefused, AgentRejected, AgentUnreachable,
-                                 BadRequest, check_id, error_body, error_of)
+                                 BadRequest, Forbidden, check_id, error_body, error_of)
 
 PREFIX = "/v1/hooks/vms/"
 DEFAULT_TIMEOUT = 2.0
@@ -51,8 +52,11 @@ MAX_HEADERS = 32
 SERVER_SOCKET_TIMEOUT = 10.0
 JSON_TYPE = "application/json"
 SOCKET_MODE = 0o660
+# VDSM runs hooks as vdsm (group kvm); every QEMU's user is in kvm too, so the socket's
+# owner is vdsm, its group root, and each connection's uid is checked (SO_PEERCRED).
+HOOK_USER = "vdsm"
 ACTIONS = ("prepare", "started", "stopping", "destroyed", "image")
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             409: "Conflict", 500: "Internal Server Error"}
 
 _PATH_RE = re.compile(re.escape(PREFIX) + r"([^/]+)/([a-z]+)")
@@ -221,6 +225,9 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         try:
             vm_id, action, body = self._read_request()
+            # After the (bounded) read: a refusal closed with the request unread would
+            # reset the connection, and the caller would not see why.
+            self._check_peer()
         except AgentRejected as e:
             self._send(e.status, error_body(e.code, e.message))
             return
@@ -257,6 +264,14 @@ class _Handler(socketserver.StreamRequestHandler):
         else:
             backend.destroyed(vm_id)
         return {}
+
+    def _check_peer(self) -> None:
+        creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+        if uid not in self.server.allowed_uids:
+            raise Forbidden(f"uid {uid} (pid {pid}) may not use the hook socket: only "
+                            f"root and {HOOK_USER}, which VDSM runs hooks as, may")
 
     def _read_request(self) -> tuple[str, str, dict]:
         line = self.rfile.readline(MAX_LINE + 1)
@@ -319,8 +334,10 @@ class _Handler(socketserver.StreamRequestHandler):
 class HookServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, socket_path: str, backend: HookBackend):
+    def __init__(self, socket_path: str, backend: HookBackend,
+                 allowed_uids: frozenset[int] = frozenset({0})):
         self.backend = backend
+        self.allowed_uids = allowed_uids
         self.socket_path = socket_path
         super().__init__(socket_path, _Handler)
 
@@ -360,23 +377,27 @@ def _remove_stale_socket(path: str) -> None:
     raise AgentError(f"another process already serves {path}")
 
 
-def kvm_gid() -> int:
-    """The group VDSM runs hooks under (vdsm:kvm)."""
-    return grp.getgrnam("kvm").gr_gid
+def hook_uid() -> int | None:
+    """The uid VDSM runs hooks as (user vdsm), or None on a host without it (the lab)."""
+    try:
+        return pwd.getpwnam(HOOK_USER).pw_uid
+    except KeyError:
+        return None
 
 
-def serve_hooks(socket_path: str, backend: HookBackend, owner_gid: int | None = None
-                ) -> HookServer:
-    """Bind the hook socket (mode 0660, group `owner_gid`, default kvm) and serve it in a
-    daemon thread. A stale socket from a dead agent is replaced; a live one is an error."""
+def serve_hooks(socket_path: str, backend: HookBackend, owner_gid: int = 0) -> HookServer:
+    """Bind the hook socket (mode 0660, owner vdsm where it exists, group `owner_gid`) and
+    serve it in a daemon thread, to root and vdsm only. A stale socket from a dead agent
+    is replaced; a live one is an error."""
     os.makedirs(os.path.dirname(socket_path), mode=0o755, exist_ok=True)
     _remove_stale_socket(socket_path)
     old = os.umask(0o117)          # the socket is never world-reachable, not even briefly
+    uid = hook_uid()
     try:
-        server = HookServer(socket_path, backend)
+        server = HookServer(socket_path, backend, frozenset({0} if uid is None else {0, uid}))
     finally:
         os.umask(old)
-    os.chown(socket_path, -1, kvm_gid() if owner_gid is None else owner_gid)
+    os.chown(socket_path, -1 if uid is None else uid, owner_gid)
     os.chmod(socket_path, SOCKET_MODE)
     server.start()
     return server

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -120,30 +121,55 @@ class _NoHooks(hookapi.HookBackend):
 
 CONNECT = ("import socket, sys\n"
            "s = socket.socket(socket.AF_UNIX)\n"
-           "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n")
+           "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n"
+           "s.sendall(b'POST /v1/hooks/vms/' + sys.argv[2].encode() + b'/destroyed HTTP/1.1"
+           "\\r\\nContent-Length: 0\\r\\n\\r\\n')\n"
+           "sys.stdout.write(s.makefile('rb').read().decode())\n")
+VM = "0b6c1a43-8a47-4a53-9d6c-2c1fd1d4d9b1"
 
 
-def test_hook_socket_is_0660_and_only_its_group_can_connect():
+class _Destroys(_NoHooks):
+    def __init__(self):
+        self.destroyed_vms: list[str] = []
+
+    def destroyed(self, vm_id):
+        self.destroyed_vms.append(vm_id)
+
+
+def test_hook_socket_is_open_to_root_and_vdsm_only_not_to_the_qemu_user():
+    """Issue 16: as the QEMU user (group kvm), `stopping` and `destroyed` tore pairs down."""
     if os.geteuid() != 0:
         pytest.fail("this test switches users to connect, so it must run as root")
-    group = grp.getgrnam("kvm")
+    qemu_user = "libvirt-qemu"
+    assert pwd.getpwnam(qemu_user).pw_gid == grp.getgrnam("kvm").gr_gid   # as on EL hosts
     directory = tempfile.mkdtemp(prefix="vdsm-ft-sock-", dir="/tmp")
     os.chmod(directory, 0o755)
     path = os.path.join(directory, "agent.sock")
-    server = hookapi.serve_hooks(path, _NoHooks(), group.gr_gid)
+    backend = _Destroys()
+    server = hookapi.serve_hooks(path, backend)
     try:
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == hookapi.SOCKET_MODE == 0o660
-        assert (st.st_uid, st.st_gid) == (0, group.gr_gid)
+        assert (st.st_uid, st.st_gid) == (hookapi.hook_uid() or 0, 0)
 
-        def connect_as(user: str, grp_name: str) -> int:
-            return subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT, path],
-                                  user=user, group=grp_name, extra_groups=[],
-                                  timeout=TIMEOUT).returncode
+        def connect_as(user: str, group: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT, path, VM],
+                                  user=user, group=group, extra_groups=[],
+                                  capture_output=True, text=True, timeout=TIMEOUT)
 
-        assert connect_as("nobody", "nogroup") == 13     # neither owner nor group
-        assert connect_as("nobody", group.gr_name) == 0  # the group VDSM's hooks run in
+        assert connect_as("nobody", "nogroup").returncode == 13
+        assert connect_as(qemu_user, "kvm").returncode == 13    # group kvm opens nothing
+        assert backend.destroyed_vms == []
+        os.chmod(path, 0o666)            # a careless chmod: the uid check still holds
+        refused = connect_as(qemu_user, "kvm")
+        assert refused.stdout.startswith("HTTP/1.1 403 "), refused
+        assert "may not use the hook socket: only root and vdsm" in refused.stdout
+        assert backend.destroyed_vms == []
+        allowed = subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT, path, VM],
+                                 capture_output=True, text=True, timeout=TIMEOUT)
+        assert allowed.stdout.startswith("HTTP/1.1 200 "), allowed
+        assert backend.destroyed_vms == [VM]
     finally:
         server.close()
         shutil.rmtree(directory)

@@ -26,7 +26,7 @@ from vdsm_ft.agent.services import Services
 from vdsm_ft.agent.store import ImageNotes, Store, VmRecord
 from vdsm_ft.api import AgentServer, Role, TlsFiles, VmState, client_context
 from vdsm_ft.arbiter import ARBITER_BOUND_S, Arbiter, check_fencing_budget
-from vdsm_ft.hookapi import HookServer, kvm_gid, serve_hooks
+from vdsm_ft.hookapi import HookServer, serve_hooks
 
 log = logging.getLogger("vdsm_ft.agent")
 
@@ -89,7 +89,7 @@ class Agent:
         self.api = AgentServer((self.config.api_address, self.config.api_port),
                                self.api_backend, self.tls)
         self.api.start()
-        self.hooks = serve_hooks(self.config.hook_socket, self.hook_backend, kvm_gid())
+        self.hooks = serve_hooks(self.config.hook_socket, self.hook_backend)
         self.monitor.start()
         self.host_qemu.start()
         self.image_marks.start()
