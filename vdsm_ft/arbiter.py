@@ -84,6 +84,12 @@ class CorruptRecord(ArbiterError):
     """A value read from etcd is not what this module writes."""
 
 
+class CorruptClaim(CorruptRecord):
+    """A live claim that no member of the pair can have written: it does not parse, or
+    its holder is not in the pair. Only a writer outside the FT rules (a careless admin,
+    an attacker with etcd access) makes one; nobody may win the generation after it."""
+
+
 def _check_name(what: str, value: object) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidArgument(f"{what} must be 1-128 characters of letters, digits and "
@@ -276,7 +282,7 @@ def _claim_holder(kv: etcd.Kv | None) -> str | None:
     try:
         return _check_name("claim holder", json.loads(kv.value)["host"])
     except (ValueError, TypeError, KeyError, InvalidArgument) as e:
-        raise CorruptRecord(f"live claim is not valid: {kv.value[:200]!r}") from e
+        raise CorruptClaim(f"live claim is not valid: {kv.value[:200]!r}") from e
 
 
 # --- the arbiter ------------------------------------------------------------------------
@@ -450,7 +456,7 @@ class Arbiter:
 
         The first claim of a generation wins forever; asking again answers the same. Raises
         StaleGeneration if ``generation`` is not current, NotAPairMember if ``host`` is not
-        in the pair, ArbiterUnavailable when etcd does not answer within the bound (the
+        in the pair, CorruptClaim if the claim found names no member, ArbiterUnavailable when etcd does not answer within the bound (the
         timing rule: the caller must then kill its own QEMU).
         """
         _check_generation(generation)
@@ -468,6 +474,13 @@ class Arbiter:
             if current != generation:
                 raise StaleGeneration(vm_id, generation, current)
             holder = _claim_holder(ckv)
+            if holder is not None and kv is not None:
+                members = PairRecord.decode(kv.value, kv.mod_revision).members
+                if holder not in members:
+                    raise CorruptClaim(f"VM {vm_id}: generation {generation} is claimed "
+                                       f"by {holder!r}, which is not in its pair "
+                                       f"({', '.join(members)}); someone outside vdsm-ft "
+                                       f"wrote {ckey}")
             if holder is not None:
                 return holder == host
             if kv is None:

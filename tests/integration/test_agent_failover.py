@@ -248,6 +248,33 @@ def test_secondary_lost_primary_carries_on_and_writes_land(lab):
     assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
 
 
+def test_a_planted_claim_never_fences_the_healthy_primary(lab):
+    """Issue 16: someone with etcd write access claims the pair's generation for a host
+    outside it, then the secondary crashes as an ordinary fault. The primary raises an
+    alert and carries on with its data instead of fencing itself."""
+    from vdsm_ft import etcd
+    from vdsm_ft.arbiter import claim_key
+    vm = lab.start_vm("ag-a")
+    lab.protect(vm, "ag-a", "ag-b")
+    primary = monitor(lab, "ag-a", vm, False)
+    write(lab, "ag-a", vm, 0, 0x73)
+    lab.wait_checkpoints("ag-a", vm.vm_id)
+    arbiter = Arbiter(lab.etcd.endpoints)
+    generation = lab.net.call(arbiter.get_pair, vm.vm_id).generation
+    planted = etcd.put(claim_key(vm.vm_id, generation), b'{"host": "evil", "claimed_at": 1}')
+    lab.net.call(arbiter.transport.txn, "planted claim", [], [planted], [], 2.0)
+
+    os.kill(lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)), 9)
+
+    after = lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY, timeout=10)
+    assert after.role is Role.PRIMARY and "ALERT: the arbiter's live claim is corrupt" in \
+        after.reason, after.reason
+    assert primary.execute("query-status")["status"] == "running"
+    write(lab, "ag-a", vm, 3 * MiB, 0x74)
+    assert holds(lab, "ag-a", vm, primary, 0, 0x73)
+    assert holds(lab, "ag-a", vm, primary, 3 * MiB, 0x74)
+
+
 @pytest.mark.parametrize("run", range(10))
 def test_partition_leaves_exactly_one_live_copy(lab, run):
     vm = lab.start_vm("ag-a")

@@ -529,3 +529,23 @@ def test_partitioned_side_fails_within_the_bound_and_the_other_wins(three_netns_
         time.sleep(0.5)
     assert answer["won"] is False, answer
     assert a.live_holder(vm, g) == "hostB"
+
+
+def _plant(arbiter: Arbiter, vm: str, generation: int, value: bytes) -> None:
+    from vdsm_ft import etcd
+    from vdsm_ft.arbiter import claim_key
+    arbiter.transport.txn("planted claim", [], [etcd.put(claim_key(vm, generation), value)],
+                          [], 2.0)
+
+
+@pytest.mark.parametrize("value", [b'{"host": "evil", "claimed_at": 1}', b"not json"])
+def test_a_claim_no_member_wrote_is_corrupt_for_both_members(arbiter, value):
+    """Issue 16: one unauthenticated write of a claim for "evil" made the healthy primary
+    lose its generation and fence itself at the next ordinary fault."""
+    from vdsm_ft.arbiter import CorruptClaim
+    vm = new_vm()
+    g = arbiter.begin_generation(vm, "hostA", "hostB")
+    _plant(arbiter, vm, g, value)
+    for host in ("hostA", "hostB"):
+        with pytest.raises(CorruptClaim):
+            arbiter.claim_live(vm, g, host)

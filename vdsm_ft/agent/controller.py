@@ -26,7 +26,7 @@ from vdsm_ft.agent.store import VmRecord
 from vdsm_ft.agent.traffic import TrafficMeter
 from vdsm_ft.api import (COPYING_BACK, AgentClient, AgentError, Failover,
                          PrepareSecondary, Role, VmState, VmStatus)
-from vdsm_ft.arbiter import ArbiterError, ArbiterUnavailable
+from vdsm_ft.arbiter import ArbiterError, ArbiterUnavailable, CorruptClaim
 from vdsm_ft.layout import IDENTITY_MIGRATION_SOCKET, Endpoints, VmLayout, qmp_socket
 from vdsm_ft.qmp import Event, Qmp, QmpError
 
@@ -452,6 +452,15 @@ class VmController:
                 return VmState.FAILING_OVER
             won, lost_to = False, (f"the arbiter did not confirm this side in {waited:.1f} s "
                                    f"({exc})")
+        except CorruptClaim as exc:
+            # Claims are create-only, so nobody can win this generation any more and no
+            # second copy can go live: the primary goes on alone, the secondary (only a
+            # replica) stops. Fencing the primary on it would let one planted key turn
+            # the next ordinary fault into the VM's loss (issue 16).
+            alert = f"ALERT: the arbiter's live claim is corrupt: {exc}"
+            log.error("%s: %s", rec.name, alert)
+            won, lost_to = rec.role is Role.PRIMARY, alert
+            why = f"{why}; {alert}"
         except ArbiterError as exc:
             won, lost_to = False, f"the arbiter did not confirm this side ({exc})"
         if not won:
