@@ -456,8 +456,9 @@ class Arbiter:
 
         The first claim of a generation wins forever; asking again answers the same. Raises
         StaleGeneration if ``generation`` is not current, NotAPairMember if ``host`` is not
-        in the pair, CorruptClaim if the claim found names no member, ArbiterUnavailable when etcd does not answer within the bound (the
-        timing rule: the caller must then kill its own QEMU).
+        in the pair, CorruptClaim if the claim found names no member, ArbiterUnavailable
+        when etcd does not answer within the bound (the timing rule: the caller must then
+        kill its own QEMU).
         """
         _check_generation(generation)
         _check_name("host", host)
@@ -474,14 +475,14 @@ class Arbiter:
             if current != generation:
                 raise StaleGeneration(vm_id, generation, current)
             holder = _claim_holder(ckv)
-            if holder is not None and kv is not None:
-                members = PairRecord.decode(kv.value, kv.mod_revision).members
-                if holder not in members:
-                    raise CorruptClaim(f"VM {vm_id}: generation {generation} is claimed "
-                                       f"by {holder!r}, which is not in its pair "
-                                       f"({', '.join(members)}); someone outside vdsm-ft "
-                                       f"wrote {ckey}")
             if holder is not None:
+                if kv is not None:
+                    members = PairRecord.decode(kv.value, kv.mod_revision).members
+                    if holder not in members:
+                        raise CorruptClaim(f"VM {vm_id}: generation {generation} is "
+                                           f"claimed by {holder!r}, which is not in its "
+                                           f"pair ({', '.join(members)}); someone outside "
+                                           f"vdsm-ft wrote {ckey}")
                 return holder == host
             if kv is None:
                 raise NoSuchPair(f"VM {vm_id} has no pair record for generation {generation}")

@@ -56,8 +56,8 @@ SOCKET_MODE = 0o660
 # owner is vdsm, its group root, and each connection's uid is checked (SO_PEERCRED).
 HOOK_USER = "vdsm"
 ACTIONS = ("prepare", "started", "stopping", "destroyed", "image")
-_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 500: "Internal Server Error"}
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 500: "Internal Server Error"}
 
 _PATH_RE = re.compile(re.escape(PREFIX) + r"([^/]+)/([a-z]+)")
 
@@ -334,8 +334,7 @@ class _Handler(socketserver.StreamRequestHandler):
 class HookServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, socket_path: str, backend: HookBackend,
-                 allowed_uids: frozenset[int] = frozenset({0})):
+    def __init__(self, socket_path: str, backend: HookBackend, allowed_uids: frozenset[int]):
         self.backend = backend
         self.allowed_uids = allowed_uids
         self.socket_path = socket_path

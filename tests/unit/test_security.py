@@ -166,8 +166,7 @@ def test_hook_socket_is_open_to_root_and_vdsm_only_not_to_the_qemu_user():
         assert refused.stdout.startswith("HTTP/1.1 403 "), refused
         assert "may not use the hook socket: only root and vdsm" in refused.stdout
         assert backend.destroyed_vms == []
-        allowed = subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT, path, VM],
-                                 capture_output=True, text=True, timeout=TIMEOUT)
+        allowed = connect_as("root", "root")
         assert allowed.stdout.startswith("HTTP/1.1 200 "), allowed
         assert backend.destroyed_vms == [VM]
     finally:
