@@ -6,13 +6,14 @@ Every domain is started by the lab host's own libvirtd from the XML that
 """
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import signal
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 
-from ftlab import qemubuild
+from ftlab import netns, qemubuild
 from ftlab.host import LabHost
 from vdsm_ft import colo, domains, domxml, emulator, replica, runfiles
 from vdsm_ft.layout import Endpoints, VmLayout
@@ -148,9 +149,12 @@ class ColoPair:
                 checkpoint_delay_ms: int = colo.DEFAULT_CHECKPOINT_DELAY_MS) -> None:
         colo.protect(primary.qmp, primary.layout,
                      colo.LocalSecondary(secondary.qmp, secondary.layout,
-                                         self._tls(secondary.host)), ep,
+                                         self._tls(secondary.host),
+                                         functools.partial(netns.in_netns,
+                                                           secondary.host.netns)), ep,
                      before_rewriter=primary.was_secondary,
-                     checkpoint_delay_ms=checkpoint_delay_ms, tls=self._tls(primary.host))
+                     checkpoint_delay_ms=checkpoint_delay_ms, tls=self._tls(primary.host),
+                     opener=functools.partial(netns.in_netns, primary.host.netns))
 
     def destroy_all(self) -> None:
         for member in self.members:

@@ -253,3 +253,13 @@ class NetnsWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """`fn()` run on a thread inside `netns`; a socket it makes stays in that namespace,
+    whichever thread uses it next (how in-process lab code listens on a host's address)."""
+    worker = NetnsWorker(netns)
+    try:
+        return worker.call(fn)
+    finally:
+        worker.close()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vdsm_ft import migsocket
 from vdsm_ft.layout import TLS_CLIENT_ID, TLS_SERVER_ID, Disk, Endpoints, VmLayout
 from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError
 
@@ -70,10 +71,6 @@ def _inet(host: str, port: int) -> dict[str, Any]:
 def _inet_flat(host: str, port: int) -> dict[str, Any]:
     """SocketAddress, as blockdev-add takes it."""
     return {"type": "inet", "host": host, "port": str(port)}
-
-
-def _uri(host: str, port: int) -> str:
-    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
 
 
 def _resync_job(disk: Disk) -> str:
@@ -194,11 +191,13 @@ def _remove_tls_creds(q: Qmp) -> None:
 
 def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
                       checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
-                      tls: ColoTls | None = None) -> None:
+                      tls: ColoTls | None = None, timeouts: Timeouts = Timeouts(),
+                      opener: migsocket.Opener = migsocket.here) -> None:
     """Export the replica disks and wait for the incoming COLO migration.
 
-    With `tls`, both listeners (NBD, migration) accept only TLS clients whose
-    certificate the creds dir's CA signed.
+    The migration port is this process's listener, not QEMU's: its connection is handed
+    to QEMU with TCP_NODELAY (vdsm_ft/migsocket.py). With `tls`, both listeners (NBD,
+    migration) accept only TLS clients whose certificate the creds dir's CA signed.
     """
     state = run_state(sec)
     if state != "inmigrate":
@@ -216,7 +215,11 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
         sec.execute("block-export-add", {"type": "nbd", "id": disk.export,
                                          "node-name": disk.parent, "name": disk.export,
                                          "writable": True})
-    sec.execute("migrate-incoming", {"uri": _uri(ep.secondary_host, ep.migration_port)})
+    try:
+        migsocket.Incoming(sec, ep.secondary_host, ep.migration_port,
+                           timeouts.resync + timeouts.migrate, opener)
+    except migsocket.MigSocketError as exc:
+        raise ColoError(str(exc)) from None
 
 
 def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float,
@@ -346,17 +349,25 @@ def _add_socket(q: Qmp, chardev: str, addr: dict[str, Any], server: bool,
 
 
 def start_colo(pri: Qmp, secondary: "SecondarySide", ep: Endpoints,
-               checkpoint_delay_ms: int, timeout: float, tls: bool = False) -> None:
+               checkpoint_delay_ms: int, timeout: float, tls: bool = False,
+               opener: migsocket.Opener = migsocket.here) -> None:
     """Run the COLO migration and verify both roles (`tls`: over the client creds
     that `resync` added)."""
     pri.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True},
         {"capability": "events", "state": True}]})
-    # The client checks the secondary's certificate against the address it dials.
-    pri.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms,
-                                           "tls-creds": TLS_CLIENT_ID if tls else ""})
+    # The client checks the secondary's certificate against the address it dials; an
+    # fd: migration has no address of its own, so it is named.
+    pri.execute("migrate-set-parameters", {
+        "x-checkpoint-delay": checkpoint_delay_ms,
+        "tls-creds": TLS_CLIENT_ID if tls else "",
+        "tls-hostname": ep.secondary_host if tls else ""})
     cursor = pri.cursor()
-    pri.execute("migrate", {"uri": _uri(ep.secondary_host, ep.migration_port)})
+    try:
+        migsocket.dial(pri, ep.secondary_host, ep.migration_port, timeout, opener)
+    except migsocket.MigSocketError as exc:
+        raise ColoError(str(exc)) from None
+    pri.execute("migrate", {"uri": migsocket.URI})
     event = pri.wait_event("MIGRATION", timeout, since=cursor,
                            match=lambda d: d["status"] in ("colo", "failed", "cancelled",
                                                            "completed"))
@@ -389,9 +400,11 @@ class LocalSecondary:
     qmp: Qmp
     layout: VmLayout
     tls: ColoTls | None = None
+    opener: migsocket.Opener = migsocket.here
 
     def prepare(self, ep: Endpoints, checkpoint_delay_ms: int) -> None:
-        prepare_secondary(self.qmp, self.layout, ep, checkpoint_delay_ms, self.tls)
+        prepare_secondary(self.qmp, self.layout, ep, checkpoint_delay_ms, self.tls,
+                          opener=self.opener)
 
     def mode(self) -> str:
         return colo_status(self.qmp)["mode"]
@@ -405,7 +418,8 @@ def protect(pri: Qmp, pri_layout: VmLayout, secondary: SecondarySide,
             ep: Endpoints, *, before_rewriter: bool = False,
             checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
             timeouts: Timeouts = Timeouts(), tls: ColoTls | None = None,
-            on_step: Callable[[str], None] = lambda step: None) -> None:
+            on_step: Callable[[str], None] = lambda step: None,
+            opener: migsocket.Opener = migsocket.here) -> None:
     """Bring a running primary and a waiting secondary to Protected.
 
     `tls` is the primary's creds dir; the secondary must have been given its own.
@@ -419,7 +433,7 @@ def protect(pri: Qmp, pri_layout: VmLayout, secondary: SecondarySide,
         ("filters", lambda: add_network_filters(pri, pri_layout, ep, before_rewriter,
                                                 tls)),
         ("migrate", lambda: start_colo(pri, secondary, ep, checkpoint_delay_ms,
-                                       timeouts.migrate, tls is not None)),
+                                       timeouts.migrate, tls is not None, opener)),
     ]
     for name, step in steps:
         on_step(name)

@@ -158,6 +158,25 @@ class Qmp:
         if wanted:
             self._execute("yank", {"instances": wanted}, timeout, oob=True)
 
+    def pass_fd(self, name: str, fd: int, timeout: float = COMMAND_TIMEOUT) -> None:
+        """Give QEMU a copy of `fd` under `name` (SCM_RIGHTS, then `getfd`); the caller
+        keeps and closes its own copy."""
+        if self._client is None:
+            raise QmpDisconnected(f"{self.name}: not connected")
+        client = self._client
+
+        async def send() -> None:
+            # One coroutine on the loop: no other command is written between the fd and
+            # the getfd that takes it.
+            client.send_fd_scm(fd)
+            await client.execute("getfd", {"fdname": name})
+
+        self._call("getfd", send(), timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT) -> str:
         return self.execute("human-monitor-command", {"command-line": command_line},
                             timeout)
@@ -166,7 +185,10 @@ class Qmp:
                  oob: bool) -> Any:
         if self._client is None:
             raise QmpDisconnected(f"{self.name}: not connected")
-        coro = self._client.execute(command, arguments, oob=oob)
+        return self._call(command, self._client.execute(command, arguments, oob=oob),
+                          timeout)
+
+    def _call(self, command: str, coro: Any, timeout: float) -> Any:
         try:
             return self._run(coro, timeout)
         except ExecuteError as exc:
