@@ -38,13 +38,13 @@ def serve(n_vms: int, n_hosts: int, workdir: str, conn) -> None:
     from ftlab.engine.model import GiB, Hook
     from tests.integration.scripted_agents import ScriptedBackend, free_port_on
     from ftlab.pki import issue, make_ca
-    from vdsm_ft.api import AgentServer, Role, VmState, VmStatus
+    from vdsm_ft.api import DEFAULT_POLLER_IDENTITY, AgentServer, Role, VmState, VmStatus
 
     pki = Path(workdir) / "pki"
     ca = make_ca(pki)
     addresses = [_address(i) for i in range(n_hosts)]
     agent_tls = issue(pki, ca, "agents", addresses=addresses)
-    poller_tls = issue(pki, ca, "poller")
+    poller_tls = issue(pki, ca, DEFAULT_POLLER_IDENTITY)
     port = free_port_on(addresses[:20])
     engine = FakeEngine(users={USER: PASSWORD}, workdir=Path(workdir) / "engine")
     info = engine.start()

@@ -36,7 +36,7 @@ from ftlab.vdsm import Vdsm
 from ftlab.vdsmdriver import (DATA_PATTERN, GUEST_DISK_SIZE, HOOK_PYTHONPATH,
                               HOOK_TIMEOUT, HOOKS_DIR)
 from vdsm_ft import domains, domxml
-from vdsm_ft.api import PeerSpec, VmState, VmStatus
+from vdsm_ft.api import DEFAULT_POLLER_IDENTITY, PeerSpec, VmState, VmStatus
 
 MiB = 1 << 20
 CLIENT_INDEX = 90        # the caller's namespace on the wire, where the poller would be
@@ -134,7 +134,7 @@ class AgentLab:
                                 base_dir=os.path.join(self.base, "etcd")).start()
         pki = Path(self.base) / "pki"
         ca = make_ca(pki)
-        client_tls = issue(pki, ca, "poller")
+        client_tls = issue(pki, ca, DEFAULT_POLLER_IDENTITY)
         netns.create(self.client_ns)
         netns.join_rep(self.client_ns, CLIENT_INDEX, netns.netns_name(self.wire))
         self.net = netns.NetnsWorker(self.client_ns)

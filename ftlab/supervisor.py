@@ -37,7 +37,7 @@ from ftlab.labstate import (DEFAULT_HOSTS, ENGINE_USER, HOOK_NAME, HostInfo, Lab
 from ftlab.pki import heartbeat_key, issue, make_ca
 from ftlab.vdsmdriver import HOOKS_DIR, REPO, TEMPLATES, HostVdsm, VdsmFleet
 from vdsm_ft import domains
-from vdsm_ft.api import AgentError, Role, TlsFiles, VmState
+from vdsm_ft.api import DEFAULT_POLLER_IDENTITY, AgentError, Role, TlsFiles, VmState
 
 log = logging.getLogger("ftlab.supervisor")
 
@@ -86,7 +86,7 @@ class Supervisor:
         log.info("%s", qemubuild.describe())
         log.info("lab CA")
         ca = make_ca(Path(p.pki))
-        client = issue(Path(p.pki), ca, "poller")
+        client = issue(Path(p.pki), ca, DEFAULT_POLLER_IDENTITY)
         self.state.lab_ca, self.state.client_cert, self.state.client_key = \
             client.ca, client.cert, client.key
         for i in range(1, self.n_hosts + 1):

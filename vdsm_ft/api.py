@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import http.client
+import ipaddress
 import json
 import logging
 import re
@@ -24,24 +25,25 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from vdsm_ft.agenterrors import (INTERNAL, INTERNAL_MESSAGE, METHOD_NOT_ALLOWED, NOT_FOUND,
                                  HTTP_ERROR, AgentError, AgentProtocolError, AgentRejected,
                                  AgentTimeout, AgentUnreachable, BadRequest, Conflict,
-                                 NotFound, Unavailable, check_id, error_body, error_of,
-                                 rejected)
+                                 Forbidden, NotFound, Unavailable, check_id, error_body,
+                                 error_of, rejected)
 from vdsm_ft.layout import Endpoints
 from vdsm_ft.qemu_probe import QemuCapability
 
 __all__ = [
-    "API_PREFIX", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "MAX_BODY", "SERVER_SOCKET_TIMEOUT",
+    "API_PREFIX", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "DEFAULT_POLLER_IDENTITY", "MAX_BODY",
+    "SERVER_SOCKET_TIMEOUT",
     "JSON_TYPE", "METRICS_TYPE", "COPYING_BACK", "VmState", "Role", "Failover", "VmStatus",
     "HostStatus", "PeerSpec", "PrepareSecondary", "SecondaryReady", "TlsFiles",
-    "client_context", "server_context", "AgentClient", "Backend", "AgentServer",
+    "client_context", "server_context", "Caller", "AgentClient", "Backend", "AgentServer",
     # What AgentClient raises and a Backend may raise, from vdsm_ft/agenterrors.py.
     "AgentError", "AgentUnreachable", "AgentTimeout", "AgentProtocolError", "AgentRejected",
-    "BadRequest", "NotFound", "Conflict", "Unavailable",
+    "BadRequest", "Forbidden", "NotFound", "Conflict", "Unavailable",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/v1"
 DEFAULT_PORT = 54329
 DEFAULT_TIMEOUT = 5.0
+# The Common Name of the poller's client certificate, as docs/install.md has it enrolled
+# and the lab issues it (ftlab/supervisor.py, agentlab.py); `[agent] poller_identity`.
+DEFAULT_POLLER_IDENTITY = "ovirt-ft-poller"
 # Requests are small; anything bigger is a mistake or an attack.
 MAX_BODY = 1 << 20
 # A client that does not finish its TLS handshake or its request within this bound
@@ -458,6 +463,42 @@ def server_context(tls: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of a request, from its client certificate (mutual TLS
+    verified it against the CA already): its subject's Common Name, and the DNS names
+    and IP addresses of its subjectAltName, the names a client checks a server by."""
+
+    common_name: str
+    names: frozenset[str]
+
+    @classmethod
+    def from_cert(cls, cert: dict) -> Caller:
+        """From `SSLSocket.getpeercert()`."""
+        cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn
+                   if k == "commonName"), "")
+        names = frozenset(_name(v) for k, v in cert.get("subjectAltName", ())
+                          if k in ("DNS", "IP Address"))
+        return cls(common_name=cn, names=names)
+
+    def holds(self, address: str) -> bool:
+        """Whether the certificate names `address`, as a client dialling it would check."""
+        return _name(address) in self.names
+
+    def __str__(self) -> str:
+        names = ", ".join(sorted(self.names)) or "none"
+        return f"CN={self.common_name or '(none)'}, subjectAltName {names}"
+
+
+def _name(value: str) -> str:
+    """One spelling per name: the certificate may write an IPv6 address in full."""
+    value = value.strip()
+    try:
+        return ipaddress.ip_address(value).compressed
+    except ValueError:
+        return value.lower()
+
+
 # ---------------------------------------------------------------- client
 
 class AgentClient:
@@ -647,9 +688,70 @@ class Backend(ABC):
     def metrics(self) -> str:
         """Prometheus text exposition format."""
 
+    @abstractmethod
+    def pairing(self, vm_id: str) -> tuple[Role, PeerSpec | None] | None:
+        """This host's role for `vm_id` and the peer in its record; None when the VM is
+        not known here. The server authorizes the pair protocol's calls by it."""
 
-# (method, regex) -> handler(backend, match, body) -> (status, payload)
-_Route = Callable[[Backend, "re.Match[str]", Any], tuple[int, Any]]
+
+class _Gate:
+    """Who may cross the agent API boundary (docs/security.md, "Who may call the agent").
+
+    Every CA-signed client may read (statuses, metrics): they name ids and counters,
+    nothing secret, and the CLI, the poller and a primary watching its secondary read
+    them. Admin operations come from the poller (and the
+    CLI, which runs with its certificate) alone. The pair protocol comes from the VM's
+    primary alone: a host is known by the addresses its certificate names, the same
+    check its peer makes when dialling it.
+    """
+
+    def __init__(self, caller: Caller, poller_identity: str):
+        self.caller = caller
+        self.poller_identity = poller_identity
+
+    def _is_poller(self) -> bool:
+        return self.caller.common_name == self.poller_identity
+
+    def admin(self, what: str) -> None:
+        if not self._is_poller():
+            raise Forbidden(f"{what} is an admin operation: only the poller's certificate "
+                            f"(CN={self.poller_identity}) may ask for it, not this client's "
+                            f"({self.caller})")
+
+    def unprotect(self, b: Backend, vm_id: str) -> None:
+        """The poller, or the primary dropping its secondary here (controller.py)."""
+        if self._is_poller():
+            return
+        pairing = b.pairing(vm_id)
+        if pairing is not None:
+            role, peer = pairing
+            if role is Role.SECONDARY and peer is not None and \
+                    self.caller.holds(peer.agent_address):
+                return
+        raise Forbidden(f"unprotect of VM {vm_id} comes from the poller, or from its "
+                        f"primary when this host holds its secondary; this client "
+                        f"({self.caller}) is neither")
+
+    def prepare(self, b: Backend, request: PrepareSecondary) -> None:
+        """The primary named in the request, and for a VM known here its peer on record."""
+        named = request.primary
+        if not self.caller.holds(named.agent_address):
+            raise Forbidden(f"prepare-secondary of VM {request.vm_id} names primary "
+                            f"{named.host_id} at {named.agent_address}, but this client's "
+                            f"certificate ({self.caller}) does not name that address")
+        pairing = b.pairing(request.vm_id)
+        # A record without a peer (a primary that died here, never protected) names no
+        # host to impersonate; the new pairing replaces it (secondary.py).
+        peer = pairing[1] if pairing is not None else None
+        if peer is not None and (peer.host_id != named.host_id or
+                                 not self.caller.holds(peer.agent_address)):
+            raise Forbidden(f"VM {request.vm_id} is paired with {peer.host_id} at "
+                            f"{peer.agent_address} on this host; prepare-secondary comes "
+                            f"from that host only, not from this client ({self.caller})")
+
+
+# (method, regex) -> handler(backend, match, body, gate) -> (status, payload)
+_Route = Callable[[Backend, "re.Match[str]", Any, _Gate], tuple[int, Any]]
 _VM = r"/v1/vms/(?P<vm>[^/]+)"
 
 
@@ -662,34 +764,53 @@ def _no_body(body: Any) -> None:
         raise BadRequest("this action takes no parameters; send {} or no body")
 
 
+def _open(read: Callable[[Backend, "re.Match[str]"], Any]) -> _Route:
+    def route(b: Backend, m: "re.Match[str]", body: Any, gate: _Gate) -> tuple[int, Any]:
+        return 200, read(b, m).to_dict()
+    return route
+
+
 def _simple(action: str) -> _Route:
-    def route(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+    def route(b: Backend, m: "re.Match[str]", body: Any, gate: _Gate) -> tuple[int, Any]:
+        gate.admin(action.replace("_", "-"))
         _no_body(body)
         return 202, getattr(b, action)(_vm(m)).to_dict()
     return route
 
 
-def _protect(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+def _unprotect(b: Backend, m: "re.Match[str]", body: Any, gate: _Gate) -> tuple[int, Any]:
+    vm_id = _vm(m)
+    gate.unprotect(b, vm_id)
+    _no_body(body)
+    return 202, b.unprotect(vm_id).to_dict()
+
+
+def _protect(b: Backend, m: "re.Match[str]", body: Any, gate: _Gate) -> tuple[int, Any]:
+    gate.admin("protect")
     body = _object(body, "protect request")
     peer = PeerSpec.from_dict(_field(body, "peer", dict, "protect request"))
     return 202, b.protect(_vm(m), peer).to_dict()
 
 
-def _migrate(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
+def _migrate(b: Backend, m: "re.Match[str]", body: Any, gate: _Gate) -> tuple[int, Any]:
+    gate.admin("migrate-secondary")
     body = _object(body, "migrate-secondary request")
     to = PeerSpec.from_dict(_field(body, "to", dict, "migrate-secondary request"), "to")
     return 202, b.migrate_secondary(_vm(m), to).to_dict()
 
 
-def _prepare(b: Backend, m: "re.Match[str]", body: Any) -> tuple[int, Any]:
-    return 200, b.prepare_secondary(PrepareSecondary.from_dict(_vm(m), body)).to_dict()
+def _prepare(b: Backend, m: "re.Match[str]", body: Any, gate: _Gate) -> tuple[int, Any]:
+    # Parsed first: the rule is about the primary the request names.
+    request = PrepareSecondary.from_dict(_vm(m), body)
+    gate.prepare(b, request)
+    return 200, b.prepare_secondary(request).to_dict()
 
 
 _ROUTES: list[tuple[str, re.Pattern[str], _Route]] = [
-    ("GET", re.compile(r"/v1/status"), lambda b, m, body: (200, b.host_status().to_dict())),
-    ("GET", re.compile(_VM), lambda b, m, body: (200, b.vm_status(_vm(m)).to_dict())),
+    ("GET", re.compile(r"/v1/status"), _open(lambda b, m: b.host_status())),
+    ("GET", re.compile(_VM), _open(lambda b, m: b.vm_status(_vm(m)))),
     ("POST", re.compile(_VM + "/protect"), _protect),
-    ("POST", re.compile(_VM + "/unprotect"), _simple("unprotect")),
+    ("POST", re.compile(_VM + "/unprotect"), _unprotect),
     ("POST", re.compile(_VM + "/suspend"), _simple("suspend")),
     ("POST", re.compile(_VM + "/resume"), _simple("resume")),
     ("POST", re.compile(_VM + "/test-failover"), _simple("test_failover")),
@@ -740,7 +861,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if m:
                     if route_method != method:
                         continue
-                    status, payload = route(self.server.backend, m, body)
+                    gate = _Gate(self._caller(), self.server.poller_identity)
+                    status, payload = route(self.server.backend, m, body, gate)
                     self._send_json(status, payload)
                     return
             if any(p.fullmatch(path) for _, p, _ in _ROUTES):
@@ -753,6 +875,11 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("%s %s failed", method, path)
             self._send_json(500, error_body(INTERNAL, INTERNAL_MESSAGE))
+
+    def _caller(self) -> Caller:
+        # AgentServer wraps every connection in TLS with CERT_REQUIRED, so a certificate
+        # the CA signed is there; without one the empty Caller matches no rule.
+        return Caller.from_cert(cast(ssl.SSLSocket, self.connection).getpeercert() or {})
 
     def _read_body(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -797,12 +924,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 class AgentServer(ThreadingHTTPServer):
     """The agent's HTTPS endpoint. TLS handshakes run in the per-connection thread,
-    with a bound, so a client that stalls its handshake blocks nobody else."""
+    with a bound, so a client that stalls its handshake blocks nobody else.
+
+    `poller_identity` is the Common Name of the one certificate admin operations are
+    taken from (`[agent] poller_identity`)."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], backend: Backend, tls: TlsFiles):
+    def __init__(self, address: tuple[str, int], backend: Backend, tls: TlsFiles,
+                 poller_identity: str = DEFAULT_POLLER_IDENTITY):
         self.backend = backend
+        self.poller_identity = poller_identity
         self._tls = server_context(tls)
         self._open: set[ssl.SSLSocket] = set()
         self._open_lock = threading.Lock()

@@ -37,6 +37,7 @@ from vdsm_ft.agenterrors import ID_RULE, is_id
 DEFAULT_PATH = "/etc/vdsm-ft/agent.conf"
 PATH_ENV = "VDSM_FT_CONFIG"
 DEFAULT_API_PORT = 54329      # vdsm_ft.api.DEFAULT_PORT; repeated so hooks need not import it
+DEFAULT_POLLER_IDENTITY = "ovirt-ft-poller"     # vdsm_ft.api.DEFAULT_POLLER_IDENTITY, likewise
 # The project's COLO QEMU, as packaging/qemu/vdsm-ft-qemu.spec installs it (docs/qemu.md).
 DEFAULT_EMULATOR = "/usr/libexec/vdsm-ft/qemu-system-x86_64"
 START_UNPROTECTED = "start_unprotected"
@@ -94,6 +95,9 @@ class HostConfig:
     # Where the API listens: the poller dials the engine's address for the host, peers
     # the replication address, so by default every address (mutual TLS guards it).
     api_address: str = "0.0.0.0"
+    # The Common Name of the poller's client certificate: the one identity the API takes
+    # admin operations from (docs/security.md); docs/install.md enrols it under this name.
+    poller_identity: str = DEFAULT_POLLER_IDENTITY
     tls_ca: str = "/etc/pki/vdsm/certs/cacert.pem"      # the engine CA (VDSM's copy)
     tls_cert: str = "/etc/pki/vdsm/certs/vdsmcert.pem"
     tls_key: str = "/etc/pki/vdsm/keys/vdsmkey.pem"
@@ -248,6 +252,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("host", "replication_address"): ("replication_address", _address),
     ("agent", "api_port"): ("api_port", _port),
     ("agent", "api_address"): ("api_address", _address),
+    ("agent", "poller_identity"): ("poller_identity", _text),
     ("agent", "hook_socket"): ("hook_socket", _path),
     ("agent", "run_dir"): ("run_dir", _path),
     ("agent", "state_dir"): ("state_dir", _path),

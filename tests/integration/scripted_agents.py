@@ -14,8 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ftlab.pki import issue, make_ca
-from vdsm_ft.api import (AgentServer, Backend, Conflict, HostStatus, NotFound, PeerSpec,
-                         PrepareSecondary, Role, SecondaryReady, TlsFiles, VmState, VmStatus)
+from vdsm_ft.api import (DEFAULT_POLLER_IDENTITY, AgentServer, Backend, Conflict, HostStatus,
+                         NotFound, PeerSpec, PrepareSecondary, Role, SecondaryReady, TlsFiles,
+                         VmState, VmStatus)
 from vdsm_ft.qemu_probe import QemuCapability
 
 
@@ -105,6 +106,10 @@ class ScriptedBackend(Backend):
         return SecondaryReady(vm_id=request.vm_id, generation=request.generation,
                               migration_port=49152, nbd_port=49153)
 
+    def pairing(self, vm_id: str) -> tuple[Role, PeerSpec | None] | None:
+        # A scripted status names its pair by host id only; the poller is its one caller.
+        return None
+
     def metrics(self) -> str:
         with self.lock:
             return "".join(f'vdsm_ft_vm_protected{{vm="{v.name}"}} '
@@ -139,7 +144,7 @@ class AgentFleet:
         self.ca = make_ca(directory)
         self.addresses = {h: f"127.0.0.{first_octet + i}" for i, h in enumerate(host_ids)}
         self.port = free_port_on(list(self.addresses.values()))
-        self.poller_tls: TlsFiles = issue(directory, self.ca, "poller")
+        self.poller_tls: TlsFiles = issue(directory, self.ca, DEFAULT_POLLER_IDENTITY)
         self.backends: dict[str, ScriptedBackend] = {}
         self.servers: dict[str, AgentServer] = {}
         self._tls: dict[str, TlsFiles] = {}

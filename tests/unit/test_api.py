@@ -94,6 +94,10 @@ class MemoryBackend(Backend):
         self.calls.append(("metrics",))
         return 'vdsm_ft_vm_state{vm="vm-1",state="Need Secondary"} 1\n'
 
+    def pairing(self, vm_id):
+        # Unpaired: prepare-secondary is checked against the primary it names alone.
+        return None
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
@@ -102,7 +106,9 @@ def pki(tmp_path_factory):
     other = make_ca(d / "other", "another CA")
     return {
         "agent": issue(d / "ca", ca, "agent", addresses=["127.0.0.1"], hostnames=["localhost"]),
-        "poller": issue(d / "ca", ca, "poller"),
+        "poller": issue(d / "ca", ca, api.DEFAULT_POLLER_IDENTITY),
+        # host-b's agent, as PEER names it: the primary of the prepare-secondary tests.
+        "peer": issue(d / "ca", ca, "host-b", addresses=[PEER.agent_address]),
         "wrong_name": issue(d / "ca", ca, "wrongname", addresses=["127.0.0.9"]),
         "foreign": issue(d / "other", other, "intruder", addresses=["127.0.0.1"]),
     }
@@ -129,6 +135,14 @@ def client(pki, server):
     c.close()
 
 
+@pytest.fixture
+def peer_client(pki, server):
+    """host-b's agent calling this one, with its own host certificate."""
+    c = AgentClient("127.0.0.1", server.port, api.client_context(pki["peer"]), timeout=2)
+    yield c
+    c.close()
+
+
 def test_host_and_vm_status_round_trip(client, backend):
     host = client.host_status()
     assert host.host_id == "host-a" and host.replication_address == "192.168.100.1"
@@ -136,7 +150,7 @@ def test_host_and_vm_status_round_trip(client, backend):
     assert client.vm_status("vm-1") == backend.vms["vm-1"]
 
 
-def test_every_action_reaches_the_backend_with_its_arguments(client, backend):
+def test_every_action_reaches_the_backend_with_its_arguments(client, peer_client, backend):
     assert client.protect("vm-1", PEER).state is VmState.SYNCING
     assert backend.calls[-1] == ("protect", "vm-1", PEER)
     assert client.suspend("vm-1").suspended is True
@@ -150,7 +164,7 @@ def test_every_action_reaches_the_backend_with_its_arguments(client, backend):
                            domain_xml="<domain/>", disks=((0, 1 << 30),),
                            nics=((0, "net0", "52:54:00:00:00:01"),),
                            mirror_ports=(50001,), compare_ports=(50002,))
-    ready = client.prepare_secondary(req)
+    ready = peer_client.prepare_secondary(req)
     assert backend.calls[-1] == ("prepare_secondary", req)
     assert (ready.migration_port, ready.nbd_port, ready.generation) == (49152, 49153, 4)
     assert 'state="Need Secondary"' in client.metrics()
@@ -174,11 +188,11 @@ def test_conflict_maps_to_409(client, backend):
     assert e.value.status == 409 and "host-c" in e.value.message
 
 
-def test_internal_errors_are_500_without_details(client):
+def test_internal_errors_are_500_without_details(peer_client):
     req = PrepareSecondary(vm_id="boom", name="x", generation=1, primary=PEER,
                            domain_xml="<domain/>", disks=())
     with pytest.raises(api.AgentRejected) as e:
-        client.prepare_secondary(req)
+        peer_client.prepare_secondary(req)
     assert e.value.status == 500 and "secret" not in str(e.value)
 
 

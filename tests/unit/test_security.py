@@ -1,7 +1,7 @@
 """The security rules vdsm-ft enforces (docs/security.md), each against the real part:
 settings files with secrets refused unless private, the hook socket's mode and who can
 connect, QEMU option escaping checked by QEMU's own parser, and mutual TLS on the agent
-API refusing certificates from another CA."""
+API refusing certificates from another CA, and who may call which of its routes."""
 from __future__ import annotations
 
 import grp
@@ -20,7 +20,8 @@ from engine_plugin import cli, config as poller_config
 from ftlab.pki import issue, make_ca
 from vdsm_ft import api, domxml, hookapi, hostconfig
 from vdsm_ft.agent.store import Store, VmRecord
-from vdsm_ft.api import AgentClient, AgentServer, AgentUnreachable, Backend, NotFound, Role
+from vdsm_ft.api import (AgentClient, AgentServer, AgentUnreachable, Backend, Forbidden, NotFound,
+                         PeerSpec, PrepareSecondary, Role)
 
 SECRET = "s3cr3t-Pa55word"
 TIMEOUT = 30
@@ -199,6 +200,13 @@ def test_escaped_path_cannot_inject_options_qemu_parses_it_back(tmp_path):
 
 # ------------------------------------------------------------------- mutual TLS
 
+# Hosts by their certificates' addresses; the agent under test is 127.0.0.1 ("agent").
+HOSTS = {"host1": "127.0.0.11", "host2": "127.0.0.12", "host3": "127.0.0.13"}
+
+
+def _spec(host: str) -> PeerSpec:
+    return PeerSpec(host, HOSTS[host], 54329, HOSTS[host])
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
@@ -206,21 +214,28 @@ def pki(tmp_path_factory):
     rogue_ca = make_ca(d / "rogue", "rogue CA")
     return {
         "agent": issue(d / "engine", engine_ca, "agent", addresses=["127.0.0.1"]),
-        "poller": issue(d / "engine", engine_ca, "poller"),
+        "poller": issue(d / "engine", engine_ca, api.DEFAULT_POLLER_IDENTITY),
+        # Other hypervisors: every one holds a certificate from the engine CA.
+        **{h: issue(d / "engine", engine_ca, h, addresses=[a]) for h, a in HOSTS.items()},
         # Same names as the real ones, signed by another CA.
-        "rogue_poller": issue(d / "rogue", rogue_ca, "poller"),
+        "rogue_poller": issue(d / "rogue", rogue_ca, api.DEFAULT_POLLER_IDENTITY),
         "rogue_agent": issue(d / "rogue", rogue_ca, "agent", addresses=["127.0.0.1"]),
     }
 
 
 class _Recorder(Backend):
-    """Every endpoint records the call and answers 404: enough to see who got through."""
+    """Every endpoint records the call and answers 404: enough to see who got through.
+    `pairs` is what `pairing` answers: the VMs this host knows, with role and peer."""
 
     def __init__(self):
         self.calls: list[str] = []
+        self.pairs: dict[str, tuple[Role, PeerSpec | None]] = {}
+
+    def pairing(self, vm_id):
+        return self.pairs.get(vm_id)
 
 
-for _name in Backend.__abstractmethods__:
+for _name in Backend.__abstractmethods__ - {"pairing"}:
     def _method(self, *args, _name=_name):
         self.calls.append(_name)
         raise NotFound("nothing here")
@@ -296,3 +311,162 @@ def test_a_body_longer_than_its_content_length_closes_the_connection(pki, agent,
     assert b"check that Content-Length (5) counts the whole body" in answer
     assert backend.calls == []
     assert not [r for r in caplog.records if r.exc_info]
+
+
+# ------------------------------------------------- who may call which agent route
+
+VM = "0b6c1a43-8a47-4a53-9d6c-2c1fd1d4d9b1"
+ADMIN = {
+    "protect": lambda c: c.protect(VM, _spec("host3")),
+    "unprotect": lambda c: c.unprotect(VM),
+    "suspend": lambda c: c.suspend(VM),
+    "resume": lambda c: c.resume(VM),
+    "test_failover": lambda c: c.test_failover(VM),
+    "restart_secondary": lambda c: c.restart_secondary(VM),
+    "migrate_secondary": lambda c: c.migrate_secondary(VM, _spec("host2")),
+}
+
+
+def _prepare(primary: str) -> PrepareSecondary:
+    return PrepareSecondary(vm_id=VM, name="web", generation=2, primary=_spec(primary),
+                            domain_xml="<domain/>", disks=((0, 1 << 30),))
+
+
+def test_a_host_certificate_cannot_suspend_a_vm_of_another_pair(pki, agent):
+    """Issue 16: host2's certificate suspended a VM whose pair is host1 and host3."""
+    server, backend = agent
+    backend.pairs[VM] = (Role.PRIMARY, _spec("host3"))
+    with pytest.raises(Forbidden) as e:
+        _client(pki["host2"], server.port).suspend(VM)
+    assert (e.value.status, e.value.code) == (403, "forbidden")
+    assert "suspend is an admin operation" in e.value.message
+    assert f"CN={api.DEFAULT_POLLER_IDENTITY}" in e.value.message
+    assert "CN=host2" in e.value.message
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("host", ["host2", "host3"])
+@pytest.mark.parametrize("op", sorted(ADMIN))
+def test_no_host_certificate_may_call_an_admin_operation(pki, agent, op, host):
+    """Neither a stranger to the pair (host2) nor the primary's own peer (host3)."""
+    server, backend = agent
+    backend.pairs[VM] = (Role.PRIMARY, _spec("host3"))
+    with pytest.raises(Forbidden):
+        ADMIN[op](_client(pki[host], server.port))
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("op", sorted(ADMIN))
+def test_the_poller_certificate_reaches_every_admin_operation(pki, agent, op):
+    server, backend = agent
+    backend.pairs[VM] = (Role.PRIMARY, _spec("host3"))
+    with pytest.raises(NotFound):          # the recorder's answer: the call got through
+        ADMIN[op](_client(pki["poller"], server.port))
+    assert backend.calls == [op]
+
+
+def test_reads_stay_open_to_every_engine_signed_certificate(pki, agent):
+    server, backend = agent
+    client = _client(pki["host2"], server.port)
+    for read in (client.host_status, lambda: client.vm_status(VM)):
+        with pytest.raises(NotFound):
+            read()
+    with pytest.raises(api.AgentRejected):     # the recorder's metrics fail: 500
+        client.metrics()
+    assert backend.calls == ["host_status", "vm_status", "metrics"]
+
+
+def test_prepare_secondary_from_a_host_that_is_not_the_primary_it_names(pki, agent):
+    server, backend = agent
+    with pytest.raises(Forbidden) as e:
+        _client(pki["host2"], server.port).prepare_secondary(_prepare("host1"))
+    assert "names primary host1 at 127.0.0.11" in e.value.message
+    assert "does not name that address" in e.value.message
+    # The poller is no pair member either: its certificate names no host.
+    with pytest.raises(Forbidden):
+        _client(pki["poller"], server.port).prepare_secondary(_prepare("host1"))
+    assert backend.calls == []
+
+
+def test_prepare_secondary_of_a_paired_vm_comes_from_its_peer_on_record(pki, agent):
+    """host2 names itself honestly, but this host holds VM's secondary for host1."""
+    server, backend = agent
+    backend.pairs[VM] = (Role.SECONDARY, _spec("host1"))
+    with pytest.raises(Forbidden) as e:
+        _client(pki["host2"], server.port).prepare_secondary(_prepare("host2"))
+    assert "is paired with host1 at 127.0.0.11" in e.value.message
+    # Nor may host2 borrow host1's id beside its own address.
+    spoofed = PrepareSecondary(vm_id=VM, name="web", generation=2,
+                               primary=PeerSpec("host1", HOSTS["host2"], 54329,
+                                                HOSTS["host2"]),
+                               domain_xml="<domain/>", disks=((0, 1 << 30),))
+    with pytest.raises(Forbidden):
+        _client(pki["host2"], server.port).prepare_secondary(spoofed)
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("known", [None, (Role.SECONDARY, "host1"), (Role.PRIMARY, None)])
+def test_a_pair_member_still_prepares_its_secondary(pki, agent, known):
+    """A new VM here, a secondary of an older generation for the same primary, or a
+    primary that died here and was never paired."""
+    server, backend = agent
+    if known is not None:
+        role, peer = known
+        backend.pairs[VM] = (role, _spec(peer) if peer else None)
+    with pytest.raises(NotFound):          # reached the backend
+        _client(pki["host1"], server.port).prepare_secondary(_prepare("host1"))
+    assert backend.calls == ["prepare_secondary"]
+
+
+def test_the_primary_drops_its_secondary_here_and_no_other_host_can(pki, agent):
+    """unprotect on a secondary is the pair protocol (the primary's _drop_peer_secondary)."""
+    server, backend = agent
+    backend.pairs[VM] = (Role.SECONDARY, _spec("host1"))
+    with pytest.raises(Forbidden) as e:
+        _client(pki["host2"], server.port).unprotect(VM)
+    assert "from its primary when this host holds its secondary" in e.value.message
+    assert backend.calls == []
+    with pytest.raises(NotFound):
+        _client(pki["host1"], server.port).unprotect(VM)
+    assert backend.calls == ["unprotect"]
+
+
+def test_a_refusal_is_an_http_403_with_the_forbidden_code(pki, agent):
+    """On the wire, as any client sees it."""
+    import json
+    import socket
+    server, backend = agent
+    request = (f"POST /v1/vms/{VM}/test-failover HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               "Content-Length: 0\r\nConnection: close\r\n\r\n").encode()
+    ctx = api.client_context(pki["host2"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 "), answer
+    assert json.loads(body)["error"]["code"] == "forbidden"
+    assert backend.calls == []
+
+
+def test_a_caller_is_known_by_its_certificate_names():
+    cert = {"subject": ((("organizationName", "Example"),), (("commonName", "h1.example"),)),
+            "subjectAltName": (("DNS", "H1.Example"), ("IP Address", "2001:DB8:0:0:0:0:0:1\n"),
+                               ("email", "root@h1.example"))}
+    caller = api.Caller.from_cert(cert)
+    assert caller.common_name == "h1.example"
+    assert caller.holds("h1.example") and caller.holds("2001:db8::1")
+    assert not caller.holds("root@h1.example")
+    assert api.Caller.from_cert({}) == api.Caller("", frozenset())
+
+
+def test_the_poller_identity_is_a_host_setting(tmp_path):
+    conf = tmp_path / "agent.conf"
+    base = "[host]\nid = host-a\nreplication_address = 192.0.2.1\n" \
+           "[etcd]\nendpoints = http://127.0.0.1:2379\n"
+    conf.write_text(base)
+    assert hostconfig.load(str(conf)).poller_identity == api.DEFAULT_POLLER_IDENTITY
+    conf.write_text(base + "[agent]\npoller_identity = ft-poller.example.com\n")
+    assert hostconfig.load(str(conf)).poller_identity == "ft-poller.example.com"

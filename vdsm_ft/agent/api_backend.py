@@ -1,6 +1,7 @@
 """The backend of the agent API (`vdsm_ft.api`): the poller, the CLI and peer agents.
 
-Requests are checked against the VM's record, change only that record (the desired
+Who may call what is the server's (`vdsm_ft.api._Gate`, by `pairing`). Requests are
+checked against the VM's record, change only that record (the desired
 spec) and wake the VM's loop, which does the work; the answer is the status right after.
 prepare-secondary is the secondary bring-up's (`secondary.py`).
 """
@@ -124,6 +125,13 @@ class AgentApiBackend(Backend):
 
     def metrics(self) -> str:
         return render_metrics(self.config.host_id, self.registry.all())
+
+    def pairing(self, vm_id: str) -> tuple[Role, PeerSpec | None] | None:
+        ctl = self.registry.get(vm_id)
+        if ctl is None:
+            return None
+        rec = ctl.record
+        return rec.role, rec.peer
 
 
 def _refuse_while_stale(ctl: VmController, what: str) -> None:

@@ -87,7 +87,8 @@ class Agent:
         self.monitor.discover()
         self.heartbeat.start()
         self.api = AgentServer((self.config.api_address, self.config.api_port),
-                               self.api_backend, self.tls)
+                               self.api_backend, self.tls,
+                               poller_identity=self.config.poller_identity)
         self.api.start()
         self.hooks = serve_hooks(self.config.hook_socket, self.hook_backend)
         self.monitor.start()
