@@ -87,6 +87,10 @@ class LabAgent:
         own = [e for e in self.etcd_endpoints if f"//{self.host.address}:" in e]
         ordered = own + [e for e in self.etcd_endpoints if e not in own]
         cfg["etcd"] = {"endpoints": ",".join(ordered)}
+        if any(e.startswith("http://") for e in ordered):
+            # The lab's etcd runs without TLS unless asked (ftlab/etcd.py); a real
+            # install never does (docs/install.md).
+            cfg["etcd"]["allow_plain_http"] = "yes"
         os.makedirs(os.path.dirname(self.config_path), mode=0o755, exist_ok=True)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -122,6 +122,9 @@ class HostConfig:
     etcd_key: str | None = None
     etcd_username: str | None = None
     etcd_password: str | None = field(default=None, repr=False)
+    # Plain-http etcd lets anyone on its network plant or delete claims and image marks
+    # (docs/arbiter.md); the agent refuses it unless this says the risk is accepted.
+    etcd_allow_plain_http: bool = False
     colo_ports: tuple[int, int] = (49300, 49599)        # inclusive range for COLO/NBD/migration
     heartbeat_interval: float = 0.05
     heartbeat_timeout: float = 0.2
@@ -246,6 +249,16 @@ def _text(v: str) -> str:
     return v
 
 
+_FLAGS = {"yes": True, "true": True, "on": True, "1": True,
+          "no": False, "false": False, "off": False, "0": False}
+
+
+def _flag(v: str) -> bool:
+    if v.lower() not in _FLAGS:
+        raise ValueError("yes or no")
+    return _FLAGS[v.lower()]
+
+
 # (section, key) -> (HostConfig field, parser)
 _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("host", "id"): ("host_id", _host_id),
@@ -278,12 +291,27 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("etcd", "key"): ("etcd_key", _path),
     ("etcd", "username"): ("etcd_username", _text),
     ("etcd", "password"): ("etcd_password", _text),
+    ("etcd", "allow_plain_http"): ("etcd_allow_plain_http", _flag),
     ("qemu", "emulator"): ("qemu_emulator", _path),
     ("hooks", "agent_unreachable"): ("agent_unreachable", _policy),
     ("hooks", "agent_timeout"): ("agent_timeout", _seconds),
     ("hooks", "qemu_incapable"): ("qemu_incapable", _policy),
 }
 _REQUIRED = (("host", "id"), ("host", "replication_address"), ("etcd", "endpoints"))
+
+
+def require_secure_etcd(config: HostConfig) -> None:
+    """The agent's check before it trusts etcd as its arbiter (docs/security.md, etcd):
+    every endpoint https, unless `[etcd] allow_plain_http` accepts the risk."""
+    plain = [e for e in config.etcd_endpoints if urlsplit(e).scheme == "http"]
+    if plain and not config.etcd_allow_plain_http:
+        raise ConfigError(
+            f"{config.path}: [etcd] endpoints {', '.join(plain)} are plain http: anyone "
+            "who reaches them can plant or delete arbiter claims and stale-image marks, "
+            "which fences healthy VMs or starts one from a stale image (docs/arbiter.md, "
+            "\"A claim that no member wrote\"). Use https endpoints with [etcd] ca, cert "
+            "and key (docs/install.md, \"etcd\"), or set [etcd] allow_plain_http = yes to "
+            "accept that risk")
 
 
 def config_path(env: dict[str, str] | None = None) -> str:

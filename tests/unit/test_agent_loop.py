@@ -29,7 +29,7 @@ def config(tmp_path) -> HostConfig:
     return HostConfig(
         path=str(tmp_path / "agent.conf"), host_id="host-a",
         replication_address="127.0.0.1", etcd_endpoints=("http://127.0.0.1:1",),
-        api_port=0, api_address="127.0.0.1", tls_ca=tls.ca, tls_cert=tls.cert,
+        etcd_allow_plain_http=True, api_port=0, api_address="127.0.0.1", tls_ca=tls.ca, tls_cert=tls.cert,
         tls_key=tls.key, hook_socket=str(tmp_path / "agent.sock"),
         run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"),
         replica_dir=str(tmp_path / "replicas"), overlay_dir=str(tmp_path / "overlays"),

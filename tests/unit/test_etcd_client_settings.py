@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine_plugin import config
+from vdsm_ft import hostconfig
 from vdsm_ft.arbiter import Arbiter, InvalidArgument
 
 SECRET = "etcd-Pa55word-x"
@@ -107,3 +108,45 @@ def test_hooks_pass_the_host_etcd_credentials(tmp_path):
     path.chmod(0o600)
     t = HookContext({}, config=hostconfig.load(str(path))).arbiter.transport
     assert (t.username, t.password) == ("ft-agent", SECRET)
+
+
+def _agent_conf(tmp_path, etcd: str) -> str:
+    path = tmp_path / "agent.conf"
+    path.write_text("[host]\nid = host-a\nreplication_address = 192.0.2.11\n"
+                    f"[etcd]\n{etcd}\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_the_agent_refuses_a_plain_http_etcd_and_says_why_and_what_to_do(tmp_path):
+    from vdsm_ft.agent.daemon import Agent
+    from vdsm_ft.agent.main import main
+    path = _agent_conf(tmp_path, "endpoints = https://e1:2379, http://e2:2379")
+    with pytest.raises(hostconfig.ConfigError) as refused:
+        Agent(hostconfig.load(path))
+    message = str(refused.value)
+    assert "http://e2:2379 are plain http" in message and "https://e1" not in message
+    assert "plant or delete arbiter claims" in message
+    assert "[etcd] allow_plain_http = yes" in message
+    assert main(["--config", path]) == 2
+
+
+@pytest.mark.parametrize("etcd, allowed", [
+    ("endpoints = https://e1:2379", True),
+    ("endpoints = http://e1:2379\nallow_plain_http = yes", True),
+    ("endpoints = http://e1:2379\nallow_plain_http = no", False),
+    ("endpoints = http://e1:2379", False),
+])
+def test_plain_http_etcd_needs_the_explicit_setting(tmp_path, etcd, allowed):
+    config = hostconfig.load(_agent_conf(tmp_path, etcd))
+    if allowed:
+        hostconfig.require_secure_etcd(config)
+    else:
+        with pytest.raises(hostconfig.ConfigError, match="allow_plain_http"):
+            hostconfig.require_secure_etcd(config)
+
+
+def test_a_misspelt_allow_plain_http_is_refused(tmp_path):
+    with pytest.raises(hostconfig.ConfigError, match=r"allow_plain_http = 'maybe'.*yes or no"):
+        hostconfig.load(_agent_conf(tmp_path, "endpoints = http://e1:2379\n"
+                                               "allow_plain_http = maybe"))

@@ -35,6 +35,7 @@ VERSION = "0.1.0"
 
 class Agent:
     def __init__(self, config: hostconfig.HostConfig):
+        hostconfig.require_secure_etcd(config)
         self.config = config
         detection_ms = int((config.heartbeat_timeout + config.heartbeat_interval) * 1000)
         check_fencing_budget(detection_ms, colo.COMPARE_TIMEOUT_MS)
