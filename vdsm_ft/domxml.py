@@ -715,8 +715,11 @@ def secondary_xml(engine_xml: str, run_dir: str, disks: list[layout.Disk],
         vnet = ("vnet_hdr_support", "on")
         for chardev, port in ((ln.red_in_chardev, endpoints.mirror_ports[nic.index]),
                               (ln.red_out_chardev, endpoints.compare_ports[nic.index])):
+            # Nagle off, as on the primary's ends (colo._add_socket): the secondary's
+            # output is small packets colo-compare holds the primary's twins for.
             args += ["-chardev", "socket," + _opts(("id", chardev), ("host", endpoints.primary_host),
-                                                   ("port", port), ("reconnect", 1), *tls)]
+                                                   ("port", port), ("reconnect", 1),
+                                                   ("nodelay", "on"), *tls)]
         args += ["-object", "filter-redirector," + _opts(
             ("id", ln.filter_sec_in), ("netdev", ln.netdev), ("queue", "tx"),
             ("indev", ln.red_in_chardev), vnet)]

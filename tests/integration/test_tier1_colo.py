@@ -9,8 +9,10 @@ dies must be rolled back on the survivor.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -128,6 +130,63 @@ def test_protect_reaches_protected_with_replication_and_checkpoints(pair, hosts)
     passes = [e.data["pass"] for e in primary.qmp.events(cursor, "MIGRATION_PASS")]
     assert len(passes) >= 3, passes
     assert passes == sorted(passes) and len(set(passes)) == len(passes)
+
+
+_SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def connected_tcp_nagle(pid: int) -> dict[tuple[int, int], int]:
+    """(local port, remote port) -> TCP_NODELAY of each connected TCP socket QEMU `pid`
+    holds, read from a copy of its fd (pidfd_getfd: the option lives on the socket)."""
+    found: dict[tuple[int, int], int] = {}
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue
+            copy = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            assert copy >= 0, os.strerror(ctypes.get_errno())
+            sock = socket.socket(fileno=copy)
+            try:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and \
+                        sock.type == socket.SOCK_STREAM:
+                    try:
+                        remote = sock.getpeername()[1]
+                    except OSError:      # a listener
+                        continue
+                    found[(sock.getsockname()[1], remote)] = sock.getsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            finally:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def test_every_colo_connection_has_nagle_off_whichever_qemu_runs(pair, hosts):
+    """A checkpoint is a chain of small messages and the secondary's output is small
+    packets: with Nagle on, each waits out the peer's 40 ms delayed ACK
+    (docs/benchmarks.md). The migration socket is the agent's (vdsm_ft/migsocket.py),
+    the others QEMU's own, asked for with nodelay."""
+    primary, secondary = protected_pair(pair, hosts)
+    ep = pair.endpoints(primary, hosts[1], 1)
+    colo_ports = {ep.migration_port, ep.nbd_port, *ep.mirror_ports, *ep.compare_ports}
+    links = 1 + len(primary.layout.disks) + len(ep.mirror_ports) + len(ep.compare_ports)
+    for member in (primary, secondary):
+        deadline = time.monotonic() + 5.0   # the secondary's chardevs reconnect each 1 s
+        while True:
+            sockets = connected_tcp_nagle(member.pid())
+            colo_links = {k: v for k, v in sockets.items() if colo_ports & set(k)}
+            if len(colo_links) == links or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(colo_links) == links, sockets
+        assert ep.migration_port in {p for k in colo_links for p in k}, sockets
+        assert all(colo_links.values()), f"{member.name}: Nagle on at {colo_links}"
 
 
 def test_primary_killed_secondary_takes_over_with_checkpointed_data(pair, hosts):

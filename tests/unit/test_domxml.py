@@ -400,10 +400,10 @@ def test_secondary_has_redirectors_and_rewriter_per_nic_on_libvirts_netdev():
     net0 = "hostua-7d7b11a5-ccd5-4528-9273-4b9d328e61e8"
     net1 = "hostua-8e8c22b6-dde6-4639-a384-5cae439f72f9"
     assert options(out, "-chardev") == [
-        "socket,id=ft-red0-0,host=192.0.2.1,port=49154,reconnect=1",
-        "socket,id=ft-red0-1,host=192.0.2.1,port=49155,reconnect=1",
-        "socket,id=ft-red1-0,host=192.0.2.1,port=49156,reconnect=1",
-        "socket,id=ft-red1-1,host=192.0.2.1,port=49157,reconnect=1",
+        "socket,id=ft-red0-0,host=192.0.2.1,port=49154,reconnect=1,nodelay=on",
+        "socket,id=ft-red0-1,host=192.0.2.1,port=49155,reconnect=1,nodelay=on",
+        "socket,id=ft-red1-0,host=192.0.2.1,port=49156,reconnect=1,nodelay=on",
+        "socket,id=ft-red1-1,host=192.0.2.1,port=49157,reconnect=1,nodelay=on",
         f"socket,id=ftqmp,path={RUN}/qmp-sec.sock,server=on,wait=off"]
     assert options(out, "-object") == [
         f"filter-redirector,id=ft-f0-1,netdev={net0},queue=tx,indev=ft-red0-0,vnet_hdr_support=on",
