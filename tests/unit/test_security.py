@@ -293,19 +293,12 @@ def test_agent_cert_from_another_ca_is_rejected_by_the_client(pki):
 
 def test_a_body_longer_than_its_content_length_closes_the_connection(pki, agent, caplog):
     """Issue 16: the rest of the body was parsed as a second request, with a traceback."""
-    import socket
     server, backend = agent
     vm = "0b6c1a43-8a47-4a53-9d6c-2c1fd1d4d9b1"
     body = b'{"host_id": "host-b"}'
     request = (f"POST /v1/vms/{vm}/unprotect HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                f"Content-Type: application/json\r\nContent-Length: 5\r\n\r\n").encode() + body
-    ctx = api.client_context(pki["poller"])
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-        s.sendall(request)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+    answer = _raw_exchange(server.port, pki["poller"], request)
     assert answer.count(b"HTTP/1.1 ") == 1, answer
     assert answer.startswith(b"HTTP/1.1 400 "), answer
     assert b"check that Content-Length (5) counts the whole body" in answer
@@ -434,17 +427,10 @@ def test_the_primary_drops_its_secondary_here_and_no_other_host_can(pki, agent):
 def test_a_refusal_is_an_http_403_with_the_forbidden_code(pki, agent):
     """On the wire, as any client sees it."""
     import json
-    import socket
     server, backend = agent
     request = (f"POST /v1/vms/{VM}/test-failover HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                "Content-Length: 0\r\nConnection: close\r\n\r\n").encode()
-    ctx = api.client_context(pki["host2"])
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-        s.sendall(request)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+    answer = _raw_exchange(server.port, pki["host2"], request)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 403 "), answer
     assert json.loads(body)["error"]["code"] == "forbidden"
@@ -470,3 +456,17 @@ def test_the_poller_identity_is_a_host_setting(tmp_path):
     assert hostconfig.load(str(conf)).poller_identity == api.DEFAULT_POLLER_IDENTITY
     conf.write_text(base + "[agent]\npoller_identity = ft-poller.example.com\n")
     assert hostconfig.load(str(conf)).poller_identity == "ft-poller.example.com"
+
+
+def _raw_exchange(port: int, tls: api.TlsFiles, request: bytes) -> bytes:
+    """Bytes on a TLS socket with `tls`'s certificate, then all the server answers until
+    it closes: what any client sees, below AgentClient."""
+    import socket
+    ctx = api.client_context(tls)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
