@@ -19,7 +19,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 ORIGIN = "ovirt-ft"
-NORMAL, WARNING, ERROR = "normal", "warning", "error"
+NORMAL, WARNING, ERROR, ALERT = "normal", "warning", "error", "alert"
 # The engine drops an external event that follows another of the same severity about
 # the same VM/host within the first one's `flood_rate` seconds (EventFloodRegulator), so
 # we ask for the shortest rate and hold the next such event back for that long ourselves.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from engine_plugin.agents import AgentView
-from engine_plugin.events import ERROR, NORMAL, WARNING, Event
+from engine_plugin.events import ALERT, ERROR, NORMAL, WARNING, Event
 from engine_plugin.inventory import AffinityGroupInfo, HostInfo, Inventory, VmInfo
 from engine_plugin.placement import HostLoad, Limits, affinity_rules, choose_peer
 from vdsm_ft import ftvalue
@@ -165,6 +165,7 @@ class _Planner:
             self.reason(vm, f"primary reported by host {host_id}, unknown to the engine")
             return
         self.after_failover(vm, host, st)
+        self.arbiter_alert(vm, host, st)
         self.stray_externals(vm, st)
         self.by_state(vm, host, st)
 
@@ -245,6 +246,15 @@ class _Planner:
         if old and old != host.id and lf.from_host == old and \
                 lf.old_primary_cannot_run and vm.status == "unknown":
             self.fence_proofs.setdefault(old, set()).add(vm.id)
+
+    def arbiter_alert(self, vm: VmInfo, host: HostInfo, st: VmStatus) -> None:
+        """One alert event per ALERT the primary's agent raised about the arbiter. The
+        ALERT names its generation, so it is its own dedup key across re-protections."""
+        if st.arbiter_alert:
+            self.event(vm, "arbiter-alert", 0, ALERT,
+                       f"VM {vm.name} on host {host.name}: {st.arbiter_alert}. The VM runs "
+                       f"on; someone outside vdsm-ft wrote to etcd: find who, fix the "
+                       f"key's permissions (docs/operations.md).", detail=st.arbiter_alert)
 
     def stray_externals(self, vm: VmInfo, st: VmStatus) -> None:
         """Remove the engine's Down records of this VM's secondaries: their domains went

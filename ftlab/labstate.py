@@ -29,6 +29,22 @@ MAX_HOSTS = 9
 DEFAULT_ENGINE_PORT = 8443
 ENGINE_USER = "admin@internal"
 HOOK_NAME = "50_ft"                  # the script name in hooks/<point>/ that VDSM reports
+# What the engine keeps back on each lab host for the host itself: oVirt's default
+# vds_static.reserved_mem (321 MiB), not the fake engine's 1 GiB, so that a share of a
+# small machine still holds the demo's VMs.
+HOST_RESERVED_MEMORY = 321 << 20
+
+
+def host_memory(hosts: int, meminfo: str = "/proc/meminfo") -> int:
+    """The memory (bytes) each of `hosts` lab hosts advertises to the engine: an equal
+    share of this machine's MemTotal. The lab hosts share one machine, so each claims
+    only its part, and placement's 2x-VM-memory rule (engine_plugin/placement.py) meets
+    the machine's real limits instead of a figure no VM count here could reach."""
+    with open(meminfo) as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 // hosts
+    raise LabStateError(f"{meminfo} has no MemTotal line")
 
 
 class LabStateError(RuntimeError):

@@ -32,8 +32,9 @@ from ftlab.etcd import EtcdCluster, MemberSpec
 from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
 from ftlab.labcontrol import ControlServer
-from ftlab.labstate import (DEFAULT_HOSTS, ENGINE_USER, HOOK_NAME, HostInfo, LabPaths,
-                            LabState, host_name, write_pid, write_state)
+from ftlab.labstate import (DEFAULT_HOSTS, ENGINE_USER, HOOK_NAME, HOST_RESERVED_MEMORY,
+                            HostInfo, LabPaths, LabState, host_memory, host_name, write_pid,
+                            write_state)
 from ftlab.pki import heartbeat_key, issue, make_ca
 from ftlab.vdsmdriver import HOOKS_DIR, REPO, TEMPLATES, HostVdsm, VdsmFleet
 from vdsm_ft import domains
@@ -124,9 +125,11 @@ class Supervisor:
         hooks = _hook_list()
         for name, (disks, nics) in TEMPLATES.items():
             self.engine.add_template(name, disks=disks, nics=nics)
+        memory = host_memory(len(self.hosts))
         for h in self.hosts:
             # Engine host id = the agent's host id (LabAgent configures the host's name).
             self.engine.state.add_host(h.name, self.engine.default_cluster, address=h.address,
+                                       memory=memory, reserved_memory=HOST_RESERVED_MEMORY,
                                        hooks=hooks, host_id=h.name)
         self.state.engine_url, self.state.engine_ca = info.url, str(info.ca_file)
         self.state.password_file = p.password

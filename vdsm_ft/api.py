@@ -201,6 +201,10 @@ class VmStatus:
     # current again (wall clock), for the failover counted in `failovers`; None: not yet
     # or never needed.
     image_current_at: float | None = None
+    # The last ALERT this agent process raised about the arbiter for this VM (a corrupt
+    # live claim, docs/arbiter.md); "" for none. A field of its own so the poller's alert
+    # event does not hang on the wording of `reason`, which later steps overwrite.
+    arbiter_alert: str = ""
 
     def __post_init__(self) -> None:
         check_id(self.vm_id, "vm_id")
@@ -259,7 +263,8 @@ class VmStatus:
             lag_seconds=_opt_float(data, "lag_seconds", what),
             failovers=_field(data, "failovers", int, what, default=0, nonneg=True),
             last_failover=Failover.from_dict(last) if last is not None else None,
-            image_current_at=_opt_float(data, "image_current_at", what))
+            image_current_at=_opt_float(data, "image_current_at", what),
+            arbiter_alert=_field(data, "arbiter_alert", str, what, default=""))
 
 
 def _opt_float(data: dict, key: str, what: str) -> float | None:

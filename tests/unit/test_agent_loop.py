@@ -313,3 +313,43 @@ def test_a_start_that_never_ran_leaves_no_record(config, agents):
     agent.hook_backend.destroyed(VM)         # VDSM's start failed: no `started` came
     assert agent.registry.get(VM) is None
     assert not os.path.exists(_record_path(config))
+
+
+def test_a_corrupt_claim_is_counted_reported_and_on_metrics(config, monkeypatch):
+    """Issue 16: the primary's ALERT reaches the status field the poller turns into an
+    alert event, and a counter on /metrics; a controller that never runs its loop, so
+    the failover below is the only one."""
+    from vdsm_ft.agent.metrics import render_metrics
+    from vdsm_ft.arbiter import CorruptClaim
+    agent = Agent(config)
+    peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=_closed_port(),
+                    replication_address="127.0.0.1")
+    ctl = agent.registry.install(VmRecord(
+        vm_id=VM, name="vm1", role=Role.PRIMARY, engine_xml=XML, launched=True,
+        state=VmState.FAILING_OVER, domain="vm1", generation=3, peer=peer),
+        lambda record: VmController(agent.services, record))
+
+    def planted() -> bool:
+        raise CorruptClaim("live claim is not valid: 'junk'")
+
+    monkeypatch.setattr(ctl, "hold_generation", planted)
+    monkeypatch.setattr(ctl, "kill_qemu", lambda: pytest.fail("the primary fenced itself"))
+    monkeypatch.setattr(ctl, "ensure_qmp", lambda: object())
+    monkeypatch.setattr(ctl, "layout", lambda: None)
+    monkeypatch.setattr("vdsm_ft.agent.controller.colo.failover_primary", lambda q, l: None)
+    assert ctl._do_fail_over() is VmState.NEED_SECONDARY
+    alert = ctl.status().arbiter_alert
+    assert alert.startswith("ALERT: the arbiter's live claim is corrupt: ") and \
+        "(generation 3)" in alert and alert in ctl.record.reason
+    assert api.VmStatus.from_dict(ctl.status().to_dict()).arbiter_alert == alert
+    metrics = render_metrics("host-a", [ctl])
+    assert f'vdsm_ft_arbiter_corrupt_claims_total{{host="host-a",vm="{VM}",name="vm1",' \
+           f'role="primary"}} 1' in metrics
+
+
+def test_a_status_without_arbiter_alert_still_parses():
+    """Wire compatibility: an older agent sends no arbiter_alert."""
+    data = api.VmStatus(vm_id=VM, name="vm1", state=VmState.PROTECTED,
+                        role=Role.PRIMARY).to_dict()
+    del data["arbiter_alert"]
+    assert api.VmStatus.from_dict(data).arbiter_alert == ""

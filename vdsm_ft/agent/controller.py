@@ -64,6 +64,11 @@ class VmController:
         self.qmp: Qmp | None = None
         self.stats = CheckpointStats()
         self.traffic = TrafficMeter()
+        # Corrupt live claims met in failovers, and the last one's ALERT. In memory: the
+        # counter is a process counter (/metrics), and the engine keeps the one event
+        # the poller posts for the ALERT.
+        self.corrupt_claims = 0
+        self._arbiter_alert = ""
         # (pid, start time) of this VM's QEMU as last seen; the loop, the monitor and
         # the API threads all ask, so it is read and written under _lock.
         self._qemu: tuple[int, int] | None = None
@@ -457,8 +462,12 @@ class VmController:
             # second copy can go live: the primary goes on alone, the secondary (only a
             # replica) stops. Fencing the primary on it would let one planted key turn
             # the next ordinary fault into the VM's loss (issue 16).
-            alert = f"ALERT: the arbiter's live claim is corrupt: {exc}"
+            alert = (f"ALERT: the arbiter's live claim is corrupt: {exc} (generation "
+                     f"{rec.generation})")
             log.error("%s: %s", rec.name, alert)
+            with self._lock:
+                self.corrupt_claims += 1
+                self._arbiter_alert = alert
             won, lost_to = rec.role is Role.PRIMARY, alert
             why = f"{why}; {alert}"
         except ArbiterError as exc:
@@ -862,7 +871,8 @@ class VmController:
                         replication_bytes=sent,
                         replication_bytes_per_second=self.traffic.rate if sent else 0.0,
                         failovers=rec.failovers, last_failover=rec.last_failover,
-                        image_current_at=rec.image_current_at)
+                        image_current_at=rec.image_current_at,
+                        arbiter_alert=self._arbiter_alert)
 
 
 class _RemoteSecondary:

@@ -16,6 +16,8 @@ _HELP = (
     ("vdsm_ft_checkpoint_pause_ms", "gauge", "guest pause per checkpoint (quantile)"),
     ("vdsm_ft_seconds_since_checkpoint", "gauge", "age of the last completed checkpoint"),
     ("vdsm_ft_failovers_total", "counter", "failovers this VM survived"),
+    ("vdsm_ft_arbiter_corrupt_claims_total", "counter",
+     "corrupt live claims in the arbiter met in this VM's failovers (each an ALERT)"),
     ("vdsm_ft_replication_bytes", "counter",
      "bytes the primary's COLO and NBD connections delivered to the secondary"),
 )
@@ -48,6 +50,8 @@ def render_metrics(host_id: str, controllers: Iterable["VmController"]) -> str:
         if lag is not None:
             lines.append(f"vdsm_ft_seconds_since_checkpoint{{{labels}}} {lag:.3f}")
         lines.append(f"vdsm_ft_failovers_total{{{labels}}} {rec.failovers}")
+        lines.append(f"vdsm_ft_arbiter_corrupt_claims_total{{{labels}}} "
+                     f"{ctl.corrupt_claims}")
         if rec.role.value == "primary":
             lines.append(f"vdsm_ft_replication_bytes{{{labels}}} "
                          f"{ctl.status().replication_bytes}")
