@@ -195,8 +195,8 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
                       opener: migsocket.Opener = migsocket.here) -> None:
     """Export the replica disks and wait for the incoming COLO migration.
 
-    The migration port is this process's listener, not QEMU's: its connection is handed
-    to QEMU with TCP_NODELAY (vdsm_ft/migsocket.py). With `tls`, both listeners (NBD,
+    The migration and NBD ports are this process's listeners, handed to QEMU with
+    TCP_NODELAY (vdsm_ft/migsocket.py). With `tls`, both listeners (NBD,
     migration) accept only TLS clients whose certificate the creds dir's CA signed.
     """
     state = run_state(sec)
@@ -206,7 +206,11 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
     sec.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True}]})
     params: dict[str, Any] = {"x-checkpoint-delay": checkpoint_delay_ms}
-    nbd: dict[str, Any] = {"addr": _inet(ep.secondary_host, ep.nbd_port)}
+    try:
+        nbd: dict[str, Any] = {"addr": migsocket.listen_nbd(sec, ep.secondary_host,
+                                                            ep.nbd_port, opener)}
+    except migsocket.MigSocketError as exc:
+        raise ColoError(str(exc)) from None
     if tls is not None:
         params["tls-creds"] = nbd["tls-creds"] = _add_tls_creds(sec, tls, server=True)
     sec.execute("migrate-set-parameters", params)

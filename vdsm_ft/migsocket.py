@@ -1,4 +1,5 @@
-"""COLO's migration connection, opened here with TCP_NODELAY and handed to QEMU.
+"""COLO's migration connection and NBD listener, opened here with TCP_NODELAY and handed
+to QEMU.
 
 A checkpoint is a chain of small messages, each waiting for the peer's answer; QEMU 7.2
 leaves Nagle on on its own `tcp:` migration sockets, so each message stalls on the
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vdsm_ft.qmp import Qmp, QmpError
 
@@ -54,6 +56,29 @@ def dial(q: Qmp, host: str, port: int, timeout: float, opener: Opener = here) ->
         q.pass_fd(FD_NAME, sock.fileno())
 
 
+NBD_FD_NAME = "ft-nbd"
+
+
+def listen_nbd(q: Qmp, host: str, port: int, opener: Opener = here) -> dict[str, Any]:
+    """A listener for the secondary's NBD server, with Nagle off, handed to `q`'s QEMU;
+    returns the address `nbd-server-start` takes for it. QEMU 7.2's NBD server leaves
+    Nagle on on what it accepts, and every guest write waits for its reply; Linux gives
+    an accepted socket the listener's TCP_NODELAY."""
+    sock = _listen(host, port, "the NBD server", opener)
+    with sock:
+        _nodelay(sock)
+        q.pass_fd(NBD_FD_NAME, sock.fileno())
+    return {"type": "fd", "data": {"str": NBD_FD_NAME}}
+
+
+def _listen(host: str, port: int, what: str, opener: Opener) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return opener(lambda: socket.create_server((host, port), family=family, backlog=1))
+    except OSError as exc:
+        raise MigSocketError(f"cannot listen for {what} on {host}:{port}: {exc}") from None
+
+
 class Incoming:
     """The secondary's migration listener: its first connection goes to QEMU as the
     incoming migration (`migrate-incoming fd:`), then the listener closes.
@@ -64,14 +89,7 @@ class Incoming:
 
     def __init__(self, q: Qmp, host: str, port: int, timeout: float,
                  opener: Opener = here):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            self._listener = opener(lambda: socket.create_server((host, port),
-                                                                 family=family,
-                                                                 backlog=1))
-        except OSError as exc:
-            raise MigSocketError(f"cannot listen for the migration on {host}:{port}: "
-                                 f"{exc}") from None
+        self._listener = _listen(host, port, "the migration", opener)
         self._listener.settimeout(ACCEPT_POLL)
         self._q = q
         self._where = f"{host}:{port}"

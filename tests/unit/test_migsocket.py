@@ -97,3 +97,15 @@ def test_an_unreachable_secondary_is_named_in_the_error():
                        match=rf"secondary's migration port 127\.0\.0\.1:{port}"):
         migsocket.dial(FakeQemu(), "127.0.0.1", port, timeout=5.0)
     assert time.monotonic() - start < 5.0
+
+
+def test_the_nbd_listener_qemu_gets_accepts_connections_with_nagle_off():
+    qemu, port = FakeQemu(), _free_port()
+    assert migsocket.listen_nbd(qemu, "127.0.0.1", port) == {
+        "type": "fd", "data": {"str": "ft-nbd"}}
+    listener = qemu.fds["ft-nbd"]          # QEMU's copy: it accepts on it
+    with socket.create_connection(("127.0.0.1", port), 5):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert _nodelay(accepted) == 1
+    listener.close()
