@@ -17,6 +17,7 @@ from typing import Any
 
 from ftlab import qemubuild
 from ftlab.host import LabHost
+from vdsm_ft import hostconfig
 from vdsm_ft.api import AgentClient, AgentError, TlsFiles, client_context
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ class LabAgent:
         own = [e for e in self.etcd_endpoints if f"//{self.host.address}:" in e]
         ordered = own + [e for e in self.etcd_endpoints if e not in own]
         cfg["etcd"] = {"endpoints": ",".join(ordered)}
-        if any(e.startswith("http://") for e in ordered):
+        if hostconfig.plain_http(ordered):
             # The lab's etcd runs without TLS unless asked (ftlab/etcd.py); a real
             # install never does (docs/install.md).
             cfg["etcd"]["allow_plain_http"] = "yes"

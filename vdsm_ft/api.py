@@ -704,10 +704,10 @@ class _Gate:
 
     Every CA-signed client may read (statuses, metrics): they name ids and counters,
     nothing secret, and the CLI, the poller and a primary watching its secondary read
-    them. Admin operations come from the poller (and the
-    CLI, which runs with its certificate) alone. The pair protocol comes from the VM's
-    primary alone: a host is known by the addresses its certificate names, the same
-    check its peer makes when dialling it.
+    them. Admin operations come from the poller (and the CLI, which runs with its
+    certificate) alone. The pair protocol comes from the VM's primary alone: a host is
+    known by the addresses its certificate names, the same check its peer makes when
+    dialling it.
     """
 
     def __init__(self, caller: Caller, poller_identity: str):

@@ -8,13 +8,14 @@ step it has not verified).
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
 import pwd
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +72,16 @@ def _inet(host: str, port: int) -> dict[str, Any]:
 def _inet_flat(host: str, port: int) -> dict[str, Any]:
     """SocketAddress, as blockdev-add takes it."""
     return {"type": "inet", "host": host, "port": str(port)}
+
+
+@contextlib.contextmanager
+def _socket_step() -> Iterator[None]:
+    """A socket vdsm-ft opens for QEMU (vdsm_ft/migsocket.py) fails as a COLO step does:
+    `protect` and the secondary's bring-up catch ColoError."""
+    try:
+        yield
+    except migsocket.MigSocketError as exc:
+        raise ColoError(str(exc)) from None
 
 
 def _resync_job(disk: Disk) -> str:
@@ -206,11 +217,9 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
     sec.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-colo", "state": True}]})
     params: dict[str, Any] = {"x-checkpoint-delay": checkpoint_delay_ms}
-    try:
+    with _socket_step():
         nbd: dict[str, Any] = {"addr": migsocket.listen_nbd(sec, ep.secondary_host,
                                                             ep.nbd_port, opener)}
-    except migsocket.MigSocketError as exc:
-        raise ColoError(str(exc)) from None
     if tls is not None:
         params["tls-creds"] = nbd["tls-creds"] = _add_tls_creds(sec, tls, server=True)
     sec.execute("migrate-set-parameters", params)
@@ -219,11 +228,9 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
         sec.execute("block-export-add", {"type": "nbd", "id": disk.export,
                                          "node-name": disk.parent, "name": disk.export,
                                          "writable": True})
-    try:
+    with _socket_step():
         migsocket.Incoming(sec, ep.secondary_host, ep.migration_port,
                            timeouts.resync + timeouts.migrate, opener)
-    except migsocket.MigSocketError as exc:
-        raise ColoError(str(exc)) from None
 
 
 def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float,
@@ -367,10 +374,8 @@ def start_colo(pri: Qmp, secondary: "SecondarySide", ep: Endpoints,
         "tls-creds": TLS_CLIENT_ID if tls else "",
         "tls-hostname": ep.secondary_host if tls else ""})
     cursor = pri.cursor()
-    try:
+    with _socket_step():
         migsocket.dial(pri, ep.secondary_host, ep.migration_port, timeout, opener)
-    except migsocket.MigSocketError as exc:
-        raise ColoError(str(exc)) from None
     pri.execute("migrate", {"uri": migsocket.URI})
     event = pri.wait_event("MIGRATION", timeout, since=cursor,
                            match=lambda d: d["status"] in ("colo", "failed", "cancelled",

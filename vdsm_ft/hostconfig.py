@@ -28,6 +28,7 @@ import ipaddress
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
@@ -300,10 +301,15 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
 _REQUIRED = (("host", "id"), ("host", "replication_address"), ("etcd", "endpoints"))
 
 
+def plain_http(endpoints: Iterable[str]) -> list[str]:
+    """The endpoints among `endpoints` that are plain http."""
+    return [e for e in endpoints if urlsplit(e).scheme == "http"]
+
+
 def require_secure_etcd(config: HostConfig) -> None:
     """The agent's check before it trusts etcd as its arbiter (docs/security.md, etcd):
     every endpoint https, unless `[etcd] allow_plain_http` accepts the risk."""
-    plain = [e for e in config.etcd_endpoints if urlsplit(e).scheme == "http"]
+    plain = plain_http(config.etcd_endpoints)
     if plain and not config.etcd_allow_plain_http:
         raise ConfigError(
             f"{config.path}: [etcd] endpoints {', '.join(plain)} are plain http: anyone "
