@@ -2,6 +2,7 @@
 (real UDP on loopback) and checkpoint statistics from QMP events."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -119,16 +120,39 @@ def test_image_notes_outlive_records_and_bad_ones_say_what_to_do(tmp_path):
         notes.load_all()
 
 
+def _four_ports_held(stack: contextlib.ExitStack) -> int:
+    """A listener on port P, and P+1..P+3 reserved against the rest of the machine.
+
+    The reservations bind with SO_REUSEADDR and never listen: Linux then lets
+    `ports._bindable` bind them too, while no connect() picks them as its ephemeral
+    port, so a busy CI machine cannot take the ports the test expects to be free.
+    """
+    for _ in range(50):
+        with contextlib.ExitStack() as attempt:
+            busy = attempt.enter_context(socket.socket())
+            busy.bind(("127.0.0.1", 0))
+            base = busy.getsockname()[1]
+            try:
+                for port in range(base + 1, base + 4):
+                    spare = attempt.enter_context(socket.socket())
+                    spare.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    spare.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            busy.listen()
+            stack.enter_context(attempt.pop_all())
+            return base
+    raise AssertionError("no four consecutive free ports on 127.0.0.1 in 50 tries")
+
+
 def test_port_plan_skips_held_and_bound_ports():
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = busy.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        taken = _four_ports_held(stack)
         chosen = ports.allocate(2, (taken, taken + 3), held=[taken + 1],
                                 address="127.0.0.1")
-    assert chosen == [taken + 2, taken + 3]
-    with pytest.raises(ports.PortsExhausted, match="widen"):
-        ports.allocate(5, (taken, taken + 3), held=[], address="127.0.0.1")
+        assert chosen == [taken + 2, taken + 3]
+        with pytest.raises(ports.PortsExhausted, match="widen"):
+            ports.allocate(5, (taken, taken + 3), held=[], address="127.0.0.1")
 
 
 def test_heartbeats_carry_each_vms_qemu_liveness():
