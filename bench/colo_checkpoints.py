@@ -16,7 +16,10 @@ Rate = completed checkpoints (primary STOP/RESUME pairs) in the window, times
 With --tls the pair runs COLO over TLS (lab CA, `[agent] colo_tls_dir`): migration
 stream, NBD and the mirror/compare sockets.
 
-    .venv/bin/python bench/colo_checkpoints.py [--tls] [--json out.json]
+With --phases both QEMUs also trace the checkpoint protocol (bench/colo_phases.py), and
+each window prints where the pause went on each side, phase by phase.
+
+    .venv/bin/python bench/colo_checkpoints.py [--tls] [--phases] [--json out.json]
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ import argparse
 import time
 from typing import Any
 
+import colo_phases
 from colo_lab import BenchError, BenchLab
 from colo_report import dump_json, fmt, machine, print_machine, summary
 
+from ftlab.colopair import Member
 from vdsm_ft import colo
 from vdsm_ft.qmp import Qmp
 
@@ -48,7 +53,26 @@ def pauses(q: Qmp, since: int, until: int) -> list[float]:
     return out
 
 
-def measure(pri: Qmp, sec: Qmp, delay_ms: int, window: float) -> dict[str, Any]:
+class TraceLog:
+    """A member's QEMU log (where its trace events land), read from an offset on."""
+
+    def __init__(self, member: Member) -> None:
+        self.path = member.host.path("log", "qemu", f"{member.name}.log")
+        colo_phases.enable(member.qmp)
+
+    def offset(self) -> int:
+        with open(self.path, "rb") as f:
+            return f.seek(0, 2)
+
+    def checkpoints(self, start: int, end: int) -> list[list[colo_phases.Mark]]:
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            text = f.read(end - start).decode(errors="replace")
+        return colo_phases.checkpoints(colo_phases.parse(text.splitlines()))
+
+
+def measure(pri: Qmp, sec: Qmp, delay_ms: int, window: float,
+            logs: list[TraceLog]) -> dict[str, Any]:
     cursor = pri.cursor()
     colo.set_checkpoint_delay(pri, delay_ms)
     # The checkpoint the change triggers is not one of the new period's.
@@ -56,15 +80,18 @@ def measure(pri: Qmp, sec: Qmp, delay_ms: int, window: float) -> dict[str, Any]:
     pri.wait_event("RESUME", SETTLE_TIMEOUT_S, since=stop.seq + 1)
     time.sleep(0.05)   # the secondary's RESUME trails the primary's
     p0, s0 = pri.cursor(), sec.cursor()
+    starts = [log.offset() for log in logs]
     time.sleep(window)
     p1, s1 = pri.cursor(), sec.cursor()
+    traced = [log.checkpoints(start, log.offset()) for log, start in zip(logs, starts)]
     if colo.colo_status(pri)["mode"] != "primary" or colo.colo_status(sec)["mode"] != "secondary":
         raise BenchError(f"the pair left COLO during the {delay_ms} ms window")
     pri_pauses, sec_pauses = pauses(pri, p0, p1), pauses(sec, s0, s1)
     passes = len([e for e in pri.events(p0)[:p1 - p0] if e.name == "MIGRATION_PASS"])
     return {"delay_ms": delay_ms, "window_s": window, "checkpoints": len(pri_pauses),
             "per_minute": len(pri_pauses) * 60 / window, "migration_passes": passes,
-            "primary_pause_ms": pri_pauses, "secondary_pause_ms": sec_pauses}
+            "primary_pause_ms": pri_pauses, "secondary_pause_ms": sec_pauses,
+            "traced": dict(zip(("primary", "secondary"), traced))}
 
 
 def main() -> None:
@@ -73,6 +100,8 @@ def main() -> None:
                         help="multiply every window (e.g. 0.2 for a quick look)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--tls", action="store_true", help="COLO over TLS")
+    parser.add_argument("--phases", action="store_true",
+                        help="trace the checkpoint protocol and print its phases")
     args = parser.parse_args()
     info = machine()
     print_machine(info)
@@ -82,8 +111,10 @@ def main() -> None:
         if args.tls:
             lab.enable_colo_tls()
         pair, primary, secondary = lab.protected(1, delay_ms=2000)
+        logs = [TraceLog(primary), TraceLog(secondary)] if args.phases else []
         for delay, window in WINDOWS.items():
-            r = measure(primary.qmp, secondary.qmp, delay, window * args.scale)
+            r = measure(primary.qmp, secondary.qmp, delay, window * args.scale, logs)
+            traced = r.pop("traced")
             results.append(r)
             print(f"x-checkpoint-delay {delay:5} ms, {r['window_s']:.0f} s window: "
                   f"{r['checkpoints']} checkpoints = {r['per_minute']:.1f}/min "
@@ -95,6 +126,10 @@ def main() -> None:
             print(f"  pause primary:   {fmt(summary(r['primary_pause_ms']), keys=keys)}")
             if r["secondary_pause_ms"]:
                 print(f"  pause secondary: {fmt(summary(r['secondary_pause_ms']), keys=keys)}")
+            for side, per_checkpoint in traced.items():
+                print("\n".join(colo_phases.report(side, per_checkpoint)))
+                r[f"{side}_phases"] = {phase.name: phase.ms for phase in
+                                       colo_phases.breakdown(per_checkpoint)}
         lab.drop_pair(pair)
     if args.json:
         dump_json(args.json, {"machine": info, "tls": args.tls, "results": results})
