@@ -387,6 +387,69 @@ def test_started_is_refused_while_libvirt_cannot_say(config, agents):
     assert not _ctl(agent).record.launched
 
 
+def test_a_qemu_libvirt_does_not_run_as_the_vm_is_not_adopted(config, agents, monkeypatch):
+    """discover finds a QEMU by its -name alone; adopting it takes libvirt's word, and a
+    refusal leaves no record and does not stop discovery."""
+    from vdsm_ft import admission
+    agent = agents(config)
+    run_dir = os.path.join(config.run_dir, "vms", VM)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, admission.ENGINE_XML), "w") as f:
+        f.write(XML)
+    # No process is killed or asked over QMP here: the adopted VM's loop sees a live QEMU.
+    monkeypatch.setattr("vdsm_ft.domains.qemu_pid", lambda name, among=None: 12345)
+    monkeypatch.setattr(VmController, "qemu_alive", lambda self: True)
+    monkeypatch.setattr(VmController, "colo_mode", lambda self: None)
+    monkeypatch.setattr(VmController, "kill_qemu", lambda self: None)
+    monkeypatch.setattr(Services, "running_domain", lambda self, vm_id: None)
+    agent.monitor.discover()
+    assert agent.registry.get(VM) is None
+    monkeypatch.setattr(Services, "running_domain", lambda self, vm_id: "vm1")
+    agent.monitor.discover()
+    assert _ctl(agent).record.launched
+
+
+def test_running_name_tells_no_domain_from_libvirt_failing():
+    import libvirt
+    from vdsm_ft import domains
+
+    class Error(libvirt.libvirtError):
+        def __init__(self, code: int):
+            super().__init__("fake")
+            self.code = code
+
+        def get_error_code(self) -> int:
+            return self.code
+
+        def get_error_message(self) -> str:
+            return f"error {self.code}"
+
+    class Dom:
+        def __init__(self, active: bool):
+            self.active = active
+
+        def name(self) -> str:
+            return "vm1"
+
+        def isActive(self) -> bool:
+            return self.active
+
+    class Conn:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def lookupByUUIDString(self, uuid: str) -> Dom:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    assert domains.running_name(Conn(Dom(True)), VM) == "vm1"
+    assert domains.running_name(Conn(Dom(False)), VM) is None
+    assert domains.running_name(Conn(Error(libvirt.VIR_ERR_NO_DOMAIN)), VM) is None
+    with pytest.raises(domains.DomainError, match="cannot look up domain"):
+        domains.running_name(Conn(Error(libvirt.VIR_ERR_SYSTEM_ERROR)), VM)
+
+
 def test_a_corrupt_claim_is_counted_reported_and_on_metrics(config, monkeypatch):
     """Issue 16: the primary's ALERT reaches the status field the poller turns into an
     alert event, and a counter on /metrics; a controller that never runs its loop, so
