@@ -34,6 +34,18 @@ def destroy(conn: libvirt.virConnect, name: str) -> bool:
     return True
 
 
+def running_name(conn: libvirt.virConnect, uuid: str) -> str | None:
+    """The name of the running domain whose UUID is `uuid`, or None."""
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        return dom.name() if dom.isActive() else None
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise DomainError(f"libvirt cannot look up domain {uuid}: "
+                          f"{exc.get_error_message()}") from None
+
+
 def qemu_pid(name: str, among: list[int] | None = None) -> int | None:
     """The pid of the QEMU that libvirt runs for domain `name` on this host, if any.
 

@@ -130,6 +130,10 @@ class HostConfig:
     heartbeat_interval: float = 0.05
     heartbeat_timeout: float = 0.2
     heartbeat_key_file: str | None = None               # shared HMAC key; None: unsigned
+    # A primary whose domain libvirt does not run this long after its `prepare` is
+    # removed. VDSM bounds no start of its own; 600 s is the longest it waits for another
+    # host's VM creation (migration_create_timeout, max_migration_listener_timeout).
+    launch_timeout: float = 600.0
     # QEMU x509 creds dir for COLO's migration, NBD and mirror/compare sockets; None:
     # plain TCP. Both hosts of a pair must agree (prepare-secondary checks).
     colo_tls_dir: str | None = None
@@ -274,6 +278,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("agent", "heartbeat_interval"): ("heartbeat_interval", _seconds),
     ("agent", "heartbeat_timeout"): ("heartbeat_timeout", _seconds),
     ("agent", "heartbeat_key_file"): ("heartbeat_key_file", _path),
+    ("agent", "launch_timeout"): ("launch_timeout", _seconds),
     ("agent", "colo_tls_dir"): ("colo_tls_dir", _path),
     ("tls", "ca"): ("tls_ca", _path),
     ("tls", "cert"): ("tls_cert", _path),

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from ftlab.pki import issue, make_ca
 from vdsm_ft import api
 from vdsm_ft.agent.controller import VmController
 from vdsm_ft.agent.daemon import Agent
+from vdsm_ft.agent.services import Services
 from vdsm_ft.agent.store import Store, VmRecord
 from vdsm_ft.api import NotFound, PeerSpec, Role, VmState
 from vdsm_ft.hostconfig import HostConfig
@@ -313,6 +315,139 @@ def test_a_start_that_never_ran_leaves_no_record(config, agents):
     agent.hook_backend.destroyed(VM)         # VDSM's start failed: no `started` came
     assert agent.registry.get(VM) is None
     assert not os.path.exists(_record_path(config))
+
+
+def _counted(agent: Agent) -> int:
+    """host-a's FT VMs toward the poller's caps while the engine waits for VM's launch
+    there (engine_plugin.reconcile.loads_from)."""
+    from engine_plugin.agents import AgentView
+    from engine_plugin.inventory import Inventory, VmInfo
+    from engine_plugin.reconcile import loads_from
+    vm = VmInfo(id=VM, name="vm1", cluster_id="c1", status="wait_for_launch",
+                host_id="host-a", memory=1 << 30, vcpus=1)
+    view = AgentView(statuses={"host-a": agent.api_backend.host_status()})
+    return loads_from(Inventory(vms={VM: vm}), view)["host-a"].ft_vms
+
+
+def test_a_start_that_never_launches_is_removed_after_launch_timeout(config, agents):
+    """Issue 16: after `prepare` neither `started` nor `destroyed` came (VDSM crashed,
+    libvirt failed), and the record held a cap slot in Starting for good."""
+    agent = agents(replace(config, launch_timeout=1.0))
+    agent.hook_backend.register(VM, XML)
+    assert _counted(agent) == 1
+    time.sleep(0.5)
+    assert agent.registry.get(VM) is not None, "removed before its bound"
+    _wait(lambda: agent.registry.get(VM) is None, timeout=5.0)
+    assert not os.path.exists(_record_path(config))
+    assert _counted(agent) == 0
+
+
+def test_a_launched_start_outlives_launch_timeout(config, agents, monkeypatch):
+    monkeypatch.setattr(Services, "running_domain", lambda self, vm_id: "vm1")
+    monkeypatch.setattr(VmController, "qemu_alive", lambda self: True)
+    monkeypatch.setattr(VmController, "colo_mode", lambda self: None)
+    agent = agents(replace(config, launch_timeout=0.5))
+    agent.hook_backend.register(VM, XML)
+    agent.hook_backend.started(VM, None)
+    time.sleep(1.5)
+    assert agent.api_backend.vm_status(VM).state is VmState.NEED_SECONDARY
+
+
+def test_started_is_refused_unless_libvirt_runs_the_domain(config, agents, monkeypatch):
+    """Issue 16: the hook socket's word made a primary of a VM that libvirt never ran
+    here (a forged `prepare` and `started`)."""
+    from vdsm_ft.agenterrors import AgentRefused
+    from vdsm_ft.hookapi import HookClient
+    running: dict[str, str] = {}
+    monkeypatch.setattr(Services, "running_domain", lambda self, vm_id: running.get(vm_id))
+    agent = agents(config)
+    agent.hook_backend.register(VM, XML)
+    hook = HookClient(config.hook_socket)
+    with pytest.raises(AgentRefused, match="not taken as started: libvirt on host-a runs "
+                       "no domain with its UUID; unless libvirt runs it, its record goes "
+                       "600 s after its prepare") as refused:
+        hook.started(VM, "<domain>forged</domain>")
+    assert refused.value.status == 409
+    running[VM] = "vm2"
+    with pytest.raises(AgentRefused, match="runs its UUID as domain 'vm2', not 'vm1'"):
+        hook.started(VM)
+    assert not _ctl(agent).record.launched
+    running[VM] = "vm1"
+    hook.started(VM)
+    assert _ctl(agent).record.launched
+
+
+def test_started_is_refused_while_libvirt_cannot_say(config, agents):
+    """The fixture's libvirt URI names no socket: no answer is no proof."""
+    from vdsm_ft.agenterrors import AgentRefused
+    agent = agents(config)
+    agent.hook_backend.register(VM, XML)
+    with pytest.raises(AgentRefused, match="libvirt on host-a cannot say whether it runs"):
+        agent.hook_backend.started(VM, None)
+    assert not _ctl(agent).record.launched
+
+
+def test_a_qemu_libvirt_does_not_run_as_the_vm_is_not_adopted(config, agents, monkeypatch):
+    """discover finds a QEMU by its -name alone; adopting it takes libvirt's word, and a
+    refusal leaves no record and does not stop discovery."""
+    from vdsm_ft import admission
+    agent = agents(config)
+    run_dir = os.path.join(config.run_dir, "vms", VM)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, admission.ENGINE_XML), "w") as f:
+        f.write(XML)
+    # No process is killed or asked over QMP here: the adopted VM's loop sees a live QEMU.
+    monkeypatch.setattr("vdsm_ft.domains.qemu_pid", lambda name, among=None: 12345)
+    monkeypatch.setattr(VmController, "qemu_alive", lambda self: True)
+    monkeypatch.setattr(VmController, "colo_mode", lambda self: None)
+    monkeypatch.setattr(VmController, "kill_qemu", lambda self: None)
+    monkeypatch.setattr(Services, "running_domain", lambda self, vm_id: None)
+    agent.monitor.discover()
+    assert agent.registry.get(VM) is None
+    monkeypatch.setattr(Services, "running_domain", lambda self, vm_id: "vm1")
+    agent.monitor.discover()
+    assert _ctl(agent).record.launched
+
+
+def test_running_name_tells_no_domain_from_libvirt_failing():
+    import libvirt
+    from vdsm_ft import domains
+
+    class Error(libvirt.libvirtError):
+        def __init__(self, code: int):
+            super().__init__("fake")
+            self.code = code
+
+        def get_error_code(self) -> int:
+            return self.code
+
+        def get_error_message(self) -> str:
+            return f"error {self.code}"
+
+    class Dom:
+        def __init__(self, active: bool):
+            self.active = active
+
+        def name(self) -> str:
+            return "vm1"
+
+        def isActive(self) -> bool:
+            return self.active
+
+    class Conn:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def lookupByUUIDString(self, uuid: str) -> Dom:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    assert domains.running_name(Conn(Dom(True)), VM) == "vm1"
+    assert domains.running_name(Conn(Dom(False)), VM) is None
+    assert domains.running_name(Conn(Error(libvirt.VIR_ERR_NO_DOMAIN)), VM) is None
+    with pytest.raises(domains.DomainError, match="cannot look up domain"):
+        domains.running_name(Conn(Error(libvirt.VIR_ERR_SYSTEM_ERROR)), VM)
 
 
 def test_a_corrupt_claim_is_counted_reported_and_on_metrics(config, monkeypatch):

@@ -38,6 +38,7 @@ def test_minimal_file_gets_the_documented_defaults(tmp_path):
     assert cfg.api_port == 54329
     assert cfg.qemu_user == "libvirt-qemu"       # this machine is Debian
     assert cfg.colo_tls_dir is None              # COLO over plain TCP unless asked
+    assert cfg.launch_timeout == 600.0           # VDSM's longest wait for a VM creation
     assert cfg.vm_run_dir("abc") == "/run/vdsm-ft/vms/abc"
 
 
@@ -51,6 +52,7 @@ state_dir = /tmp/x/state
 colo_ports = 50000-50099
 heartbeat_interval = 0.05
 heartbeat_timeout = 0.3
+launch_timeout = 900
 colo_tls_dir = /etc/pki/qemu/vdsm-ft-colo/
 [tls]
 ca = /pki/ca.pem
@@ -78,6 +80,7 @@ agent_timeout = 1.5
     assert (cfg.agent_unreachable, cfg.agent_timeout) == ("refuse", 1.5)
     assert cfg.hook_socket == "/tmp/x/agent.sock"
     assert cfg.colo_tls_dir == "/etc/pki/qemu/vdsm-ft-colo"
+    assert cfg.launch_timeout == 900.0
 
 
 @pytest.mark.parametrize("section, line, words", [

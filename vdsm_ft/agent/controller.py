@@ -219,7 +219,13 @@ class VmController:
             peer_lost=self._peer_lost_at is not None,
             image_stale=rec.on_replica,
             move_requested=rec.move_to is not None,
-            test_failover_requested=rec.test_failover)
+            test_failover_requested=rec.test_failover,
+            launch_overdue=self._launch_overdue(rec))
+
+    def _launch_overdue(self, rec: VmRecord) -> bool:
+        # Wall-clock time, persisted: the bound holds across agent restarts.
+        return (rec.role is Role.PRIMARY and not rec.launched and
+                time.time() - rec.prepared_at > self.services.config.launch_timeout)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -285,6 +291,13 @@ class VmController:
         self.update(reason=reason)
         if rec.peer is None and rec.generation:
             self._record_down(reason)
+        return VmState.DOWN
+
+    def _do_forget(self) -> VmState:
+        """A prepare that no domain followed (docs/hooks.md, "A `prepare` is provisional")."""
+        self.services.forget(self, reason="libvirt ran no domain for it within [agent] "
+                             f"launch_timeout ({self.services.config.launch_timeout:.0f} s) "
+                             "of its prepare")
         return VmState.DOWN
 
     def _do_test_failover(self) -> VmState:
@@ -699,6 +712,7 @@ class VmController:
         Action.ABANDON: _do_abandon,
         Action.COPY_BACK: _do_copy_back,
         Action.FAIL_OVER: _do_fail_over,
+        Action.FORGET: _do_forget,
         Action.MARK_DOWN: _do_mark_down,
         Action.MOVE_SECONDARY: _do_move_secondary,
         Action.PROTECT: _do_protect,

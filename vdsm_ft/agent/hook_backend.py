@@ -10,9 +10,11 @@ unreachable agent.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
-from vdsm_ft import admission, domxml, emulator, hostconfig, imagestate, qemu_probe, replica
+from vdsm_ft import (admission, domains, domxml, emulator, hostconfig, imagestate,
+                     qemu_probe, replica)
 from vdsm_ft.agent.controller import VmController
 from vdsm_ft.agent.imagemarks import ImageMarks
 from vdsm_ft.agent.registry import Registry
@@ -119,20 +121,41 @@ class AgentHookBackend(HookBackend):
             log.warning("%s: this host's QEMU is unknown: %s", name, exc)
             build, machine = "", ""
         record = VmRecord(vm_id=vm_id, name=name, role=Role.PRIMARY, engine_xml=engine_xml,
-                          domain=name, disk_sizes=sizes, qemu_build=build, machine=machine)
+                          domain=name, disk_sizes=sizes, qemu_build=build, machine=machine,
+                          prepared_at=time.time())
         # A controller it had before is retired by the registry, and its writes refused:
         # no join here, its thread may be inside a long action.
         self.registry.install(record, self.make).start()
 
     def adopt(self, vm_id: str, engine_xml: str) -> None:
-        """A primary the monitor found running without a record (discover)."""
+        """A primary the monitor found running without a record (discover); checked
+        before it is registered, so that a refusal leaves no record."""
+        self._refuse_unless_running(vm_id, domxml.layout_from_domxml(engine_xml, "/").name)
         self.register(vm_id, engine_xml)
         self.started(vm_id, None)
 
     def started(self, vm_id: str, live_xml: str | None) -> None:
+        """The primary runs: only once libvirt here says so, since the socket's word
+        alone is no proof (docs/security.md, "hook socket")."""
         ctl = self.registry.known(vm_id, self.config.host_id)
+        self._refuse_unless_running(vm_id, ctl.record.domain)
         ctl.update(launched=True)
         ctl.wake()
+
+    def _refuse_unless_running(self, vm_id: str, domain: str) -> None:
+        where = f"libvirt on {self.config.host_id}"
+        try:
+            running = self.services.running_domain(vm_id)
+        except domains.DomainError as exc:     # a LibvirtConnectError too
+            why = f"{where} cannot say whether it runs ({exc})"
+        else:
+            if running == domain:
+                return
+            why = (f"{where} runs no domain with its UUID" if running is None else
+                   f"{where} runs its UUID as domain {running!r}, not {domain!r}")
+        raise AgentRefused(f"VM {vm_id} not taken as started: {why}; unless libvirt runs "
+                           f"it, its record goes {self.config.launch_timeout:.0f} s after "
+                           "its prepare")
 
     def stopping(self, vm_id: str) -> None:
         ctl = self.registry.get(vm_id)

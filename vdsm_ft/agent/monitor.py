@@ -19,6 +19,7 @@ from vdsm_ft.agent.heartbeat import Heartbeat, probe
 from vdsm_ft.agent.registry import Registry
 from vdsm_ft.agent.services import Services
 from vdsm_ft.agent.store import VmRecord
+from vdsm_ft.agenterrors import AgentRefused
 from vdsm_ft.api import Role, VmState
 
 log = logging.getLogger("vdsm_ft.agent")
@@ -76,7 +77,10 @@ class Monitor:
             if domains.qemu_pid(name) is None:
                 continue
             log.info("%s: found running without a record; adopting it", name)
-            self.adopt(vm_id, engine_xml)
+            try:
+                self.adopt(vm_id, engine_xml)
+            except AgentRefused as exc:     # one VM's refusal must not stop the others
+                log.warning("%s: not adopted: %s", name, exc)
 
     def _loop(self) -> None:
         interval = self.config.heartbeat_interval

@@ -158,6 +158,15 @@ class Services(Generic[C]):
         emu = self.emulator()
         return emu.identity, emulator.colo_machine(domxml.engine_machine(engine_xml), emu)
 
+    def running_domain(self, vm_id: str) -> str | None:
+        """The name of the domain with UUID `vm_id` that libvirt runs here, or None;
+        DomainError (LibvirtConnectError among them) when libvirt cannot say."""
+        conn = libvirtconn.connect(self.config)
+        try:
+            return domains.running_name(conn, vm_id)
+        finally:
+            conn.close()
+
     def destroy_domain(self, name: str) -> None:
         try:
             conn = libvirtconn.connect(self.config)

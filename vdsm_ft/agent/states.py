@@ -31,6 +31,8 @@ class Observation:
     image_stale: bool = False  # runs on its replica; the engine's image is behind
     move_requested: bool = False  # restart-secondary / migrate-secondary
     test_failover_requested: bool = False
+    # A primary still not launched [agent] launch_timeout after its `prepare`.
+    launch_overdue: bool = False
 
     def holds(self, condition: "When") -> bool:
         return CONDITIONS[condition](self)
@@ -52,6 +54,7 @@ class When(str, Enum):
     MOVE_REQUESTED = "move requested"
     IMAGE_STALE = "image stale"
     IMAGE_STALE_QEMU_GONE = "image stale, QEMU gone"
+    NEVER_LAUNCHED = "never launched"
 
 
 class Action(str, Enum):
@@ -62,6 +65,7 @@ class Action(str, Enum):
     ABANDON = "abandon"
     COPY_BACK = "copy_back"
     FAIL_OVER = "fail_over"
+    FORGET = "forget"
     MARK_DOWN = "mark_down"
     MOVE_SECONDARY = "move_secondary"
     PROTECT = "protect"
@@ -90,6 +94,7 @@ CONDITIONS: dict[When, Callable[[Observation], bool]] = {
     When.IMAGE_STALE: lambda o: o.image_stale and o.is_primary and o.qemu_alive,
     When.IMAGE_STALE_QEMU_GONE: lambda o: o.image_stale and o.is_primary
     and not o.qemu_alive,
+    When.NEVER_LAUNCHED: lambda o: o.is_primary and not o.launched and o.launch_overdue,
 }
 
 
@@ -140,6 +145,9 @@ SAFETY_EXCEPT: dict[VmState, tuple[When, ...]] = {
 # Each state's own rows, after its safety rows; within a state the first match wins.
 ROWS: tuple[Row, ...] = (
     # state               condition              action              may lead to
+    # A prepare whose domain libvirt never ran here (a failed or forged start, VDSM gone
+    # before after_vm_start) holds nothing: removed, so that it holds no cap slot.
+    _row(S.STARTING,       "never launched",      "forget",           S.DOWN),
     # A secondary whose primary is lost before COLO began holds no consistent copy.
     _row(S.STARTING,       "peer lost",           "teardown",         S.DOWN),
     _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),

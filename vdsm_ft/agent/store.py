@@ -32,6 +32,9 @@ class VmRecord:
     reason: str = ""
     domain: str = ""              # libvirt domain name on this host
     launched: bool = False        # its domain was started (hooks register before that)
+    # When `prepare` registered it (time.time()): a primary not launched within [agent]
+    # launch_timeout is removed. Records older than this field read 0, so are overdue.
+    prepared_at: float = 0.0
     generation: int = 0
     peer: PeerSpec | None = None  # the other member (secondary of a primary and back)
     ports: dict[str, list[int]] = field(default_factory=dict)
