@@ -65,7 +65,7 @@ def intended(state: VmState, seen: states.Observation, before: str) -> str:
     # (issue 16): a failed or forged start must not hold a cap slot. Only an intentional
     # stop, a safety row, comes first.
     if state is VmState.STARTING and seen.launch_overdue and seen.is_primary and \
-            not seen.launched and not seen.stopping:
+            not seen.launched and not seen.qemu_alive and not seen.stopping:
         return "forget -> Down"
     action, _, leads = before.partition(" -> ")
     # Syncing and Failing Over are entered through their rows, no longer written by

@@ -94,7 +94,9 @@ CONDITIONS: dict[When, Callable[[Observation], bool]] = {
     When.IMAGE_STALE: lambda o: o.image_stale and o.is_primary and o.qemu_alive,
     When.IMAGE_STALE_QEMU_GONE: lambda o: o.image_stale and o.is_primary
     and not o.qemu_alive,
-    When.NEVER_LAUNCHED: lambda o: o.is_primary and not o.launched and o.launch_overdue,
+    # Never while a QEMU runs: a start whose `started` was lost is adopted, not dropped.
+    When.NEVER_LAUNCHED: lambda o: o.is_primary and not o.launched and o.launch_overdue
+    and not o.qemu_alive,
 }
 
 
