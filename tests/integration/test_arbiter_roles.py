@@ -158,5 +158,16 @@ def test_etcdctl_is_root_by_its_certificate_without_a_password(site):
     roles = subprocess.run([*base, "user", "get", ROOT], capture_output=True, text=True,
                            env=env, timeout=30)
     assert roles.returncode == 0 and "root" in roles.stdout, roles.stderr
+    leader = cluster.leader()
+    target = next(i for i in range(3) if i != leader)
+    status = subprocess.run([ETCDCTL, *cluster.ctl_flags(), "--endpoints",
+                             cluster.endpoints[target], "endpoint", "status", "-w", "json"],
+                            capture_output=True, text=True, env=env, timeout=30)
+    member = json.loads(status.stdout)[0]["Status"]["header"]["member_id"]
+    moved = subprocess.run([ETCDCTL, *cluster.ctl_flags(), "--endpoints",
+                            cluster.endpoints[leader], "move-leader", f"{member:x}"],
+                           capture_output=True, text=True, env=env, timeout=30)
+    assert moved.returncode == 0, moved.stderr
+    assert cluster.leader() == target
     cluster.stop_member(2)
     cluster.start_member(2)                     # healthy again, with auth on
