@@ -4,9 +4,11 @@ sets it up (ftlab.etcdauth.SecureEtcd): each component can do its work, and what
 key ranges can refuse, it refuses."""
 import json
 import os
+import shlex
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +173,57 @@ def test_etcdctl_is_root_by_its_certificate_without_a_password(site):
     assert cluster.leader() == target
     cluster.stop_member(2)
     cluster.start_member(2)                     # healthy again, with auth on
+
+
+def _install_guide_commands() -> list[str]:
+    """The etcdctl lines of docs/install.md's users-and-roles blocks, in order."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
+    section = text[text.index("- **Users and roles.**"):text.index("- **Tokens cost")]
+    blocks = section.split("```")[1::2]
+    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
+            if line.strip().startswith("etcdctl ")]
+
+
+def test_the_install_guides_etcdctl_commands_work_as_written(tmp_path):
+    """docs/install.md's commands, run with etcdctl as an admin would (passwords on
+    stdin), give a site where each component works and is held to its ranges."""
+    ca = pki.make_ca(tmp_path / "ca")
+    auth = SecureEtcd(tmp_path, ca, ["host-a", "host-b"], ["127.0.0.1"])
+    env = {"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
+    with EtcdCluster(tls=auth.server, client_cert_auth=True, ctl_tls=auth.ctl) as cluster:
+        base = [ETCDCTL, *cluster.ctl_flags(), "--endpoints", cluster.endpoints[0]]
+        commands = _install_guide_commands()
+        assert commands[0] == "etcdctl user add root"
+        for host in ("host-a", "host-b"):
+            for line in commands:
+                if "$H" not in line and host != "host-a":
+                    continue                      # the once-only block, run once
+                argv = shlex.split(line.replace("$H", host))[1:]
+                stdin = None
+                if "<" in argv:
+                    argv, name = argv[:argv.index("<")], argv[argv.index("<") + 1]
+                    stdin = auth.logins[name.removesuffix(".password")].password()
+                elif argv[:2] == ["user", "add"]:
+                    argv.append("--interactive=false")    # the prompt, answered on stdin
+                    stdin = auth.logins[argv[2]].password()
+                done = subprocess.run([*base, *argv], input=stdin, capture_output=True,
+                                      text=True, env=env, timeout=30)
+                assert done.returncode == 0, (line, done.stderr)
+        done = subprocess.run([*base, "auth", "enable"], capture_output=True, text=True,
+                              env=env, timeout=30)
+        assert done.returncode == 0, done.stderr
+        a = auth.arbiter(cluster.endpoints, etcdroles.agent_user("host-a"))
+        vm = new_vm()
+        g = a.begin_generation(vm, "host-a", "host-b")
+        assert auth.arbiter(cluster.endpoints, etcdroles.agent_user("host-b")).claim_live(
+            vm, g, "host-b")
+        a.put_host(HostRecord("host-a", "0.1.0", None))
+        with pytest.raises(ArbiterAuthError, match="no permission"):
+            a.put_host(HostRecord("host-b", "0.1.0", None))
+        p = auth.arbiter(cluster.endpoints, etcdroles.POLLER_USER)
+        lease = LeaderLease(p, "ovirt-ft-poller", "p1", ttl=5)
+        assert lease.acquire()
+        lease.release()
+        assert p.discard_stale_image(vm).host == "host-b"
+        with pytest.raises(ArbiterAuthError, match="no permission"):
+            p.begin_generation(vm, "host-a", "host-b")
