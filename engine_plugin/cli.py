@@ -234,6 +234,7 @@ class Cli:
         if not p.etcd_endpoints:
             raise CliError("no [poller] etcd_endpoints in the settings: this command "
                            "needs the arbiter (etcd)")
+        config.require_secure_etcd(self.settings)
         from vdsm_ft.arbiter import Arbiter
         return Arbiter(list(p.etcd_endpoints), ca_cert=p.etcd_ca, cert=p.etcd_cert,
                        key=p.etcd_key, username=p.etcd_username, password=p.etcd_password)

@@ -33,8 +33,9 @@ printed (`EngineSettings.__repr__` hides it).
     etcd_username = ovirt-ft-poller
     etcd_password = ...
 
-The etcd TLS and authentication keys are optional; cert and key go together, and so do
-username and password (docs/install.md, "etcd").
+cert and key go together, and so do username and password (docs/install.md, "etcd").
+The poller and the CLI refuse plain-http etcd endpoints unless `[poller]
+etcd_allow_plain_http = yes` accepts the risk (`require_secure_etcd`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine_plugin.placement import Limits
+from vdsm_ft import hostconfig
 from vdsm_ft.api import DEFAULT_PORT, TlsFiles
 
 DEFAULT_PATH = "/etc/ovirt-ft/poller.conf"
@@ -68,6 +70,7 @@ ENV_KEYS = {
     "OVIRT_FT_ETCD_KEY": ("poller", "etcd_key"),
     "OVIRT_FT_ETCD_USERNAME": ("poller", "etcd_username"),
     "OVIRT_FT_ETCD_PASSWORD": ("poller", "etcd_password"),
+    "OVIRT_FT_ETCD_ALLOW_PLAIN_HTTP": ("poller", "etcd_allow_plain_http"),
     "OVIRT_FT_POLLER_INTERVAL": ("poller", "interval"),
 }
 
@@ -104,6 +107,8 @@ class PollerSettings:
     etcd_key: str | None = None
     etcd_username: str | None = None       # etcd authentication (etcdctl user add)
     etcd_password: str | None = field(default=None, repr=False)
+    # Plain-http etcd: whoever reaches it rewrites the arbiter (docs/security.md, etcd).
+    etcd_allow_plain_http: bool = False
     lease_ttl: int = 15
     lease_name: str = "ovirt-ft-poller"
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -116,6 +121,19 @@ class Settings:
     engine: EngineSettings
     agents: AgentSettings | None      # None: no agent TLS configured (engine-only CLI use)
     poller: PollerSettings
+    source: str = ""                  # the file (or "the environment") these came from
+
+
+def require_secure_etcd(settings: Settings) -> None:
+    """The poller's and the CLI's check before they use etcd, as the agent's
+    (`vdsm_ft.hostconfig.require_secure_etcd`): every endpoint https, unless `[poller]
+    etcd_allow_plain_http` accepts the risk."""
+    p = settings.poller
+    why = hostconfig.plain_http_refusal(p.etcd_endpoints, "[poller] etcd_endpoints",
+                                        "[poller] etcd_ca, etcd_cert and etcd_key",
+                                        "[poller] etcd_allow_plain_http")
+    if why and not p.etcd_allow_plain_http:
+        raise ConfigError(f"{settings.source}: {why}")
 
 
 def check_private(path: str) -> None:
@@ -219,15 +237,22 @@ def _settings(p: configparser.ConfigParser, where: str) -> Settings:
     if bool(etcd_username) != bool(etcd_password):
         raise ConfigError(f"[poller] etcd_username and etcd_password in {where} go together; "
                           "set both or neither")
+    raw_allow = _get(p, "poller", "etcd_allow_plain_http", where, "no")
+    try:
+        allow_plain_http = hostconfig.parse_flag(raw_allow)
+    except ValueError:
+        raise ConfigError(f"[poller] etcd_allow_plain_http in {where} must be yes or no, got "
+                          f"{raw_allow!r}") from None
     poller = PollerSettings(
         interval=_number(p, "poller", "interval", where, 10.0, minimum=0.1),
         hook_name=_get(p, "placement", "hook_name", where, PollerSettings.hook_name),
         limits=limits, etcd_endpoints=endpoints, **etcd_files,
         etcd_username=etcd_username, etcd_password=etcd_password,
+        etcd_allow_plain_http=allow_plain_http,
         lease_ttl=int(_number(p, "poller", "lease_ttl", where, 15, int, 1)),
         max_events_per_cycle=int(_number(p, "poller", "max_events_per_cycle", where, 100,
                                          int, 1)))
-    return Settings(engine=engine, agents=agents, poller=poller)
+    return Settings(engine=engine, agents=agents, poller=poller, source=where)
 
 
 def write(path: str, sections: Mapping[str, Mapping[str, object]]) -> None:

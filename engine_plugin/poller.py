@@ -241,9 +241,12 @@ def _subject(action: reconcile.Action) -> str:
 
 
 def make_lease(settings: config.Settings) -> Lease | None:
+    """The leader lease on the configured etcd; None without endpoints. ConfigError for a
+    plain-http etcd the settings do not explicitly accept."""
     endpoints = settings.poller.etcd_endpoints
     if not endpoints:
         return None
+    config.require_secure_etcd(settings)
     from vdsm_ft.arbiter import Arbiter, LeaderLease
     p = settings.poller
     arbiter = Arbiter(list(endpoints), ca_cert=p.etcd_ca, cert=p.etcd_cert, key=p.etcd_key,
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = config.load(args.config)
+        lease = make_lease(settings)
     except config.ConfigError as e:
         print(f"ovirt-ft-poller: {e}", file=sys.stderr)
         return 1
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no [poller] etcd_endpoints: this instance acts without a leader lease; "
                     "run only one poller")
     poller = Poller(settings, Engine(settings.engine, settings.poller.hook_name),
-                    Agents(settings.agents), make_lease(settings))
+                    Agents(settings.agents), lease)
     if args.once:
         res = poller.cycle()
         for line in res.actions + res.failures:

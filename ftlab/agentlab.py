@@ -1,12 +1,13 @@
 """A lab of real host agents, for the agent tests and the agent benchmarks.
 
 Lab hosts on a private wire (own netns, own libvirtd), a real 3-member etcd with one
-member per host, a lab CA, a real `vdsm-ft-agent` in every host
-(`ftlab.hostagent.LabAgent`), a VDSM stand-in per host running the real hook scripts
-inside it, and the caller's own client namespace on the wire: the wire is not routed to
-the root namespace, so in-process clients run on a `NetnsWorker` thread there. Leaving
-the `with` block, by return, exception, Ctrl-C or SIGTERM, kills and removes everything
-it made.
+member per host (https, client certificates and one etcd user per component, as
+docs/install.md sets it up; plain http only with `secure_etcd=False`), a lab CA, a real
+`vdsm-ft-agent` in every host (`ftlab.hostagent.LabAgent`), a VDSM stand-in per host
+running the real hook scripts inside it, and the caller's own client namespace on the
+wire: the wire is not routed to the root namespace, so in-process clients run on a
+`NetnsWorker` thread there. Leaving the `with` block, by return, exception, Ctrl-C or
+SIGTERM, kills and removes everything it made.
 
 No engine and no poller: the caller asks for protection as the poller would.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -29,6 +31,7 @@ import libvirt
 
 from ftlab import guest, netns
 from ftlab.etcd import EtcdCluster, MemberSpec
+from ftlab.etcdauth import ROOT, SecureEtcd
 from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
 from ftlab.pki import heartbeat_key, issue, make_ca
@@ -37,6 +40,7 @@ from ftlab.vdsmdriver import (DATA_PATTERN, GUEST_DISK_SIZE, HOOK_PYTHONPATH,
                               HOOK_TIMEOUT, HOOKS_DIR)
 from vdsm_ft import domains, domxml
 from vdsm_ft.api import DEFAULT_POLLER_IDENTITY, PeerSpec, VmState, VmStatus
+from vdsm_ft.arbiter import Arbiter
 
 MiB = 1 << 20
 CLIENT_INDEX = 90        # the caller's namespace on the wire, where the poller would be
@@ -50,14 +54,15 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(f"agent lab stopped by signal {signum}")
 
 
-def _etcd_leader(endpoints: list[str], timeout: float = 2.0) -> int | None:
+def _etcd_leader(endpoints: list[str], context: ssl.SSLContext | None,
+                 timeout: float = 2.0) -> int | None:
     ids: dict[str, int] = {}
     leader = None
     for i, url in enumerate(endpoints):
         req = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}",
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
                 status = json.load(r)
         except (OSError, ValueError):
             continue
@@ -83,13 +88,15 @@ class AgentLab:
 
     def __init__(self, prefix: str, hosts: int = 3, heartbeat_interval: float = 0.05,
                  heartbeat_timeout: float = 0.15, sasl: bool = False,
-                 emulators: dict[str, str] | None = None):
+                 emulators: dict[str, str] | None = None, secure_etcd: bool = True):
         self.prefix = prefix
         # Host letter ("a", "b", ...) -> its [qemu] emulator; others get the lab's choice
         # (ftlab.qemubuild).
         self.emulators = emulators or {}
         self.count = hosts
         self.sasl = sasl                # libvirtds that want a SASL login, as on oVirt
+        self.secure_etcd = secure_etcd
+        self.etcd_auth: SecureEtcd | None = None
         self.wire = f"{prefix}-wire"
         self.heartbeat = (heartbeat_interval, heartbeat_timeout)
         self.base = ""
@@ -129,22 +136,33 @@ class AgentLab:
                            wire=self.wire, sasl=self.sasl)
             self.hosts.append(host)
             host.up()
-        self.etcd = EtcdCluster([MemberSpec(host=h.address, netns=h.netns)
-                                 for h in self.hosts],
-                                base_dir=os.path.join(self.base, "etcd")).start()
         pki = Path(self.base) / "pki"
         ca = make_ca(pki)
+        if self.secure_etcd:
+            self.etcd_auth = SecureEtcd(pki, ca, [h.name for h in self.hosts],
+                                        [h.address for h in self.hosts])
+        auth = self.etcd_auth
+        self.etcd = EtcdCluster([MemberSpec(host=h.address, netns=h.netns)
+                                 for h in self.hosts],
+                                base_dir=os.path.join(self.base, "etcd"),
+                                tls=auth.server if auth else None,
+                                client_cert_auth=auth is not None,
+                                ctl_tls=auth.ctl if auth else None).start()
         client_tls = issue(pki, ca, DEFAULT_POLLER_IDENTITY)
         netns.create(self.client_ns)
         netns.join_rep(self.client_ns, CLIENT_INDEX, netns.netns_name(self.wire))
         self.net = netns.NetnsWorker(self.client_ns)
+        if auth:
+            auth.enable(self.etcd.endpoints[0], self.net.call)
         interval, timeout = self.heartbeat
         for h in self.hosts:
             agent = LabAgent(h, self.etcd.endpoints, issue(pki, ca, h.name,
                                                            addresses=[h.address]),
                              client_tls, heartbeat_interval=interval,
                              heartbeat_timeout=timeout, reach=self.net.call,
-                             heartbeat_key_file=heartbeat_key(pki))
+                             heartbeat_key_file=heartbeat_key(pki),
+                             etcd_login=auth.agent(h.name) if auth else None,
+                             etcd_allow_plain_http=auth is None)
             agent.emulator = self.emulators.get(h.name.rsplit("-", 1)[1], agent.emulator)
             self.agents.append(agent)
             agent.start()
@@ -261,10 +279,19 @@ class AgentLab:
                                     f"{timeout}s")
             time.sleep(poll)
 
+    def arbiter(self, user: str = ROOT, **kw: Any) -> Arbiter:
+        """A client of the lab's etcd, logged in as `user` (root: any key); call it
+        from the client namespace (`net.call`)."""
+        assert self.etcd is not None
+        if self.etcd_auth is None:
+            return Arbiter(self.etcd.endpoints, **kw)
+        return self.etcd_auth.arbiter(self.etcd.endpoints, user, **kw)
+
     def etcd_leader(self) -> int | None:
         """Index of the etcd member that leads, asked from the client namespace."""
         assert self.etcd is not None and self.net is not None
-        return self.net.call(_etcd_leader, self.etcd.endpoints)
+        context = self.etcd_auth.ssl_context() if self.etcd_auth else None
+        return self.net.call(_etcd_leader, self.etcd.endpoints, context)
 
     def move_etcd_leader(self, index: int, timeout: float = 10.0) -> None:
         """Make member `index` the etcd leader (etcdctl move-leader, from the client
@@ -272,7 +299,8 @@ class AgentLab:
         assert self.etcd is not None
         endpoint = self.etcd.endpoints[index]
         status = netns.run_in(self.client_ns, [
-            "etcdctl", "--endpoints", endpoint, "endpoint", "status", "-w", "json"],
+            "etcdctl", *self.etcd.ctl_flags(), "--endpoints", endpoint, "endpoint", "status",
+            "-w", "json"],
             env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}, timeout=timeout)
         member = json.loads(status.stdout)[0]["Status"]["header"]["member_id"]
         deadline = time.monotonic() + timeout
@@ -285,7 +313,8 @@ class AgentLab:
                 time.sleep(0.2)
                 continue
             status = netns.run_in(self.client_ns, [
-                "etcdctl", "--endpoints", self.etcd.endpoints[leader], "move-leader",
+                "etcdctl", *self.etcd.ctl_flags(), "--endpoints", self.etcd.endpoints[leader],
+                "move-leader",
                 f"{member:x}"], env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
                 timeout=timeout)
             time.sleep(0.2)

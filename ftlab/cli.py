@@ -63,7 +63,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  hosts:   {', '.join(f'{h.name} ({h.address})' for h in state.hosts)}")
     print(f"  engine:  {state.engine_url}  user {state.engine_user}, password in "
           f"{state.password_file} (mode 0600), CA {state.engine_ca}")
-    print(f"  etcd:    {', '.join(state.etcd_endpoints)}")
+    print(f"  etcd:    {', '.join(state.etcd_endpoints)} (client certificates and users; "
+          f"passwords in {os.path.join(paths.pki, 'etcd')})")
     print(f"  poller:  pid {state.poller_pid}, settings {paths.poller_conf}")
     print(f"  ovirt-ft CLI: OVIRT_FT_CONFIG={paths.poller_conf} ovirt-ft status")
     print(f"next: vdsm-ft lab demo{_dir_arg(args)}")

@@ -7,7 +7,7 @@ Only processes started here are stopped here.
 
 With ``tls`` the members serve their clients https (and ``client_cert_auth`` makes them
 require a client certificate signed by ``tls.ca``); peers still talk http. The default is
-plain http, as the lab runs it.
+plain http; the lab runs https with client certificates and etcd users (ftlab.etcdauth).
 """
 from __future__ import annotations
 
@@ -103,6 +103,9 @@ class EtcdCluster:
     tls: TlsFiles | None = None
     client_cert_auth: bool = False
     extra_args: tuple[str, ...] = ()          # more etcd flags, for every member
+    # The client certificate etcdctl presents (health checks, ctl_flags); None: the
+    # server's. With etcd auth on it must be one whose CN is a user, e.g. root.
+    ctl_tls: TlsFiles | None = None
     members: list[_Member] = field(default_factory=list, init=False)
     _own_base_dir: bool = field(default=False, init=False)
 
@@ -177,9 +180,7 @@ class EtcdCluster:
             argv = [IP, "netns", "exec", m.netns, ETCDCTL, "--endpoints", m.client_url,
                     "--dial-timeout", f"{timeout}s", "--command-timeout", f"{timeout}s",
                     "endpoint", "health"]
-            if self.tls:
-                argv[-2:-2] = ["--cacert", self.tls.ca, "--cert", self.tls.cert,
-                               "--key", self.tls.key]
+            argv[-2:-2] = self.ctl_flags()
             try:
                 return subprocess.run(argv, capture_output=True, timeout=timeout + 2,
                                       env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
@@ -192,6 +193,13 @@ class EtcdCluster:
                 return json.load(r).get("health") == "true"
         except (OSError, ValueError, urllib.error.URLError):
             return False
+
+    def ctl_flags(self) -> list[str]:
+        """etcdctl's TLS flags for this cluster ([] for plain http)."""
+        if not self.tls:
+            return []
+        ctl = self.ctl_tls or self.tls
+        return ["--cacert", self.tls.ca, "--cert", ctl.cert, "--key", ctl.key]
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """For this module's own checks: trust the CA, present the server's certificate."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ftlab import qemubuild
+from ftlab.etcdauth import EtcdLogin
 from ftlab.host import LabHost
-from vdsm_ft import hostconfig
 from vdsm_ft.api import AgentClient, AgentError, TlsFiles, client_context
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +30,17 @@ class LabAgent:
                  client_tls: TlsFiles, heartbeat_interval: float = 0.05,
                  heartbeat_timeout: float = 0.15,
                  reach: Callable[..., Any] = lambda fn, *a: fn(*a), host_id: str = "",
-                 heartbeat_key_file: str = ""):
+                 heartbeat_key_file: str = "", etcd_login: EtcdLogin | None = None,
+                 etcd_allow_plain_http: bool = False):
         self.host = host
         # The engine's id of this host: the poller ignores an agent answering for
         # another id. Tests without an engine use the lab host's name.
         self.host_id = host_id or host.name
         self.etcd_endpoints = etcd_endpoints
+        # The host's etcd user and certificate (ftlab.etcdauth); None only for a lab that
+        # asked for plain http, which must then say so (`[etcd] allow_plain_http`).
+        self.etcd_login = etcd_login
+        self.etcd_allow_plain_http = etcd_allow_plain_http
         self.tls = tls
         self.client_tls = client_tls
         self.heartbeat_interval = heartbeat_interval
@@ -88,12 +93,16 @@ class LabAgent:
         own = [e for e in self.etcd_endpoints if f"//{self.host.address}:" in e]
         ordered = own + [e for e in self.etcd_endpoints if e not in own]
         cfg["etcd"] = {"endpoints": ",".join(ordered)}
-        if hostconfig.plain_http(ordered):
-            # The lab's etcd runs without TLS unless asked (ftlab/etcd.py); a real
-            # install never does (docs/install.md).
+        if self.etcd_login is not None:
+            login = self.etcd_login
+            # The password makes this file a secret: it is written 0600 below.
+            cfg["etcd"].update(ca=login.tls.ca, cert=login.tls.cert, key=login.tls.key,
+                               username=login.user, password=login.password())
+        if self.etcd_allow_plain_http:
             cfg["etcd"]["allow_plain_http"] = "yes"
         os.makedirs(os.path.dirname(self.config_path), mode=0o755, exist_ok=True)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
             cfg.write(f)
         return self.config_path

@@ -11,7 +11,8 @@ poller's 0600 settings file.
     <lab dir>/control.sock        the supervisor's control socket (0600)
     <lab dir>/engine-password     the engine admin password (0600)
     <lab dir>/hosts/<host>/       each lab host (ftlab.host.LabHost)
-    <lab dir>/pki/                the lab CA, host and poller certificates
+    <lab dir>/pki/                the lab CA, host and poller certificates; pki/etcd/ etcd's
+                                  certificates and its users' passwords (0600 files)
     <lab dir>/poller.conf         the poller's settings (0600: it holds the password)
     <lab dir>/etcd/  engine/  cache/  logs/
 """

@@ -3,7 +3,8 @@
 `vdsm-ft lab up` starts it (`python -m ftlab.supervisor --lab-dir DIR`) in its own
 session and waits for `lab.json` to say `ready` or `failed`. It builds, in order:
 the lab CA; the hosts (each its own netns, mount namespace, libvirtd; ftlab.host); one
-etcd member per host; the agents (ftlab.hostagent); the fake engine over HTTPS with a
+etcd member per host, https with client certificates and one etcd user per component
+(ftlab.etcdauth); the agents (ftlab.hostagent); the fake engine over HTTPS with a
 generated admin password (0600 file, never printed); a VDSM stand-in per host
 (ftlab.vdsmdriver); and the real poller as its own process. Then it serves the control
 socket (ftlab.labcontrol) until it is killed: `lab down` removes everything, using pid
@@ -29,6 +30,7 @@ from engine_plugin import config as poller_config
 from ftlab import qemubuild, vmlocate
 from ftlab.engine import FakeEngine, Hook
 from ftlab.etcd import EtcdCluster, MemberSpec
+from ftlab.etcdauth import SecureEtcd
 from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
 from ftlab.labcontrol import ControlServer
@@ -72,6 +74,7 @@ class Supervisor:
         self.hosts: list[LabHost] = []
         self.agents: list[LabAgent] = []
         self.etcd: EtcdCluster | None = None
+        self.etcd_auth: SecureEtcd | None = None
         self.engine: FakeEngine | None = None
         self.fleet: VdsmFleet | None = None
         self.poller: subprocess.Popen | None = None
@@ -93,15 +96,20 @@ class Supervisor:
         for i in range(1, self.n_hosts + 1):
             log.info("host %s", host_name(i))
             self.hosts.append(LabHost(host_name(i), i, p.hosts).up())
-        log.info("etcd cluster")
+        log.info("etcd cluster (https, client certificates, etcd users)")
+        auth = self.etcd_auth = SecureEtcd(Path(p.pki), ca, [h.name for h in self.hosts],
+                                           [h.address for h in self.hosts])
         self.etcd = EtcdCluster([MemberSpec(host=h.address, netns=h.netns) for h in self.hosts],
-                                base_dir=p.etcd).start()
+                                base_dir=p.etcd, tls=auth.server, client_cert_auth=True,
+                                ctl_tls=auth.ctl).start()
+        auth.enable(self.etcd.endpoints[0])
         self.state.etcd_endpoints = self.etcd.endpoints
         for h in self.hosts:
             log.info("agent on %s", h.name)
             tls = issue(Path(p.pki), ca, h.name, addresses=[h.address])
             self.agents.append(LabAgent(h, self.etcd.endpoints, tls, client,
-                                        heartbeat_key_file=heartbeat_key(Path(p.pki))).start())
+                                        heartbeat_key_file=heartbeat_key(Path(p.pki)),
+                                        etcd_login=auth.agent(h.name)).start())
         self.state.hosts = [HostInfo(name=h.name, index=h.index, address=h.address,
                                      netns=h.netns, uri=h.uri, dir=h.dir,
                                      agent_config=a.config_path, run_dir=a.run_dir)
@@ -141,6 +149,8 @@ class Supervisor:
 
     def _start_poller(self, client: TlsFiles) -> None:
         p = self.paths
+        assert self.etcd_auth is not None
+        etcd = self.etcd_auth.poller
         with open(p.password) as f:
             password = f.read().strip()
         poller_config.write(p.poller_conf, {
@@ -150,7 +160,10 @@ class Supervisor:
                        "ca": client.ca, "timeout": 3},
             "placement": {"hook_name": HOOK_NAME},
             "poller": {"interval": POLLER_INTERVAL,
-                       "etcd_endpoints": ",".join(self.state.etcd_endpoints)}})
+                       "etcd_endpoints": ",".join(self.state.etcd_endpoints),
+                       "etcd_ca": etcd.tls.ca, "etcd_cert": etcd.tls.cert,
+                       "etcd_key": etcd.tls.key, "etcd_username": etcd.user,
+                       "etcd_password": etcd.password()}})
         log.info("poller")
         log_file = open(os.path.join(p.logs, "poller.log"), "ab")
         env = dict(os.environ, PYTHONPATH=REPO)

@@ -249,7 +249,7 @@ class Transport:
     ``ca_cert``/``cert``/``key``: TLS to https:// endpoints (CA file; client certificate).
     ``username``/``password``: etcd authentication; a token is fetched when etcd asks for
     one and fetched again, once per attempt, when etcd says it expired. ``key_prefix`` is
-    the prefix the user needs readwrite on, named in a permission error.
+    the prefix whose roles a permission error names.
     """
 
     def __init__(self, endpoints: Sequence[str], *, key_prefix: str,
@@ -412,9 +412,8 @@ class Transport:
         if reason == _DENIED:
             return ArbiterAuthError(
                 f"{where} refused {what}: etcd user {self.username} has no permission on "
-                f"{self.key_prefix}/; grant it a role with readwrite on the prefix "
-                f"{self.key_prefix}/ "
-                "(docs/install.md)")
+                f"those keys; give it its component's role on {self.key_prefix}/ "
+                "(docs/install.md, \"etcd\")")
         if reason.startswith(_GATEWAY_CN):
             return ArbiterAuthError(
                 f"{where} refused {what}: with --client-cert-auth and etcd authentication both "

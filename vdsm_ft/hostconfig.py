@@ -258,7 +258,8 @@ _FLAGS = {"yes": True, "true": True, "on": True, "1": True,
           "no": False, "false": False, "off": False, "0": False}
 
 
-def _flag(v: str) -> bool:
+def parse_flag(v: str) -> bool:
+    """A yes/no setting (yes, true, on, 1 / no, false, off, 0); ValueError otherwise."""
     if v.lower() not in _FLAGS:
         raise ValueError("yes or no")
     return _FLAGS[v.lower()]
@@ -297,7 +298,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("etcd", "key"): ("etcd_key", _path),
     ("etcd", "username"): ("etcd_username", _text),
     ("etcd", "password"): ("etcd_password", _text),
-    ("etcd", "allow_plain_http"): ("etcd_allow_plain_http", _flag),
+    ("etcd", "allow_plain_http"): ("etcd_allow_plain_http", parse_flag),
     ("qemu", "emulator"): ("qemu_emulator", _path),
     ("hooks", "agent_unreachable"): ("agent_unreachable", _policy),
     ("hooks", "agent_timeout"): ("agent_timeout", _seconds),
@@ -311,18 +312,28 @@ def plain_http(endpoints: Iterable[str]) -> list[str]:
     return [e for e in endpoints if urlsplit(e).scheme == "http"]
 
 
+def plain_http_refusal(endpoints: Iterable[str], setting: str, tls_keys: str,
+                       allow_key: str) -> str | None:
+    """Why an etcd client of vdsm-ft refuses plain-http `endpoints` (docs/security.md,
+    etcd), in words that name its own keys; None when every endpoint is https. Shared by
+    the agent and the poller so that both say the same."""
+    plain = plain_http(endpoints)
+    if not plain:
+        return None
+    return (f"{setting} {', '.join(plain)} are plain http: anyone who reaches them can "
+            "plant or delete arbiter claims and stale-image marks, which fences healthy VMs "
+            "or starts one from a stale image (docs/arbiter.md, \"A claim that no member "
+            f"wrote\"). Use https endpoints with {tls_keys} and an etcd user "
+            f"(docs/install.md, \"etcd\"), or set {allow_key} = yes to accept that risk")
+
+
 def require_secure_etcd(config: HostConfig) -> None:
     """The agent's check before it trusts etcd as its arbiter (docs/security.md, etcd):
     every endpoint https, unless `[etcd] allow_plain_http` accepts the risk."""
-    plain = plain_http(config.etcd_endpoints)
-    if plain and not config.etcd_allow_plain_http:
-        raise ConfigError(
-            f"{config.path}: [etcd] endpoints {', '.join(plain)} are plain http: anyone "
-            "who reaches them can plant or delete arbiter claims and stale-image marks, "
-            "which fences healthy VMs or starts one from a stale image (docs/arbiter.md, "
-            "\"A claim that no member wrote\"). Use https endpoints with [etcd] ca, cert "
-            "and key (docs/install.md, \"etcd\"), or set [etcd] allow_plain_http = yes to "
-            "accept that risk")
+    why = plain_http_refusal(config.etcd_endpoints, "[etcd] endpoints",
+                             "[etcd] ca, cert and key", "[etcd] allow_plain_http")
+    if why and not config.etcd_allow_plain_http:
+        raise ConfigError(f"{config.path}: {why}")
 
 
 def config_path(env: dict[str, str] | None = None) -> str:

@@ -183,7 +183,7 @@ def test_stop_during_the_copy_finishes_it_and_loses_nothing(lab):
         time.sleep(0.1)
     record = None
     while time.monotonic() < deadline:
-        record = lab.net.call(Arbiter(lab.etcd.endpoints).get_pair, vm.vm_id)
+        record = lab.net.call(lab.arbiter().get_pair, vm.vm_id)
         if record is not None and record.state == "Down":
             break
         time.sleep(0.2)
@@ -193,7 +193,7 @@ def test_stop_during_the_copy_finishes_it_and_loses_nothing(lab):
             f"the storage-domain image lacks {pattern:#x} at {offset} after the stop"
     assert not os.path.exists(lab.agent("agcb-b").host.path("ft", "replicas", vm.vm_id))
     # The image is current: the arbiter's mark is gone, a normal start may read it.
-    assert lab.net.call(Arbiter(lab.etcd.endpoints).stale_image, vm.vm_id) is None
+    assert lab.net.call(lab.arbiter().stale_image, vm.vm_id) is None
     _normal_start(lab, "agcb-c", vm)
 
 
@@ -252,7 +252,7 @@ def test_silent_primary_host_then_survivor_host_crash_mid_copy_lose_nothing(lab)
     crash of the survivor's whole host mid-copy leaves the image marked stale until the
     revived host copies its replica back: then every covered write is on the image."""
     try:
-        _silent_hosts_then_offline_copy(lab, Arbiter(lab.etcd.endpoints))
+        _silent_hosts_then_offline_copy(lab, lab.arbiter())
     finally:
         for host in ("agcb-a", "agcb-b"):   # the module's other tests need both
             if lab.host(host).holder_pid() is None:
@@ -316,7 +316,7 @@ def test_copy_back_that_cannot_reach_the_image_keeps_it_refused_and_retries(lab,
     the reason naming the replica, every start is refused, nothing is lost; once the
     image is reachable again the agent's retry makes it current and starts are allowed
     (a stopped VM, which VDSM released, is then forgotten)."""
-    arbiter = Arbiter(lab.etcd.endpoints)
+    arbiter = lab.arbiter()
     vm, covered, survivor = _copying_with_a_write(lab)
     away = vm.disk + ".unreachable"
     os.rename(vm.disk, away)                # the storage domain is gone from b's view
@@ -360,7 +360,7 @@ def test_etcd_out_when_the_copy_back_ends_then_a_stop_and_an_agent_restart_clear
     arbiter keeps the image's stale mark; then the VM stops (the agent forgets it) and
     the agent restarts. Once etcd is back the mark goes all the same, and a normal start
     reads every covered write: a current image is never left refused for good."""
-    arbiter = Arbiter(lab.etcd.endpoints)
+    arbiter = lab.arbiter()
     vm, covered, _ = _copying_with_a_write(lab)
     others = [0, 2]                         # agcb-a's and agcb-c's members: no quorum
     for i in others:

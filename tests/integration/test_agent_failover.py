@@ -27,7 +27,6 @@ from ftlab.pki import issue, make_ca, qemu_creds_dir
 from ftlab.vdsm import recover_status
 from vdsm_ft import domxml
 from vdsm_ft.api import PeerSpec, Role, TlsFiles, VmState, client_context
-from vdsm_ft.arbiter import Arbiter
 from vdsm_ft.hookapi import HookClient
 from vdsm_ft.layout import Disk, VmLayout
 
@@ -81,7 +80,7 @@ def test_primary_qemu_killed_secondary_takes_over_by_itself(lab):
     assert survivor.execute("query-status")["status"] == "running"
     assert holds(lab, "ag-b", vm, survivor, 0, 0x5A)
     assert not holds(lab, "ag-b", vm, survivor, 1 * MiB, 0x5A)
-    holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
+    holder = lab.net.call(lab.arbiter().live_holder, vm.vm_id,
                           after.generation)
     assert holder == "ag-b"
 
@@ -248,18 +247,44 @@ def test_secondary_lost_primary_carries_on_and_writes_land(lab):
     assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
 
 
+def test_the_labs_etcd_wants_a_certificate_and_a_user(lab):
+    """Issue 16: the lab's arbiter is authenticated by default; the agents log in as
+    their own etcd users and are held to their roles."""
+    from vdsm_ft import etcdroles
+    from vdsm_ft.arbiter import Arbiter, ArbiterAuthError, ArbiterTlsError, HostRecord
+    assert all(e.startswith("https://") for e in lab.etcd.endpoints)
+    login = lab.etcd_auth.agent("ag-a")
+    anonymous = Arbiter(lab.etcd.endpoints, ca_cert=login.tls.ca)
+    with pytest.raises(ArbiterTlsError, match="requires a client certificate"):
+        lab.net.call(anonymous.get_pair, "vm-x")
+    no_user = Arbiter(lab.etcd.endpoints, ca_cert=login.tls.ca, cert=login.tls.cert,
+                      key=login.tls.key)
+    with pytest.raises(ArbiterAuthError, match="requires authentication"):
+        lab.net.call(no_user.get_pair, "vm-x")
+    host_a = lab.arbiter(etcdroles.agent_user("ag-a"))
+    with pytest.raises(ArbiterAuthError, match="no permission"):
+        lab.net.call(host_a.put_host, HostRecord("ag-b", "0", None))
+    for agent in lab.agents:
+        assert os.stat(agent.config_path).st_mode & 0o077 == 0
+        text = Path(agent.config_path).read_text()
+        assert "allow_plain_http" not in text
+        assert f"username = {etcdroles.agent_user(agent.host_id)}" in text
+
+
 def test_a_planted_claim_never_fences_the_healthy_primary(lab):
     """Issue 16: someone with etcd write access claims the pair's generation for a host
     outside it, then the secondary crashes as an ordinary fault. The primary raises an
-    alert and carries on with its data instead of fencing itself."""
-    from vdsm_ft import etcd
+    alert and carries on with its data instead of fencing itself. The writer is the
+    third host's etcd user: claims are keyed by VM, so etcd lets every agent write them
+    (vdsm_ft.etcdroles)."""
+    from vdsm_ft import etcd, etcdroles
     from vdsm_ft.arbiter import claim_key
     vm = lab.start_vm("ag-a")
     lab.protect(vm, "ag-a", "ag-b")
     primary = monitor(lab, "ag-a", vm, False)
     write(lab, "ag-a", vm, 0, 0x73)
     lab.wait_checkpoints("ag-a", vm.vm_id)
-    arbiter = Arbiter(lab.etcd.endpoints)
+    arbiter = lab.arbiter(etcdroles.agent_user("ag-c"))
     generation = lab.net.call(arbiter.get_pair, vm.vm_id).generation
     planted = etcd.put(claim_key(vm.vm_id, generation), b'{"host": "evil", "claimed_at": 1}')
     lab.net.call(arbiter.transport.txn, "planted claim", [], [planted], [], 2.0)
@@ -303,7 +328,7 @@ def test_partition_leaves_exactly_one_live_copy(lab, run):
     survivor = monitor(lab, winner, vm, False)
     assert survivor.execute("query-colo-status")["mode"] == "none"
     assert holds(lab, winner, vm, survivor, 0, 0x80 + run)
-    holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
+    holder = lab.net.call(lab.arbiter().live_holder, vm.vm_id,
                           won.generation)
     assert holder == winner
 
@@ -324,7 +349,7 @@ def test_stale_secondary_is_never_promoted(lab):
     assert "ag-a" in down.reason and "last copy" in down.reason
     time.sleep(1.0)
     assert lab.qemu_pid("ag-b", sec_name) is None, "the stale secondary came up"
-    record = lab.net.call(Arbiter(lab.etcd.endpoints).get_pair, vm.vm_id)
+    record = lab.net.call(lab.arbiter().get_pair, vm.vm_id)
     assert record.state == "Down" and "ag-a" in record.reason
     image = lab.agent("ag-a").host.path("images", f"{vm.vm_id}.qcow2")
     for offset, pattern in ((0, 0x91), (1 * MiB, 0x92)):
@@ -392,7 +417,7 @@ def test_secondary_outwaits_an_etcd_outage_then_takes_over_with_the_data(lab):
     assert survivor.execute("query-colo-status")["mode"] == "none"
     assert survivor.execute("query-status")["status"] == "running"
     assert holds(lab, "ag-b", vm, survivor, 0, 0x6E)
-    holder = lab.net.call(Arbiter(lab.etcd.endpoints).live_holder, vm.vm_id,
+    holder = lab.net.call(lab.arbiter().live_holder, vm.vm_id,
                           after.generation)
     assert holder == "ag-b"
     lab.remove_vm(vm)
@@ -588,7 +613,7 @@ def test_admin_stop_tears_the_pair_down_and_is_never_a_failover(lab):
         assert time.monotonic() < deadline, "the secondary outlived an admin stop\n" + \
             lab.agent_logs()
         time.sleep(0.1)
-    arbiter = Arbiter(lab.etcd.endpoints)
+    arbiter = lab.arbiter()
     assert lab.net.call(arbiter.live_holder, vm.vm_id, generation) == "ag-a", \
         "the stopping primary holds its generation, so the secondary cannot take over"
     # The primary records the pair Down after it has torn the secondary down

@@ -133,7 +133,8 @@ def test_no_credentials_when_etcd_requires_them(secure):
 
 
 def test_user_without_permission(secure):
-    with pytest.raises(ArbiterAuthError, match="ft-norole has no permission on /vdsm-ft/"):
+    with pytest.raises(ArbiterAuthError, match="ft-norole has no permission on those keys; give it its "
+                                               "component's role on /vdsm-ft/"):
         arbiter(secure, username="ft-norole",
                 password=secure["pw"]["ft-norole"]).current_generation(new_vm())
 

@@ -222,8 +222,14 @@ def test_accept_stale_image_is_refused_while_the_replica_is_held_then_needs_the_
     assert arbiter.claim_live(vm.id, generation, ids["h2"])     # h2 took over on its replica
     conf = tmp_path / "with-etcd.conf"
     text = open(lab["conf"]).read()
+    poller = {"etcd_endpoints": ",".join(etcd_cluster.endpoints)}
+    config.write(str(conf), {**_sections(text), "poller": poller})
+    r = ovirt_ft(conf, "accept-stale-image", "orphan", "--lose-writes-since-failover")
+    assert r.returncode == 1 and "are plain http" in r.stderr, r
+    assert "[poller] etcd_allow_plain_http = yes" in r.stderr
+    # This test's etcd is the plain-http one of the session: accept that explicitly.
     config.write(str(conf), {**_sections(text), "poller": {
-        "etcd_endpoints": ",".join(etcd_cluster.endpoints)}})
+        **poller, "etcd_allow_plain_http": "yes"}})
     lab["fleet"].backends["h2"].set_vm(primary_status(
         vm.id, "orphan", ids["h2"], VmState.DOWN, generation=generation, failovers=1,
         reason="stopped; the storage-domain image is NOT current (the offline copy failed)"))

@@ -18,7 +18,6 @@ from ftlab.agentlab import AgentLab
 from ftlab.vdsm import HookError
 from vdsm_ft import domains, qemu_probe
 from vdsm_ft.api import VmState
-from vdsm_ft.arbiter import Arbiter
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -72,7 +71,7 @@ def test_the_incapable_host_publishes_why_in_its_status_and_arbiter_record(lab, 
     assert "install vdsm-ft-qemu" in status.qemu.reason
     assert lab.call("qc-a", "host_status").qemu.capable
     assert lab.etcd is not None and lab.net is not None
-    records = lab.net.call(lambda: {h: Arbiter(lab.etcd.endpoints).get_host(h)
+    records = lab.net.call(lambda: {h: lab.arbiter().get_host(h)
                                     for h in ("qc-a", "qc-c")})
     assert records["qc-c"].qemu == status.qemu
     assert records["qc-a"].qemu.capable and records["qc-a"].qemu.path.endswith(

@@ -157,8 +157,8 @@ def test_a_refusal_is_rejected_at_once_and_names_the_request(gateway):
 def test_permission_denied_names_the_key_prefix(gateway):
     t = Transport([gateway.url], key_prefix="/my-prefix", username="u", password="pw")
     gateway.replies["/v3/kv/txn"] = [(403, {"error": "etcdserver: permission denied"})]
-    with pytest.raises(ArbiterAuthError, match="user u has no permission on /my-prefix/; "
-                       "grant it a role with readwrite on the prefix /my-prefix/"):
+    with pytest.raises(ArbiterAuthError, match="a read: etcd user u has no permission on "
+                       "those keys; give it its component's role on /my-prefix/"):
         t.txn("a read", [], [], [], 1.0)
 
 

@@ -150,3 +150,55 @@ def test_a_misspelt_allow_plain_http_is_refused(tmp_path):
     with pytest.raises(hostconfig.ConfigError, match=r"allow_plain_http = 'maybe'.*yes or no"):
         hostconfig.load(_agent_conf(tmp_path, "endpoints = http://e1:2379\n"
                                                "allow_plain_http = maybe"))
+
+
+def test_the_poller_refuses_a_plain_http_etcd_and_says_why_and_what_to_do(tmp_path, capsys):
+    from engine_plugin.poller import main, make_lease
+    settings = _load(tmp_path, {"etcd_endpoints": "https://e1:2379,http://e2:2379"})
+    with pytest.raises(config.ConfigError) as refused:
+        make_lease(settings)
+    message = str(refused.value)
+    assert message.startswith(str(tmp_path / "poller.conf"))
+    assert "[poller] etcd_endpoints http://e2:2379 are plain http" in message
+    assert "https://e1" not in message and "plant or delete arbiter claims" in message
+    assert "[poller] etcd_ca, etcd_cert and etcd_key" in message
+    assert "[poller] etcd_allow_plain_http = yes" in message
+    assert main(["--config", str(tmp_path / "poller.conf"), "--once"]) == 1
+    assert "are plain http" in capsys.readouterr().err
+
+
+def test_the_agent_and_the_poller_give_the_same_reason(tmp_path):
+    agent = hostconfig.load(_agent_conf(tmp_path, "endpoints = http://e1:2379"))
+    poller = _load(tmp_path, {"etcd_endpoints": "http://e1:2379"})
+    with pytest.raises(hostconfig.ConfigError) as a:
+        hostconfig.require_secure_etcd(agent)
+    with pytest.raises(config.ConfigError) as p:
+        config.require_secure_etcd(poller)
+    why = "are plain http: anyone who reaches them can plant or delete arbiter claims"
+    assert why in str(a.value) and why in str(p.value)
+
+
+@pytest.mark.parametrize("poller, env, allowed", [
+    ({}, {}, True),                                                   # https://etcd1:2379
+    ({"etcd_endpoints": "http://e1:2379", "etcd_allow_plain_http": "yes"}, {}, True),
+    ({"etcd_endpoints": "http://e1:2379"}, {"OVIRT_FT_ETCD_ALLOW_PLAIN_HTTP": "on"}, True),
+    ({"etcd_endpoints": "http://e1:2379", "etcd_allow_plain_http": "no"}, {}, False),
+    ({"etcd_endpoints": "http://e1:2379"}, {}, False),
+])
+def test_poller_plain_http_etcd_needs_the_explicit_setting(tmp_path, poller, env, allowed):
+    from engine_plugin.cli import Cli
+    from engine_plugin.poller import make_lease
+    settings = _load(tmp_path, poller, env=env)
+    if allowed:
+        assert make_lease(settings) is not None
+        Cli(settings)._arbiter()
+    else:
+        with pytest.raises(config.ConfigError, match="etcd_allow_plain_http"):
+            make_lease(settings)
+        with pytest.raises(config.ConfigError, match="etcd_allow_plain_http"):
+            Cli(settings)._arbiter()
+
+
+def test_a_misspelt_poller_allow_plain_http_is_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match="etcd_allow_plain_http .* must be yes or no"):
+        _load(tmp_path, {"etcd_endpoints": "http://e1:2379", "etcd_allow_plain_http": "maybe"})

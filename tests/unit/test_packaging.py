@@ -26,7 +26,8 @@ HOOKS_DIR = "/usr/libexec/vdsm/hooks"
 HOST_RPM, ENGINE_RPM = "vdsm-hook-ft", "ovirt-ft-engine"
 # The vdsm_ft modules engine_plugin imports, shipped in the engine package too.
 ENGINE_VDSM_FT = {"__init__.py", "api.py", "agenterrors.py", "layout.py", "arbiter.py",
-                  "etcd.py", "qemu_probe.py", "emulator.py", "imagestate.py", "ftvalue.py"}
+                  "etcd.py", "qemu_probe.py", "emulator.py", "imagestate.py", "ftvalue.py",
+                  "hostconfig.py"}
 TIMEOUT = 120
 
 
