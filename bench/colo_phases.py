@@ -12,7 +12,7 @@ One checkpoint on one side is the run of marks that ends at its `stop => run` ch
 its phases are the gaps between successive marks, named "mark -> next mark". A phase
 after the side's `run => stop` mark is paid inside the guest's pause; the rest are not
 (Debian's 7.2 asks the secondary before it stops the primary; the project's build stops
-first, patch 0001).
+first, patch 0006 in docs/qemu.md).
 """
 from __future__ import annotations
 
