@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Mapping
+from typing import Any, Mapping
 
 import libvirt
 from lxml import etree
@@ -183,7 +184,11 @@ class Vdsm:
     def __init__(self, hooks_dir: str, libvirt_uri: str, env: Mapping[str, str] | None = None,
                  pythonpath: tuple[str, ...] = (), hook_timeout: float | None = None,
                  wrap: Callable[[list[str]], list[str]] = list,
-                 connect: Callable[[], libvirt.virConnect] | None = None):
+                 connect: Callable[[], libvirt.virConnect] | None = None,
+                 hook_user: tuple[str, str] | None = None):
+        # `hook_user` (user, group): who the hooks run as. Real VDSM runs them as its own
+        # user, vdsm:kvm, and owns the data file it hands them; None: as this process.
+        self.hook_user = hook_user
         # `wrap` turns a hook's argv into one that runs on the host, e.g. a lab host's
         # `nsenter`: real VDSM runs its hooks on the hypervisor itself.
         self.wrap = wrap
@@ -231,9 +236,15 @@ class Vdsm:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data or "")
             env = self._script_env(vm_id, custom, path, json_hook)
+            as_user: dict[str, Any] = {}
+            if self.hook_user is not None:
+                user, group = self.hook_user
+                shutil.chown(path, user, group)
+                as_user = {"user": user, "group": group, "extra_groups": []}
             for script in self.scripts(hook_point):
                 proc = subprocess.run(self.wrap([script]), env=env, stdin=subprocess.DEVNULL,
-                                      capture_output=True, timeout=self.hook_timeout)
+                                      capture_output=True, timeout=self.hook_timeout,
+                                      **as_user)
                 err = proc.stderr.decode("utf-8", "replace")
                 runs.append(HookRun(script, proc.returncode, err))
                 log.info("%s: rc=%s err=%s", script, proc.returncode, err)

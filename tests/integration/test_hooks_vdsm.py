@@ -67,7 +67,7 @@ class Host:
     """One lab host as the hooks see it: its config file and its VDSM."""
 
     def __init__(self, base: str, etcd: list[str], hook_socket: str, policy: str,
-                 hooks_dir: str = HOOKS):
+                 hooks_dir: str = HOOKS, hook_user: tuple[str, str] | None = None):
         self.config = os.path.join(base, f"agent-{uuid.uuid4().hex[:6]}.conf")
         self.run_dir = os.path.join(base, "run")
         with open(self.config, "w") as f:
@@ -88,7 +88,7 @@ agent_unreachable = {policy}
 agent_timeout = 1.0
 """)
         self.vdsm = Vdsm(hooks_dir, URI, env=dict(os.environ, VDSM_FT_CONFIG=self.config),
-                         pythonpath=PYTHONPATH, hook_timeout=60)
+                         pythonpath=PYTHONPATH, hook_timeout=60, hook_user=hook_user)
 
 
 @pytest.fixture
@@ -231,6 +231,28 @@ def test_invalid_ft_value_refuses_the_start(host, agent, base, cached_disk):
     assert e.value.runs[0].rc == 2
     assert "ft='yes' is not valid" in e.value.message
     assert "use ft=true or ft=false" in e.value.message
+    assert f"hk-{vm_id[:8]}" not in _domain_names()
+    assert agent[0].calls == []
+
+
+def test_a_hook_run_as_another_user_is_refused_and_fails_the_start(base, etcd_cluster, agent,
+                                                                   cached_disk, libvirtd, kvm):
+    """Issue 16: only root and vdsm may use the hook socket. The real start hook, run as
+    the QEMU user past a careless chmod of the socket, gets the agent's 403, and that fails
+    the start (rc 2) even under the start_unprotected policy: a refusal is not an
+    unreachable agent."""
+    h = Host(base, etcd_cluster.endpoints, agent[1], "start_unprotected",
+             hook_user=(guest.QEMU_USER, "kvm"))
+    os.chmod(agent[1], 0o666)
+    vm_id, xml = _vm_xml(base, cached_disk, "true")
+    try:
+        with pytest.raises(HookError) as e:
+            h.vdsm.start_vm(xml)
+    finally:
+        _cleanup(h.vdsm)
+    assert e.value.runs[0].rc == 2, e.value.runs
+    assert "the vdsm-ft agent refused it" in e.value.message
+    assert "may not use the hook socket: only root and vdsm" in e.value.message
     assert f"hk-{vm_id[:8]}" not in _domain_names()
     assert agent[0].calls == []
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+import types
 
 import pytest
 
 from vdsm_ft import identity
-from vdsm_ft.agent import ports, states
+from vdsm_ft.agent import hostqemu, ports, states
 from vdsm_ft.agent.checkpoints import CheckpointStats
 from vdsm_ft.agent.heartbeat import Heartbeat, HeartbeatKeyError, probe, read_key
 from vdsm_ft.agent.store import ImageNote, ImageNotes, Store, StoreError, VmRecord
@@ -295,3 +296,31 @@ def test_identity_start_failure_on_image_locks_names_the_missing_qemu_patch():
     assert "packaging/qemu/patches/0004-monitor-cont-in-inmigrate" in locked
     assert identity.start_failure("no space left") == \
         "the new domain did not start: no space left"
+
+
+def test_the_host_record_is_rewritten_within_the_etcd_token_ttl_not_at_every_check(
+        tmp_path, monkeypatch):
+    """A failover's claim must not pay an etcd login (hostqemu.HOST_RECORD_REFRESH_S)."""
+    class Arbiter:
+        def __init__(self) -> None:
+            self.puts = 0
+
+        def put_host(self, record) -> None:
+            self.puts += 1
+
+    now = [1000.0]
+    monkeypatch.setattr(hostqemu.time, "monotonic", lambda: now[0])
+    config = types.SimpleNamespace(state_dir=str(tmp_path), host_id="host-a",
+                                   qemu_emulator="/usr/bin/qemu-system-x86_64")
+    arbiter = Arbiter()
+    watch = hostqemu.HostQemu(config, arbiter, "1.0")
+    watch.last = object()            # a probe result; the fake arbiter never encodes it
+    watch.publish()
+    for _ in range(10):              # the watch's 2 s checks
+        now[0] += hostqemu.QEMU_CHECK_INTERVAL
+        watch.publish()
+    assert arbiter.puts == 1
+    now[0] += hostqemu.HOST_RECORD_REFRESH_S
+    watch.publish()
+    assert arbiter.puts == 2
+    assert hostqemu.HOST_RECORD_REFRESH_S < 300 / 2     # etcd's default --auth-token-ttl
