@@ -137,9 +137,10 @@ class ColoPoller:
         self.conn.close()
 
 
-def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
+def agent_run(lab: AgentLab, fault: str, leader_on: int | None = None
               ) -> dict[str, float | str]:
-    """One VM, protected a -> b by the agents, one fault; the numbers of that run."""
+    """One VM, protected a -> b by the agents, one fault; the numbers of that run.
+    `leader_on`: for host faults, the etcd member made leader first (move-leader)."""
     vm = lab.start_vm(A)
     try:
         lab.protect(vm, A, B, attempts=3)     # as the poller asks again
@@ -149,8 +150,8 @@ def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
         else:
             survivor_host, survivor_dom, expect_role = B, vm.secondary_name, "secondary"
             victim_host, victim_dom = A, vm.name
-        if leader_on_victim and fault.startswith("host"):
-            lab.move_etcd_leader(0)
+        if leader_on is not None and fault.startswith("host"):
+            lab.move_etcd_leader(leader_on)
         lab.wait_checkpoints(A, vm.vm_id, count=1)
         leader = lab.etcd_leader() if fault.startswith("host") else None
         pid = lab.qemu_pid(victim_host, victim_dom)
@@ -190,7 +191,8 @@ def agent_run(lab: AgentLab, fault: str, leader_on_victim: bool = False
                 "polls": poller.polls, "idle_rtt_ms": _median(poller.rtts) * 1000,
                 "agent_ms": last.duration_ms, "agent_total_ms": agent_total,
                 "detection_ms": agent_total - last.duration_ms,
-                "etcd_leader_was_lost": leader == 0}
+                "arbitration_ms": last.arbitration_ms,
+                "etcd_leader_was_lost": leader is not None and leader == lab.etcd_member(A)}
     finally:
         if fault.startswith("host"):
             lab.revive(A)
@@ -277,7 +279,7 @@ def main() -> None:
         for i in range(max(args.runs, args.raw_runs)):
             for fault in faults if i < args.runs else ():
                 try:
-                    r = agent_run(lab, fault, args.etcd_leader_on_victim)
+                    r = agent_run(lab, fault, 0 if args.etcd_leader_on_victim else None)
                 except BenchError:
                     print(lab.agent_logs(80), flush=True)   # why, before the lab goes
                     raise

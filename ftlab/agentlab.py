@@ -1,7 +1,7 @@
 """A lab of real host agents, for the agent tests and the agent benchmarks.
 
-Lab hosts on a private wire (own netns, own libvirtd), a real 3-member etcd with one
-member per host (https, client certificates and one etcd user per component, as
+Lab hosts on a private wire (own netns, own libvirtd), a real etcd with one member per
+host, or on the hosts `etcd_hosts` names (https, client certificates and one etcd user per component, as
 docs/install.md sets it up; plain http only with `secure_etcd=False`), a lab CA, a real
 `vdsm-ft-agent` in every host (`ftlab.hostagent.LabAgent`), a VDSM stand-in per host
 running the real hook scripts inside it, and the caller's own client namespace on the
@@ -25,12 +25,13 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import libvirt
 
 from ftlab import guest, netns
-from ftlab.etcd import EtcdCluster, MemberSpec
+from ftlab.etcd import ELECTION_MS, HEARTBEAT_MS, EtcdCluster, MemberSpec
 from ftlab.etcdauth import ROOT, SecureEtcd
 from ftlab.host import LabHost
 from ftlab.hostagent import API_PORT, LabAgent
@@ -88,8 +89,17 @@ class AgentLab:
 
     def __init__(self, prefix: str, hosts: int = 3, heartbeat_interval: float = 0.05,
                  heartbeat_timeout: float = 0.15, sasl: bool = False,
-                 emulators: dict[str, str] | None = None, secure_etcd: bool = True):
+                 emulators: dict[str, str] | None = None, secure_etcd: bool = True,
+                 etcd_hosts: Sequence[int] | None = None,
+                 etcd_timing_ms: tuple[int, int] | None = None):
         self.prefix = prefix
+        # The hosts (by index) that run an etcd member, and etcd's heartbeat interval
+        # and election timeout; default: a member on every host, ftlab.etcd's timing.
+        self.etcd_hosts = list(range(hosts)) if etcd_hosts is None else list(etcd_hosts)
+        if not self.etcd_hosts or not set(self.etcd_hosts) <= set(range(hosts)):
+            raise AgentLabError(f"etcd_hosts {etcd_hosts} must name some of the "
+                                f"{hosts} hosts by index")
+        self.etcd_timing_ms = etcd_timing_ms or (HEARTBEAT_MS, ELECTION_MS)
         # Host letter ("a", "b", ...) -> its [qemu] emulator; others get the lab's choice
         # (ftlab.qemubuild).
         self.emulators = emulators or {}
@@ -138,16 +148,19 @@ class AgentLab:
             host.up()
         pki = Path(self.base) / "pki"
         ca = make_ca(pki)
+        members = [self.hosts[i] for i in self.etcd_hosts]
         if self.secure_etcd:
             self.etcd_auth = SecureEtcd(pki, ca, [h.name for h in self.hosts],
-                                        [h.address for h in self.hosts])
+                                        [h.address for h in members])
         auth = self.etcd_auth
+        heartbeat_ms, election_ms = self.etcd_timing_ms
         self.etcd = EtcdCluster([MemberSpec(host=h.address, netns=h.netns)
-                                 for h in self.hosts],
+                                 for h in members],
                                 base_dir=os.path.join(self.base, "etcd"),
                                 tls=auth.server if auth else None,
                                 client_cert_auth=auth is not None,
-                                ctl_tls=auth.ctl if auth else None).start()
+                                ctl_tls=auth.ctl if auth else None,
+                                heartbeat_ms=heartbeat_ms, election_ms=election_ms).start()
         client_tls = issue(pki, ca, DEFAULT_POLLER_IDENTITY)
         netns.create(self.client_ns)
         netns.join_rep(self.client_ns, CLIENT_INDEX, netns.netns_name(self.wire))
@@ -329,11 +342,16 @@ class AgentLab:
         """Bring a crashed host back: libvirtd, its etcd member, its agent."""
         agent = self.agent(host_name)
         agent.host.up()
-        index = self.hosts.index(agent.host)
+        index = self.etcd_member(host_name)
         assert self.etcd is not None
-        if not self.etcd.is_running(index):
+        if index is not None and not self.etcd.is_running(index):
             self.etcd.start_member(index)
         agent.start()
+
+    def etcd_member(self, host_name: str) -> int | None:
+        """The index of the etcd member this host runs, None if it runs none."""
+        i = self.hosts.index(self.host(host_name))
+        return self.etcd_hosts.index(i) if i in self.etcd_hosts else None
 
     # -- VMs -------------------------------------------------------------------------
 

@@ -103,6 +103,8 @@ class EtcdCluster:
     tls: TlsFiles | None = None
     client_cert_auth: bool = False
     extra_args: tuple[str, ...] = ()          # more etcd flags, for every member
+    heartbeat_ms: int = HEARTBEAT_MS
+    election_ms: int = ELECTION_MS
     # The client certificate etcdctl presents (health checks, ctl_flags); None: the
     # server's. With etcd auth on it must be one whose CN is a user, e.g. root.
     ctl_tls: TlsFiles | None = None
@@ -150,7 +152,8 @@ class EtcdCluster:
                 "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", CLUSTER_TOKEN,
                 "--initial-cluster-state", state,
-                "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS)]
+                "--heartbeat-interval", str(self.heartbeat_ms),
+                "--election-timeout", str(self.election_ms)]
         if self.tls:
             argv += ["--cert-file", self.tls.cert, "--key-file", self.tls.key,
                      "--trusted-ca-file", self.tls.ca]

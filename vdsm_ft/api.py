@@ -144,6 +144,9 @@ class Failover:
     from_host: str              # engine host id of the lost primary
     to_host: str                # engine host id of the survivor
     duration_ms: float          # detection to survivor running outside COLO
+    # Of that, detection to the arbiter's answer (the live claim won); the rest is
+    # QEMU's failover. None from agents that did not report it.
+    arbitration_ms: float | None = None
     # The arbiter's proof, an explicit input to `fence manual`: the survivor won this
     # generation's live claim and the old primary's claim can no longer be renewed, so
     # the old primary cannot run this VM any more.
@@ -166,6 +169,8 @@ class Failover:
             from_host=check_id(_field(data, "from_host", str, what), f"{what}.from_host"),
             to_host=check_id(_field(data, "to_host", str, what), f"{what}.to_host"),
             duration_ms=float(_field(data, "duration_ms", (int, float), what, nonneg=True)),
+            arbitration_ms=_field(data, "arbitration_ms", (int, float), what, default=None,
+                                  nonneg=True),
             old_primary_cannot_run=_field(data, "old_primary_cannot_run", bool, what,
                                           default=False),
             domain=_field(data, "domain", str, what, default=""),

@@ -255,8 +255,12 @@ def test_status_schema_round_trip_and_validation():
                   checkpoints_per_minute=12.5, last_checkpoint_pause_ms=3.2,
                   replication_bytes=10, lag_seconds=0.4, failovers=1,
                   last_failover=Failover(at=1.5, from_host="a", to_host="b",
-                                         duration_ms=17, old_primary_cannot_run=True))
+                                         duration_ms=17, arbitration_ms=9.5,
+                                         old_primary_cannot_run=True))
     assert VmStatus.from_dict(json.loads(json.dumps(st.to_dict()))) == st
+    older = st.to_dict()
+    del older["last_failover"]["arbitration_ms"]       # an agent from before the field
+    assert VmStatus.from_dict(older).last_failover.arbitration_ms is None
     bad = st.to_dict() | {"state": "Protecting"}
     with pytest.raises(BadRequest, match="state must be one of"):
         VmStatus.from_dict(bad)

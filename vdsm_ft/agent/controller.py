@@ -494,6 +494,7 @@ class VmController:
             else:
                 self.update(reason=f"stopped to avoid two live copies: {lost_to}")
             return VmState.DOWN
+        arbitrated_ms = (time.monotonic() - detected) * 1000.0
         qmp = self.ensure_qmp()
         try:
             if qmp is None:
@@ -509,7 +510,8 @@ class VmController:
         took_ms = (time.monotonic() - detected) * 1000.0
         failover = Failover(at=time.time(), from_host=rec.peer.host_id if (
             rec.role is Role.SECONDARY and rec.peer) else me, to_host=me,
-            duration_ms=took_ms, old_primary_cannot_run=rec.role is Role.SECONDARY)
+            duration_ms=took_ms, arbitration_ms=arbitrated_ms,
+            old_primary_cannot_run=rec.role is Role.SECONDARY)
         self.services.release_ports(self, "secondary" if rec.role is Role.SECONDARY
                                     else "primary")
         # A secondary runs on its replica from here: the engine's image is behind

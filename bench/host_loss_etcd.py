@@ -1,0 +1,109 @@
+"""Host-loss failover time by where the etcd leader was (issue 17), in one run.
+
+The `host` fault of bench/agent_failover.py (the primary's whole host crashes: QEMU,
+libvirtd, agent and its etcd member if it has one; a fresh VM per run, protected a -> b
+by the real agents, the host revived between runs), in three cases:
+
+- `leader`: the lost host ran the etcd leader (moved there first with `move-leader`), so
+  the survivor's claim cannot commit before the other members elect a new one;
+- `follower`: the lost host ran a follower (the leader moved to host c first);
+- `none`: the lost host ran no etcd member (a 4-host lab whose members run on b, c, d).
+
+Per case, p50 / p90 / p99 / max of:
+- **total**: from right before the crash until the survivor runs outside COLO, polled
+  through libvirt's monitor every 2 ms (bench/agent_failover.py's `ColoPoller`);
+- **detection**: crash -> the survivor's agent suspects its peer;
+- **arbitration**: suspicion -> the live claim won (`last_failover.arbitration_ms`);
+- **promotion**: claim won -> running outside COLO (the agent's `duration_ms` minus
+  arbitration).
+
+    .venv/bin/python bench/host_loss_etcd.py [--runs 20] [--cases leader,follower,none]
+        [--etcd-heartbeat-ms 25 --etcd-election-ms 250] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+
+from agent_failover import A, agent_run
+from colo_lab import BenchError
+from colo_report import dump_json, machine, print_machine, summary
+
+from ftlab.agentlab import AgentLab
+from ftlab.etcd import ELECTION_MS, HEARTBEAT_MS
+
+CASES = ("leader", "follower", "none")
+TARGET_P99_MS = 300.0
+KEYS = ("total_ms", "detection_ms", "arbitration_ms", "promotion_ms")
+
+
+def run_case(lab: AgentLab, case: str) -> dict:
+    """One `host` fault with the etcd leader placed for `case`."""
+    leader_on = {"leader": lab.etcd_member(A), "follower": lab.etcd_member("ba-c"),
+                 "none": None}[case]
+    r = agent_run(lab, "host", leader_on)
+    if r["arbitration_ms"] is None:
+        raise BenchError("the survivor's agent did not report arbitration_ms")
+    r["promotion_ms"] = r["agent_ms"] - r["arbitration_ms"]
+    if case == "leader" and not r["etcd_leader_was_lost"]:
+        raise BenchError("the etcd leader was not on the lost host in a `leader` run")
+    return r
+
+
+def _line(name: str, s: dict) -> str:
+    return (f"  {name:<12} n={s['n']:<3} p50 {s['p50']:7.1f}  p90 {s['p90']:7.1f}  "
+            f"p99 {s['p99']:7.1f}  max {s['max']:7.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="runs per case")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--etcd-heartbeat-ms", type=int, default=HEARTBEAT_MS)
+    parser.add_argument("--etcd-election-ms", type=int, default=ELECTION_MS)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    if any(c not in CASES for c in cases):
+        parser.error(f"--cases: choose among {', '.join(CASES)}")
+    info = machine()
+    print_machine(info)
+    timing = (args.etcd_heartbeat_ms, args.etcd_election_ms)
+    print(f"etcd --heartbeat-interval {timing[0]} ms --election-timeout {timing[1]} ms; "
+          "agent heartbeat 50 ms, timeout 150 ms")
+    runs: dict[str, list[dict]] = {c: [] for c in cases}
+    labs = [(("leader", "follower"), dict(hosts=3)),
+            (("none",), dict(hosts=4, etcd_hosts=(1, 2, 3)))]
+    for lab_cases, shape in labs:
+        mine = [c for c in lab_cases if c in cases]
+        if not mine:
+            continue
+        with AgentLab("ba", etcd_timing_ms=timing, **shape) as lab:
+            for i in range(args.runs):
+                for case in mine:
+                    try:
+                        r = run_case(lab, case)
+                    except BenchError:
+                        print(lab.agent_logs(80), flush=True)
+                        raise
+                    runs[case].append(r)
+                    print(f"  run {i + 1:2}  {case:8}  total {r['total_ms']:6.1f}  "
+                          f"detection {r['detection_ms']:6.1f}  arbitration "
+                          f"{r['arbitration_ms']:6.1f}  promotion {r['promotion_ms']:6.1f} ms",
+                          flush=True)
+    result: dict = {"machine": info, "etcd_heartbeat_ms": timing[0],
+                    "etcd_election_ms": timing[1], "runs": runs, "summary": {}}
+    print()
+    for case in cases:
+        s = {k: summary([r[k] for r in runs[case]]) for k in KEYS}
+        result["summary"][case] = s
+        met = "met" if s["total_ms"]["p99"] <= TARGET_P99_MS else "NOT met"
+        print(f"{case}: target total p99 <= {TARGET_P99_MS:.0f} ms -> {met}")
+        for k in KEYS:
+            print(_line(k.removesuffix("_ms"), s[k]))
+    if args.json:
+        dump_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
