@@ -17,12 +17,18 @@ Per case, p50 / p90 / p99 / max of:
 - **promotion**: claim won -> running outside COLO (the agent's `duration_ms` minus
   arbitration).
 
+With `--soak-minutes M` it instead holds two protected VMs (a -> b, b -> c) on a
+3-host lab with those etcd timings for M minutes and counts what an idle lab should never
+show: etcd elections (the members' raft term, sampled every SOAK_SAMPLE_S) and failovers
+or VMs out of Protected (the agents' status).
+
     .venv/bin/python bench/host_loss_etcd.py [--runs 20] [--cases leader,follower,none]
-        [--etcd-heartbeat-ms 25 --etcd-election-ms 250] [--json F]
+        [--etcd-heartbeat-ms 25 --etcd-election-ms 250] [--soak-minutes M] [--json F]
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 from agent_failover import A, agent_run
 from colo_lab import BenchError
@@ -30,10 +36,12 @@ from colo_report import dump_json, machine, print_machine, summary
 
 from ftlab.agentlab import AgentLab
 from ftlab.etcd import ELECTION_MS, HEARTBEAT_MS
+from vdsm_ft.api import VmState
 
 CASES = ("leader", "follower", "none")
 TARGET_P99_MS = 300.0
 KEYS = ("total_ms", "detection_ms", "arbitration_ms", "promotion_ms")
+SOAK_SAMPLE_S = 10.0
 
 
 def run_case(lab: AgentLab, case: str) -> dict:
@@ -49,6 +57,32 @@ def run_case(lab: AgentLab, case: str) -> dict:
     return r
 
 
+def soak(minutes: float, timing: tuple[int, int]) -> dict:
+    """Two protected VMs held for `minutes`; elections, failovers and state changes seen."""
+    with AgentLab("ba", etcd_timing_ms=timing) as lab:
+        pairs = [("ba-a", "ba-b"), ("ba-b", "ba-c")]
+        vms = []
+        for primary, secondary in pairs:
+            vm = lab.start_vm(primary)
+            lab.protect(vm, primary, secondary, attempts=3)
+            vms.append((vm, primary))
+        first = lab.etcd_raft_term()
+        samples, bad = 0, []
+        end = time.monotonic() + minutes * 60
+        while time.monotonic() < end:
+            time.sleep(SOAK_SAMPLE_S)
+            samples += 1
+            for vm, primary in vms:
+                st = lab.status(primary, vm.vm_id)
+                if st.state is not VmState.PROTECTED or st.failovers:
+                    bad.append(f"{vm.name}: {st.state.value}, {st.failovers} failovers, "
+                               f"{st.reason}")
+        last = lab.etcd_raft_term()
+    elections = None if first is None or last is None else last - first
+    return {"minutes": minutes, "samples": samples, "raft_term_first": first,
+            "raft_term_last": last, "elections": elections, "not_protected": bad}
+
+
 def _line(name: str, s: dict) -> str:
     return (f"  {name:<12} n={s['n']:<3} p50 {s['p50']:7.1f}  p90 {s['p90']:7.1f}  "
             f"p99 {s['p99']:7.1f}  max {s['max']:7.1f} ms")
@@ -61,6 +95,8 @@ def main() -> None:
                         help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--etcd-heartbeat-ms", type=int, default=HEARTBEAT_MS)
     parser.add_argument("--etcd-election-ms", type=int, default=ELECTION_MS)
+    parser.add_argument("--soak-minutes", type=float,
+                        help="hold two protected VMs this long instead, and count elections")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
@@ -71,6 +107,17 @@ def main() -> None:
     timing = (args.etcd_heartbeat_ms, args.etcd_election_ms)
     print(f"etcd --heartbeat-interval {timing[0]} ms --election-timeout {timing[1]} ms; "
           "agent heartbeat 50 ms, timeout 150 ms")
+    if args.soak_minutes:
+        r = soak(args.soak_minutes, timing)
+        print(f"soak {r['minutes']:.0f} min, {r['samples']} samples: etcd elections "
+              f"{r['elections']} (raft term {r['raft_term_first']} -> {r['raft_term_last']}); "
+              f"{len(r['not_protected'])} samples with a VM not Protected or failed over")
+        for line in r["not_protected"][:10]:
+            print(f"  {line}")
+        if args.json:
+            dump_json(args.json, {"machine": info, "etcd_heartbeat_ms": timing[0],
+                                  "etcd_election_ms": timing[1], "soak": r})
+        return
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     labs = [(("leader", "follower"), dict(hosts=3)),
             (("none",), dict(hosts=4, etcd_hosts=(1, 2, 3)))]

@@ -55,21 +55,32 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(f"agent lab stopped by signal {signum}")
 
 
-def _etcd_leader(endpoints: list[str], context: ssl.SSLContext | None,
-                 timeout: float = 2.0) -> int | None:
-    ids: dict[str, int] = {}
-    leader = None
+def _etcd_statuses(endpoints: list[str], context: ssl.SSLContext | None,
+                   timeout: float = 2.0) -> dict[int, dict]:
+    """Each answering member's /v3/maintenance/status, by member index."""
+    out: dict[int, dict] = {}
     for i, url in enumerate(endpoints):
         req = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}",
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
-                status = json.load(r)
+                out[i] = json.load(r)
         except (OSError, ValueError):
             continue
-        ids[status["header"]["member_id"]] = i
-        leader = leader or status.get("leader")
+    return out
+
+
+def _etcd_leader(endpoints: list[str], context: ssl.SSLContext | None) -> int | None:
+    statuses = _etcd_statuses(endpoints, context)
+    ids = {status["header"]["member_id"]: i for i, status in statuses.items()}
+    leader = next((s["leader"] for s in statuses.values() if s.get("leader")), None)
     return ids.get(leader) if leader else None
+
+
+def _etcd_raft_term(endpoints: list[str], context: ssl.SSLContext | None) -> int | None:
+    terms = [int(s["raftTerm"]) for s in _etcd_statuses(endpoints, context).values()
+             if "raftTerm" in s]
+    return max(terms) if terms else None
 
 
 @dataclass
@@ -305,6 +316,12 @@ class AgentLab:
         assert self.etcd is not None and self.net is not None
         context = self.etcd_auth.ssl_context() if self.etcd_auth else None
         return self.net.call(_etcd_leader, self.etcd.endpoints, context)
+
+    def etcd_raft_term(self) -> int | None:
+        """The highest raft term the members report: it grows by one per election."""
+        assert self.etcd is not None and self.net is not None
+        context = self.etcd_auth.ssl_context() if self.etcd_auth else None
+        return self.net.call(_etcd_raft_term, self.etcd.endpoints, context)
 
     def move_etcd_leader(self, index: int, timeout: float = 10.0) -> None:
         """Make member `index` the etcd leader (etcdctl move-leader, from the client
