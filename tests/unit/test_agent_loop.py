@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -200,6 +201,115 @@ def test_a_guest_power_off_event_is_recorded_by_the_loop(config, agents, monkeyp
     ctl._on_event(Event("SHUTDOWN", {"guest": True}, 0.0, 0.0, 0))
     _wait(lambda: ctl.record.stopping)
     assert writers == [loop]
+
+
+def test_unprotect_of_a_secondary_is_done_by_its_loop(config, agents, monkeypatch):
+    """Its primary dropping it: the request only records it, the secondary's own loop
+    kills its QEMU and forgets it (row "dropped by its primary"), for good."""
+    agent = _protected_secondary(config, agents, monkeypatch)
+    loop = _loop_thread(agent)
+    killed_in: list[str] = []
+    monkeypatch.setattr(VmController, "kill_qemu",
+                        lambda self: killed_in.append(threading.current_thread().name))
+    agent.api_backend.unprotect(VM)
+    _wait(lambda: killed_in)
+    assert killed_in == [loop]
+    assert _gone(agent)
+    time.sleep(0.5)     # the step that forgot it has ended
+    assert not os.path.exists(_record_path(config)), "the forgotten record was written back"
+
+
+class _Libvirt:
+    """The domains libvirt runs here, as far as a secondary's bring-up and teardown go:
+    a start beside a domain of the same name fails as libvirt's does."""
+
+    def __init__(self, *running: str):
+        self.running = set(running)
+
+    def start(self, ctl: VmController, request: api.PrepareSecondary,
+              emu: object) -> api.SecondaryReady:
+        from vdsm_ft import domains
+        domain = ctl.record.domain
+        if domain in self.running:
+            raise domains.DomainError(f"operation failed: domain '{domain}' already exists")
+        self.running.add(domain)
+        return api.SecondaryReady(vm_id=request.vm_id, generation=request.generation,
+                                  migration_port=1, nbd_port=2)
+
+
+def _next_secondary(agent: Agent, libvirt: _Libvirt, monkeypatch) -> api.PrepareSecondary:
+    """The bring-up's QEMU checks and domain start (Secondaries._start) faked by
+    `libvirt`; the request the primary sends for its next generation."""
+    from vdsm_ft.agent.secondary import Secondaries
+    emu = SimpleNamespace(identity="test build")
+    monkeypatch.setattr(Secondaries, "_qemu", lambda self, request: (emu, "pc"))
+    monkeypatch.setattr(Secondaries, "_start", lambda self, ctl, request, emu:
+                        libvirt.start(ctl, request, emu))
+    old = _ctl(agent).record
+    return api.PrepareSecondary(vm_id=VM, name=old.name, generation=old.generation + 1,
+                                primary=old.peer, domain_xml=XML, disks=())
+
+
+def test_a_prepare_secondary_during_the_old_ones_teardown_waits_for_it(config, agents,
+                                                                     monkeypatch):
+    """The primary's next prepare-secondary comes to this host while the old secondary's
+    loop tears it down (CI once saw "domain ... already exists"): it waits until the old
+    domain is gone (Services.vm_lock), then starts the new one."""
+    agent = _protected_secondary(config, agents, monkeypatch)
+    libvirt = _Libvirt("vm1-ft-secondary")
+    tearing_down = threading.Event()
+
+    def slow_kill(self: VmController) -> None:
+        tearing_down.set()
+        time.sleep(0.5)     # libvirt's destroy takes its time
+        libvirt.running.discard(self.record.domain)
+
+    monkeypatch.setattr(VmController, "kill_qemu", slow_kill)
+    request = _next_secondary(agent, libvirt, monkeypatch)
+    agent.api_backend.unprotect(VM)
+    assert tearing_down.wait(5.0), "the loop did not tear the old secondary down"
+    ready = agent.api_backend.prepare_secondary(request)
+    assert ready.generation == request.generation
+    assert _ctl(agent).record.generation == request.generation
+    assert libvirt.running == {"vm1-ft-secondary"}
+
+
+def test_a_prepare_secondary_before_the_old_ones_teardown_replaces_it(config, agents,
+                                                                    monkeypatch):
+    """The prepare comes before the old secondary's loop gets to its teardown: the
+    prepare replaces it, and the old loop's late teardown leaves the new one alone."""
+    from vdsm_ft.agent.states import Action
+    agent = _protected_secondary(config, agents, monkeypatch)
+    libvirt = _Libvirt("vm1-ft-secondary")
+    killed_in: list[str] = []
+
+    def kill(self: VmController) -> None:
+        killed_in.append(threading.current_thread().name)
+        libvirt.running.discard(self.record.domain)
+
+    monkeypatch.setattr(VmController, "kill_qemu", kill)
+    reached, go_on, done = threading.Event(), threading.Event(), threading.Event()
+    drop = VmController.ACTIONS[Action.DROP_SECONDARY]
+
+    def late_drop(ctl: VmController) -> VmState:
+        reached.set()
+        go_on.wait(5.0)
+        try:
+            return drop(ctl)
+        finally:
+            done.set()
+
+    monkeypatch.setitem(VmController.ACTIONS, Action.DROP_SECONDARY, late_drop)
+    request = _next_secondary(agent, libvirt, monkeypatch)
+    agent.api_backend.unprotect(VM)
+    assert reached.wait(5.0), "the loop did not take the row"
+    agent.api_backend.prepare_secondary(request)
+    go_on.set()
+    assert done.wait(5.0)
+    assert killed_in == [threading.current_thread().name]
+    assert _ctl(agent).record.generation == request.generation
+    assert not _ctl(agent).record.dropped
+    assert libvirt.running == {"vm1-ft-secondary"}
 
 
 def test_a_pid_the_kernel_gave_to_another_process_is_never_killed(config, agents,

@@ -21,7 +21,7 @@ SNAPSHOT = Path(__file__).with_name("state_table_before.json")
 FIELDS = ("is_primary", "launched", "qemu_alive", "in_colo", "stopping",
           "disable_requested", "peer_assigned", "peer_lost", "image_stale",
           "move_requested", "test_failover_requested")
-ADDED = ("launch_overdue",)
+ADDED = ("launch_overdue", "dropped_by_primary")
 CODES = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -67,6 +67,14 @@ def intended(state: VmState, seen: states.Observation, before: str) -> str:
     if state is VmState.STARTING and seen.launch_overdue and seen.is_primary and \
             not seen.launched and not seen.qemu_alive and not seen.stopping:
         return "forget -> Down"
+    # A secondary its primary dropped (unprotect) is torn down by its own loop, no
+    # longer forgotten in the request thread (issue 11). Only the safety rows come first,
+    # and its QEMU gone is Down anyway; in Protected and Failing Over it comes before the
+    # failover, which the primary's leaving COLO would otherwise start.
+    if seen.dropped_by_primary and not seen.is_primary and seen.qemu_alive and (
+            state is VmState.FAILING_OVER or
+            state in (VmState.STARTING, VmState.PROTECTED) and not seen.stopping):
+        return "drop_secondary -> Down"
     action, _, leads = before.partition(" -> ")
     # Syncing and Failing Over are entered through their rows, no longer written by
     # the actions themselves.

@@ -13,7 +13,6 @@ from vdsm_ft.agent.hostqemu import HostQemu
 from vdsm_ft.agent.metrics import render_metrics
 from vdsm_ft.agent.registry import Registry
 from vdsm_ft.agent.secondary import Secondaries
-from vdsm_ft.agent.services import Services
 from vdsm_ft.agenterrors import BadRequest, Conflict
 from vdsm_ft.api import (Backend, HostStatus, PeerSpec, PrepareSecondary, Role, SecondaryReady,
                          VmState, VmStatus)
@@ -21,11 +20,9 @@ from vdsm_ft.api import (Backend, HostStatus, PeerSpec, PrepareSecondary, Role, 
 
 class AgentApiBackend(Backend):
     def __init__(self, config: hostconfig.HostConfig, registry: Registry[VmController],
-                 services: Services[VmController], secondaries: Secondaries,
-                 host_qemu: HostQemu, agent_version: str):
+                 secondaries: Secondaries, host_qemu: HostQemu, agent_version: str):
         self.config = config
         self.registry = registry
-        self.services = services
         self.secondaries = secondaries
         self.host_qemu = host_qemu
         self.agent_version = agent_version
@@ -63,11 +60,12 @@ class AgentApiBackend(Backend):
     def unprotect(self, vm_id: str) -> VmStatus:
         ctl = self._ctl(vm_id)
         if ctl.record.role is Role.SECONDARY:
-            # Forgotten here, not by its loop: the primary sends the next secondary's
-            # prepare right after, and the old one's QEMU and disks must be gone by then.
-            status = ctl.status()
-            self.services.forget(ctl, reason="the primary dropped its secondary")
-            return status
+            # Recorded for its loop (row "dropped by its primary"), which tears it down.
+            # The primary's next prepare-secondary, maybe to this host, may come first:
+            # it waits for that teardown (Services.vm_lock).
+            ctl.update(dropped=True)
+            ctl.wake()
+            return ctl.status()
         _refuse_while_stale(ctl, "turned off")
         ctl.update(disabled=True, suspended=False, move_to=None)
         ctl.wake()

@@ -220,7 +220,8 @@ class VmController:
             image_stale=rec.on_replica,
             move_requested=rec.move_to is not None,
             test_failover_requested=rec.test_failover,
-            launch_overdue=self._launch_overdue(rec))
+            launch_overdue=self._launch_overdue(rec),
+            dropped_by_primary=rec.dropped)
 
     def _launch_overdue(self, rec: VmRecord) -> bool:
         # Wall-clock time, persisted: the bound holds across agent restarts.
@@ -298,6 +299,11 @@ class VmController:
         self.services.forget(self, reason="libvirt ran no domain for it within [agent] "
                              f"launch_timeout ({self.services.config.launch_timeout:.0f} s) "
                              "of its prepare")
+        return VmState.DOWN
+
+    def _do_drop_secondary(self) -> VmState:
+        """Its primary's unprotect (api_backend records it): QEMU, domain and disks go."""
+        self.services.forget(self, reason="the primary dropped its secondary")
         return VmState.DOWN
 
     def _do_test_failover(self) -> VmState:
@@ -713,6 +719,7 @@ class VmController:
     ACTIONS: dict[Action, Callable[["VmController"], VmState]] = {
         Action.ABANDON: _do_abandon,
         Action.COPY_BACK: _do_copy_back,
+        Action.DROP_SECONDARY: _do_drop_secondary,
         Action.FAIL_OVER: _do_fail_over,
         Action.FORGET: _do_forget,
         Action.MARK_DOWN: _do_mark_down,

@@ -68,8 +68,8 @@ class Agent:
                                self.hook_backend.adopt)
         self.secondaries = Secondaries(config, self.services, self.registry,
                                        self._controller, self.host_qemu.capability)
-        self.api_backend = AgentApiBackend(config, self.registry, self.services,
-                                           self.secondaries, self.host_qemu, VERSION)
+        self.api_backend = AgentApiBackend(config, self.registry, self.secondaries,
+                                           self.host_qemu, VERSION)
         self.api: AgentServer | None = None
         self.hooks: HookServer | None = None
 

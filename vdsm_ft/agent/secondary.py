@@ -41,25 +41,28 @@ class Secondaries:
                            f"uses {_transport(mine)}; set [agent] colo_tls_dir on both "
                            "hosts or on neither")
         emu, machine = self._qemu(request)
-        existing = self.registry.get(request.vm_id)
-        if existing is not None:
-            if existing.record.role is Role.PRIMARY and existing.qemu_alive():
-                raise Conflict(f"VM {request.vm_id} runs as primary on "
-                               f"{self.config.host_id}; it cannot be its own secondary")
-            # A secondary of an older generation, or a primary that died here (a host
-            # that came back after a crash): the new pairing replaces it.
-            self.services.forget(existing, reason="replaced by a new generation")
-        try:
-            domxml.layout_from_domxml(request.domain_xml, "/")
-        except domxml.DomXmlError as exc:
-            raise BadRequest(f"the VM's domain XML is not usable: {exc}") from None
-        record = VmRecord(vm_id=request.vm_id, name=request.name, role=Role.SECONDARY,
-                          engine_xml=request.domain_xml,
-                          domain=domxml.secondary_name(request.name),
-                          generation=request.generation, peer=request.primary,
-                          disk_sizes=tuple(size for _, size in sorted(request.disks)),
-                          qemu_build=emu.identity, machine=machine)
-        ctl = self.registry.install(record, self.make)
+        # An older secondary's loop may be tearing it down (its primary's unprotect came
+        # just before): that ends before this looks, or this finds it and replaces it.
+        with self.services.vm_lock(request.vm_id):
+            existing = self.registry.get(request.vm_id)
+            if existing is not None:
+                if existing.record.role is Role.PRIMARY and existing.qemu_alive():
+                    raise Conflict(f"VM {request.vm_id} runs as primary on "
+                                   f"{self.config.host_id}; it cannot be its own secondary")
+                # A secondary of an older generation, or a primary that died here (a
+                # host that came back after a crash): the new pairing replaces it.
+                self.services.forget(existing, reason="replaced by a new generation")
+            try:
+                domxml.layout_from_domxml(request.domain_xml, "/")
+            except domxml.DomXmlError as exc:
+                raise BadRequest(f"the VM's domain XML is not usable: {exc}") from None
+            record = VmRecord(vm_id=request.vm_id, name=request.name, role=Role.SECONDARY,
+                              engine_xml=request.domain_xml,
+                              domain=domxml.secondary_name(request.name),
+                              generation=request.generation, peer=request.primary,
+                              disk_sizes=tuple(size for _, size in sorted(request.disks)),
+                              qemu_build=emu.identity, machine=machine)
+            ctl = self.registry.install(record, self.make)
         try:
             return self._start(ctl, request, emu)
         except Exception as exc:

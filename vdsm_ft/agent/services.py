@@ -1,8 +1,9 @@
 """What a VM's controller may use of its host, passed in by the agent's wiring.
 
 Controllers get everything outside their own VM from here: the registry's record writes
-and removal, COLO ports, peer agents, this host's spec, QEMU and COLO TLS, replica paths,
-libvirt's destroy and the arbiter. None of it reaches back into the agent's APIs.
+and removal (under a per-VM lock that a prepare-secondary shares), COLO ports, peer
+agents, this host's spec, QEMU and COLO TLS, replica paths, libvirt's destroy and the
+arbiter. None of it reaches back into the agent's APIs.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Services(Generic[C]):
         self._clients: dict[tuple[str, int], AgentClient] = {}
         # Ports are chosen against every controller's record: one choice at a time.
         self._lock = threading.RLock()
+        self._vm_locks: dict[str, threading.RLock] = {}
 
     # -- records -------------------------------------------------------------------
 
@@ -87,17 +89,25 @@ class Services(Generic[C]):
         except ArbiterError as exc:
             log.warning("%s: could not record the pair as Down: %s", rec.name, exc)
 
+    def vm_lock(self, vm_id: str) -> threading.RLock:
+        """Held by `forget` until the VM's QEMU, domain and disks are gone, and by a
+        prepare-secondary (secondary.py) from its look for an older controller until
+        its new one is installed: a new secondary never meets the old one's domain."""
+        with self._lock:
+            return self._vm_locks.setdefault(vm_id, threading.RLock())
+
     def forget(self, ctl: C, reason: str) -> None:
         """Remove a secondary (or a stopped VM) and everything it held on this host."""
         rec = ctl.record
-        if not self._registry.remove(ctl):
-            # Removed or replaced already: what it held belongs to the new owner.
-            return
-        log.info("%s: forgetting (%s)", rec.name, reason)
-        if rec.role is Role.SECONDARY:
-            ctl.kill_qemu()
-            replica.remove_secondary_disks(rec.vm_id, self.config.replica_dir,
-                                           self.config.overlay_dir)
+        with self.vm_lock(rec.vm_id):
+            if not self._registry.remove(ctl):
+                # Removed or replaced already: what it held belongs to the new owner.
+                return
+            log.info("%s: forgetting (%s)", rec.name, reason)
+            if rec.role is Role.SECONDARY:
+                ctl.kill_qemu()
+                replica.remove_secondary_disks(rec.vm_id, self.config.replica_dir,
+                                               self.config.overlay_dir)
         threading.Thread(target=ctl.stop, daemon=True).start()
 
     def image_made_current(self, vm_id: str, name: str, generation: int) -> None:

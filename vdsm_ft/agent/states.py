@@ -33,6 +33,7 @@ class Observation:
     test_failover_requested: bool = False
     # A primary still not launched [agent] launch_timeout after its `prepare`.
     launch_overdue: bool = False
+    dropped_by_primary: bool = False  # its primary's unprotect (a secondary's record)
 
     def holds(self, condition: "When") -> bool:
         return CONDITIONS[condition](self)
@@ -55,6 +56,7 @@ class When(str, Enum):
     IMAGE_STALE = "image stale"
     IMAGE_STALE_QEMU_GONE = "image stale, QEMU gone"
     NEVER_LAUNCHED = "never launched"
+    DROPPED = "dropped by its primary"
 
 
 class Action(str, Enum):
@@ -64,6 +66,7 @@ class Action(str, Enum):
     NONE = "none"
     ABANDON = "abandon"
     COPY_BACK = "copy_back"
+    DROP_SECONDARY = "drop_secondary"
     FAIL_OVER = "fail_over"
     FORGET = "forget"
     MARK_DOWN = "mark_down"
@@ -97,6 +100,8 @@ CONDITIONS: dict[When, Callable[[Observation], bool]] = {
     # Never while a QEMU runs: a start whose `started` was lost is adopted, not dropped.
     When.NEVER_LAUNCHED: lambda o: o.is_primary and not o.launched and o.launch_overdue
     and not o.qemu_alive,
+    # A secondary that failed over runs the VM: it is nobody's to drop any more.
+    When.DROPPED: lambda o: o.dropped_by_primary and not o.is_primary,
 }
 
 
@@ -150,6 +155,9 @@ ROWS: tuple[Row, ...] = (
     # A prepare whose domain libvirt never ran here (a failed or forged start, VDSM gone
     # before after_vm_start) holds nothing: removed, so that it holds no cap slot.
     _row(S.STARTING,       "never launched",      "forget",           S.DOWN),
+    # Its primary ended the pair (or gave up on it mid-prepare): QEMU, domain and disks
+    # go. A prepare-secondary of the same VM waits for that (Services.vm_lock).
+    _row(S.STARTING,       "dropped by its primary", "drop_secondary", S.DOWN),
     # A secondary whose primary is lost before COLO began holds no consistent copy.
     _row(S.STARTING,       "peer lost",           "teardown",         S.DOWN),
     _row(S.STARTING,       "in COLO",             "none",             S.PROTECTED),
@@ -177,6 +185,9 @@ ROWS: tuple[Row, ...] = (
     _row(S.SYNCING,        "in COLO",             "none",             S.PROTECTED),
     _row(S.SYNCING,        "always",              "abandon",          S.NEED_SECONDARY),
 
+    # Before "peer lost": the primary that drops it holds the generation and leaves
+    # COLO right after, which this side sees as a lost peer.
+    _row(S.PROTECTED,      "dropped by its primary", "drop_secondary", S.DOWN),
     # Failing Over while the claim and the failover run, so that a restarted agent goes
     # on with them; a secondary that etcd cannot answer yet stays there and asks again.
     _row(S.PROTECTED,      "peer lost",           "fail_over",        S.NEED_SECONDARY,
@@ -188,6 +199,8 @@ ROWS: tuple[Row, ...] = (
     # secondary takes over as after a crash.
     _row(S.PROTECTED,      "test failover requested", "test_failover", S.PROTECTED),
 
+    # The primary that drops it is alive and ended the pair on purpose: no failover.
+    _row(S.FAILING_OVER,   "dropped by its primary", "drop_secondary", S.DOWN),
     _row(S.FAILING_OVER,   "always",              "fail_over",        S.NEED_SECONDARY,
          S.DOWN, S.FAILING_OVER, S.TAKING_IDENTITY),
 

@@ -65,6 +65,9 @@ class VmRecord:
     # test-failover: the loop kills this primary's QEMU (the request handler only
     # records it); cleared by the kill and by the next protect.
     test_failover: bool = False
+    # unprotect from its primary: the loop tears this secondary down (row "dropped by
+    # its primary"; the request handler only records it).
+    dropped: bool = False
 
     def evolve(self, **changes: object) -> "VmRecord":
         return replace(self, **changes)
