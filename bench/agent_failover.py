@@ -245,8 +245,9 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] if values else float("nan")
 
 
-def _line(name: str, s: dict) -> str:
-    return (f"  {name:<22} n={s['n']:<3} p50 {s['p50']:7.1f}  p90 {s['p90']:7.1f}  "
+def line(name: str, s: dict, width: int = 22) -> str:
+    """One summary line: n, p50, p90, p99 and max in ms."""
+    return (f"  {name:<{width}} n={s['n']:<3} p50 {s['p50']:7.1f}  p90 {s['p90']:7.1f}  "
             f"p99 {s['p99']:7.1f}  max {s['max']:7.1f} ms")
 
 
@@ -315,14 +316,14 @@ def main() -> None:
         print(f"{fault}: " + (f"target total p99 <= {target:.0f} ms -> "
                               f"{'met' if s['total_ms']['p99'] <= target else 'NOT met'}"
                               if target else "no target of its own"))
-        print(_line("total (fault->live)", s["total_ms"]))
-        print(_line("  of which poll step", s["poll_step_ms"]))
-        print(_line("  idle poll round trip", s["idle_rtt_ms"]))
-        print(_line("fault->live, agent clock", s["agent_total_ms"]))
-        print(_line("detection", s["detection_ms"]))
-        print(_line("agent (detect->live)", s["agent_ms"]))
+        print(line("total (fault->live)", s["total_ms"]))
+        print(line("  of which poll step", s["poll_step_ms"]))
+        print(line("  idle poll round trip", s["idle_rtt_ms"]))
+        print(line("fault->live, agent clock", s["agent_total_ms"]))
+        print(line("detection", s["detection_ms"]))
+        print(line("agent (detect->live)", s["agent_ms"]))
         if r:
-            print(_line(f"raw QMP ({raw_kind[fault]} killed)", r))
+            print(line(f"raw QMP ({raw_kind[fault]} killed)", r))
             d50, d99 = s["agent_ms"]["p50"] - r["p50"], s["agent_ms"]["p99"] - r["p99"]
             print(f"  agent - raw: p50 {d50:+.1f} ms, p99 {d99:+.1f} ms; ratio p50 "
                   f"{s['agent_ms']['p50'] / r['p50']:.2f}x (target: within +50 ms) -> "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from agent_failover import A, agent_run
+from agent_failover import A, agent_run, line
 from colo_lab import BenchError
 from colo_report import dump_json, machine, print_machine, summary
 
@@ -83,11 +83,6 @@ def soak(minutes: float, timing: tuple[int, int]) -> dict:
             "raft_term_last": last, "elections": elections, "not_protected": bad}
 
 
-def _line(name: str, s: dict) -> str:
-    return (f"  {name:<12} n={s['n']:<3} p50 {s['p50']:7.1f}  p90 {s['p90']:7.1f}  "
-            f"p99 {s['p99']:7.1f}  max {s['max']:7.1f} ms")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20, help="runs per case")
@@ -112,8 +107,8 @@ def main() -> None:
         print(f"soak {r['minutes']:.0f} min, {r['samples']} samples: etcd elections "
               f"{r['elections']} (raft term {r['raft_term_first']} -> {r['raft_term_last']}); "
               f"{len(r['not_protected'])} samples with a VM not Protected or failed over")
-        for line in r["not_protected"][:10]:
-            print(f"  {line}")
+        for entry in r["not_protected"][:10]:
+            print(f"  {entry}")
         if args.json:
             dump_json(args.json, {"machine": info, "etcd_heartbeat_ms": timing[0],
                                   "etcd_election_ms": timing[1], "soak": r})
@@ -147,7 +142,7 @@ def main() -> None:
         met = "met" if s["total_ms"]["p99"] <= TARGET_P99_MS else "NOT met"
         print(f"{case}: target total p99 <= {TARGET_P99_MS:.0f} ms -> {met}")
         for k in KEYS:
-            print(_line(k.removesuffix("_ms"), s[k]))
+            print(line(k.removesuffix("_ms"), s[k], width=12))
     if args.json:
         dump_json(args.json, result)
 
