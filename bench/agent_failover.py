@@ -48,7 +48,7 @@ import libvirt_qemu
 from colo_failover import raw_failover_primary, raw_failover_secondary
 from colo_lab import BenchError
 from colo_rawqmp import RawQmp
-from colo_report import dump_json, machine, print_machine, summary
+from colo_report import dump_json, machine, print_machine, subset, summary
 
 from ftlab import guest
 from ftlab.agentlab import AgentLab
@@ -264,9 +264,7 @@ def main() -> None:
                         "first (etcdctl move-leader)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    faults = [f for f in args.faults.split(",") if f]
-    if any(f not in FAULTS for f in faults):
-        parser.error(f"--faults: choose among {', '.join(FAULTS)}")
+    faults = subset(parser, args.faults, FAULTS, "--faults")
     info = machine()
     print_machine(info)
     print(f"agent failover: heartbeat interval {args.heartbeat_interval * 1000:.0f} ms, "

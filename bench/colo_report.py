@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import argparse
 import subprocess
 from typing import Any
 
@@ -70,3 +71,12 @@ def dump_json(path: str, result: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"json written to {path}")
+
+
+def subset(parser: argparse.ArgumentParser, value: str, allowed: tuple[str, ...],
+           flag: str) -> list[str]:
+    """A comma-separated option's items, each one of `allowed` (else a usage error)."""
+    chosen = [item for item in value.split(",") if item]
+    if any(item not in allowed for item in chosen):
+        parser.error(f"{flag}: choose among {', '.join(allowed)}")
+    return chosen

@@ -32,7 +32,7 @@ import time
 
 from agent_failover import A, agent_run, line
 from colo_lab import BenchError
-from colo_report import dump_json, machine, print_machine, summary
+from colo_report import dump_json, machine, print_machine, subset, summary
 
 from ftlab.agentlab import AgentLab
 from ftlab.etcd import ELECTION_MS, HEARTBEAT_MS
@@ -94,9 +94,7 @@ def main() -> None:
                         help="hold two protected VMs this long instead, and count elections")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    cases = [c for c in args.cases.split(",") if c]
-    if any(c not in CASES for c in cases):
-        parser.error(f"--cases: choose among {', '.join(CASES)}")
+    cases = subset(parser, args.cases, CASES, "--cases")
     info = machine()
     print_machine(info)
     timing = (args.etcd_heartbeat_ms, args.etcd_election_ms)
