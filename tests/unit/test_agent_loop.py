@@ -338,6 +338,40 @@ def test_a_pid_the_kernel_gave_to_another_process_is_never_killed(config, agents
         other.wait()
 
 
+def test_a_replaced_secondarys_late_kill_leaves_the_new_ones_qemu_and_domain(
+        config, agents, monkeypatch):
+    """A prepare-secondary replaced the old secondary while the old loop was inside an
+    action; that action's kill_qemu comes after the new QEMU runs, under the same domain
+    name. It must neither kill that QEMU (here a sleep) nor destroy its domain."""
+    import subprocess
+    from vdsm_ft import domains
+    real = VmController.qemu_alive, VmController.kill_qemu
+    old_qemu, new_qemu = (subprocess.Popen(["sleep", "30"]) for _ in range(2))
+    seen = old_qemu
+    destroyed: list[str] = []
+    try:
+        monkeypatch.setattr(domains, "qemu_pid", lambda name, among=None: seen.pid)
+        agent = _protected_secondary(config, agents, monkeypatch)
+        monkeypatch.setattr(VmController, "qemu_alive", real[0])
+        monkeypatch.setattr(VmController, "kill_qemu", real[1])
+        monkeypatch.setattr(agent.services, "destroy_domain", destroyed.append)
+        old = _ctl(agent)
+        assert old.qemu_alive()
+        request = _next_secondary(agent, _Libvirt(), monkeypatch)
+        agent.api_backend.prepare_secondary(request)        # forgets the old one
+        assert old_qemu.wait(5.0) == -9 and destroyed == ["vm1-ft-secondary"]
+        seen = new_qemu                                     # the new secondary's QEMU
+        assert _ctl(agent) is not old and _ctl(agent).qemu_alive()
+        old.kill_qemu()
+        with pytest.raises(subprocess.TimeoutExpired):     # not killed: still runs
+            new_qemu.wait(0.5)
+        assert destroyed == ["vm1-ft-secondary"], "it destroyed the new domain"
+    finally:
+        for p in (old_qemu, new_qemu):
+            p.kill()
+            p.wait()
+
+
 def test_an_admin_stop_holds_the_generation_before_vdsm_kills_qemu(config, agents,
                                                                   monkeypatch):
     """before_vm_destroy -> stopping: the claim is made before the answer, in the

@@ -150,6 +150,8 @@ class VmController:
         if known is not None and domains.process_alive(known[0]) and \
                 domains.start_time(known[0]) == known[1]:
             return known[0]
+        if self.services.superseded(self):
+            return None
         pid = domains.qemu_pid(self.record.domain)
         started = domains.start_time(pid) if pid is not None else None
         with self._lock:
@@ -836,14 +838,20 @@ class VmController:
     # -- helpers ---------------------------------------------------------------------
 
     def kill_qemu(self) -> None:
-        pid = self._qemu_pid()
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._close_qmp()
-        self.services.destroy_domain(self.record.domain)
+        # A controller replaced while inside a long action may still get here. Under the
+        # VM's lock no new owner is installed meanwhile (a prepare-secondary installs
+        # under it), and once one is, this kills only the QEMU it saw itself: the new
+        # owner's QEMU and domain go by the same name.
+        with self.services.vm_lock(self.vm_id):
+            pid = self._qemu_pid()
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._close_qmp()
+            if not self.services.superseded(self):
+                self.services.destroy_domain(self.record.domain)
 
     def _close_qmp(self) -> None:
         if self.qmp is not None:

@@ -96,6 +96,12 @@ class Services(Generic[C]):
         with self._lock:
             return self._vm_locks.setdefault(vm_id, threading.RLock())
 
+    def superseded(self, ctl: C) -> bool:
+        """Another controller owns `ctl`'s VM now. Its QEMU and domain have the same
+        name as `ctl`'s had, so `ctl` may no longer find them by name."""
+        other = self._registry.get(ctl.vm_id)
+        return other is not None and other is not ctl
+
     def forget(self, ctl: C, reason: str) -> None:
         """Remove a secondary (or a stopped VM) and everything it held on this host."""
         rec = ctl.record
