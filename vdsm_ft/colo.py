@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from vdsm_ft import migsocket
 from vdsm_ft.layout import TLS_CLIENT_ID, TLS_SERVER_ID, Disk, Endpoints, VmLayout
-from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError
+from vdsm_ft.qmp import Qmp, QmpCommandError, QmpError, QmpTimeout
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class ColoError(Exception):
 
 class VerificationFailed(ColoError):
     """A step returned but QEMU's state is not what the step promised."""
+
+
+class Cancelled(ColoError):
+    """`protect` was told to stop: what it was doing became moot (an admin turned FT
+    off, the VM is stopping)."""
+
+
+# How often a resync's wait looks at its `cancelled` callable.
+CANCEL_POLL_S = 0.2
 
 
 # Files each x509 creds endpoint reads from the dir.
@@ -234,8 +243,10 @@ def prepare_secondary(sec: Qmp, layout: VmLayout, ep: Endpoints,
 
 
 def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float,
-           tls: ColoTls | None = None) -> None:
-    """Copy every disk to the secondary's export; returns when all mirrors are READY."""
+           tls: ColoTls | None = None,
+           cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Copy every disk to the secondary's export; returns when all mirrors are READY.
+    Raises Cancelled, within CANCEL_POLL_S, once `cancelled()` is true."""
     cursor = pri.cursor()
     extra = {} if tls is None else {"tls-creds": _add_tls_creds(pri, tls, server=False)}
     for disk in layout.disks:
@@ -251,10 +262,19 @@ def resync(pri: Qmp, layout: VmLayout, ep: Endpoints, timeout: float,
     deadline = time.monotonic() + timeout
     for disk in layout.disks:
         job = _resync_job(disk)
-        event = pri.wait_event("JOB_STATUS_CHANGE", max(0.0, deadline - time.monotonic()),
-                               since=cursor,
-                               match=lambda d, j=job: d["id"] == j and
-                               d["status"] in ("ready", "concluded"))
+        while True:
+            if cancelled():
+                raise Cancelled(f"resync of {disk.quorum} cancelled")
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                event = pri.wait_event("JOB_STATUS_CHANGE", min(CANCEL_POLL_S, left),
+                                       since=cursor,
+                                       match=lambda d, j=job: d["id"] == j and
+                                       d["status"] in ("ready", "concluded"))
+                break
+            except QmpTimeout:
+                if left <= CANCEL_POLL_S:
+                    raise
         if event.data["status"] != "ready":
             raise ColoError(f"resync of {disk.quorum} ended before it was in sync: "
                             f"{_job_error(pri, job)}")
@@ -428,16 +448,18 @@ def protect(pri: Qmp, pri_layout: VmLayout, secondary: SecondarySide,
             checkpoint_delay_ms: int = DEFAULT_CHECKPOINT_DELAY_MS,
             timeouts: Timeouts = Timeouts(), tls: ColoTls | None = None,
             on_step: Callable[[str], None] = lambda step: None,
-            opener: migsocket.Opener = migsocket.here) -> None:
+            opener: migsocket.Opener = migsocket.here,
+            cancelled: Callable[[], bool] = lambda: False) -> None:
     """Bring a running primary and a waiting secondary to Protected.
 
     `tls` is the primary's creds dir; the secondary must have been given its own.
     On any failure the primary is returned to running alone (see `abandon`) and the
-    error is raised; the caller destroys the secondary.
+    error is raised; the caller destroys the secondary. Once `cancelled()` is true,
+    before a step or during the resync, that failure is Cancelled.
     """
     steps: list[tuple[str, Callable[[], None]]] = [
         ("prepare-secondary", lambda: secondary.prepare(ep, checkpoint_delay_ms)),
-        ("resync", lambda: resync(pri, pri_layout, ep, timeouts.resync, tls)),
+        ("resync", lambda: resync(pri, pri_layout, ep, timeouts.resync, tls, cancelled)),
         ("attach", lambda: attach_replication(pri, pri_layout, timeouts.step)),
         ("filters", lambda: add_network_filters(pri, pri_layout, ep, before_rewriter,
                                                 tls)),
@@ -447,10 +469,15 @@ def protect(pri: Qmp, pri_layout: VmLayout, secondary: SecondarySide,
     for name, step in steps:
         on_step(name)
         try:
+            if cancelled():
+                raise Cancelled("cancelled")
             step()
         except (QmpError, ColoError) as exc:
             log.warning("protect %s failed at %s: %s", pri_layout.name, name, exc)
             abandon(pri, pri_layout)
+            if isinstance(exc, Cancelled):
+                raise Cancelled(f"protection of {pri_layout.name} cancelled at {name}") \
+                    from exc
             raise ColoError(f"protection of {pri_layout.name} failed at {name}: {exc}") \
                 from exc
 

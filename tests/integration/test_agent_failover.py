@@ -547,10 +547,49 @@ def test_agent_restart_during_syncing_starts_over_and_never_claims_protected(lab
     assert VmState.PROTECTED not in seen, seen
     graph = primary.execute("x-debug-query-block-graph")
     assert "ft-nbd0" not in {n["name"] for n in graph["nodes"]}, "NBD child left behind"
-    assert lab.qemu_pid("ag-b", domxml.secondary_name(vm.name)) is None
+    secondary_goes(lab, "ag-b", vm)
 
     lab.protect(vm, "ag-a", "ag-b")           # and it protects cleanly afterwards
     assert primary.execute("query-colo-status")["mode"] == "primary"
+
+
+def test_turning_ft_off_during_syncing_cancels_the_resync_at_once(lab):
+    """The admin turns FT off while the resync still copies the disk: protect stops
+    within a poll (colo.Cancelled) instead of finishing first, never reaches Protected,
+    and leaves the primary alone with no NBD child and no secondary."""
+    vm = lab.start_vm("ag-a", data_mib=512)
+    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
+    lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
+    deadline = time.monotonic() + 10
+    while lab.status("ag-a", vm.vm_id).state is not VmState.SYNCING:
+        assert time.monotonic() < deadline, "never saw Syncing"
+        time.sleep(0.02)
+    asked = time.monotonic()
+    lab.call("ag-a", "unprotect", vm.vm_id)
+    seen = [lab.status("ag-a", vm.vm_id)]
+    while seen[-1].state is not VmState.DISABLED:
+        assert time.monotonic() < asked + 10, [s.state for s in seen]
+        time.sleep(0.02)
+        seen.append(lab.status("ag-a", vm.vm_id))
+    took = time.monotonic() - asked
+    states = [s.state for s in seen]
+    assert VmState.PROTECTED not in states, states
+    assert "cancelled" in seen[-1].reason and "turned off" in seen[-1].reason, seen[-1]
+    assert took < 3.0, f"the resync ran on for {took:.1f} s after FT was turned off"
+    primary = monitor(lab, "ag-a", vm, False)
+    assert primary.execute("query-colo-status")["mode"] == "none"
+    graph = primary.execute("x-debug-query-block-graph")
+    assert "ft-nbd0" not in {n["name"] for n in graph["nodes"]}, "NBD child left behind"
+    secondary_goes(lab, "ag-b", vm)
+
+
+def secondary_goes(lab: AgentLab, host_name: str, vm: LabVm, timeout: float = 15.0) -> None:
+    """The secondary's QEMU on `host_name` ends: a primary that drops it asks its agent,
+    whose loop tears it down (row "dropped by its primary"), so not at once."""
+    deadline = time.monotonic() + timeout
+    while lab.qemu_pid(host_name, domxml.secondary_name(vm.name)) is not None:
+        assert time.monotonic() < deadline, "the dropped secondary was left running"
+        time.sleep(0.1)
 
 
 def test_vm_started_while_agent_down_is_protected_when_it_returns(lab):

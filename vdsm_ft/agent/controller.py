@@ -442,15 +442,31 @@ class VmController:
             colo.protect(qmp, layout, _RemoteSecondary(client, rec.vm_id), ep,
                          before_rewriter=rec.was_secondary,
                          checkpoint_delay_ms=colo.DEFAULT_CHECKPOINT_DELAY_MS,
-                         tls=self.services.colo_tls())
+                         tls=self.services.colo_tls(),
+                         cancelled=lambda: self._protect_moot() is not None)
             self.services.arbiter.update_pair(rec.vm_id, generation, state="Protected",
                                               primary=self.services.config.host_id,
                                               secondary=peer.host_id)
+        except colo.Cancelled:
+            # The row that next matches (disable requested, or the stop's safety row)
+            # takes it from Need Secondary.
+            return self._protect_failed(f"protection onto {peer.host_id} cancelled: "
+                                        f"{self._protect_moot()}")
         except (colo.ColoError, QmpError, AgentError, ArbiterError, OSError) as exc:
             return self._protect_failed(f"protection onto {peer.host_id} failed: {exc}")
         with self._lock:
             self._peer_lost_at = None
         return VmState.PROTECTED
+
+    def _protect_moot(self) -> str | None:
+        """Why a `protect` in progress no longer matters, or None: read from the record
+        the requests write, so that it also holds while the loop is inside the action."""
+        rec = self.record
+        if rec.disabled:
+            return "FT was turned off"
+        if rec.stopping or self._guest_shutdown.is_set():
+            return "the VM is stopping"
+        return None
 
     def _protect_failed(self, reason: str) -> VmState:
         log.warning("%s: %s", self.record.name, reason)
