@@ -21,18 +21,17 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import libvirt
 import ovirtsdk4.types as types
 import pytest
 
-from ftlab import netns, vmlocate
+from ftlab import vmlocate
 from ftlab.demo import (BLOCK, FailoverWatch, Lab, Timeline, pattern, probe_layout,
                         remove_ft_vm, wait_for, wait_protected, wait_up, write_round)
 from ftlab.diskprobe import pattern_matches, write_pattern
 from ftlab.labstate import LabPaths, read_state
-from ftlab.monitor import CHECKPOINT_STOPS, LibvirtMonitor
+from ftlab.livecopies import Copy, copies, is_up, live_outside_colo
+from ftlab.monitor import LibvirtMonitor
 from ftlab.vdsmdriver import DATA_PATTERN, DATA_PROPERTY, IDLE_TEMPLATE
-from vdsm_ft import domains, domxml
 from vdsm_ft.api import Role, VmState, VmStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
@@ -151,49 +150,8 @@ def _agent_states(fl: FaultLab, vm: FtVm) -> set[VmState]:
 
 # ---------------------------------------------------------------- observations
 
-@dataclass
-class Copy:
-    host: str
-    domain: str
-    pid: int
-    status: str                  # QEMU's run state, "?" if its monitor did not answer
-    colo: str                    # query-colo-status mode: primary, secondary, none, "?"
-
-
-def copies(fl: FaultLab, vm: FtVm) -> list[Copy]:
-    """Every QEMU of the VM on every host, whether or not its libvirtd still answers."""
-    found = []
-    for h in fl.lab.state.hosts:
-        pids = netns.pids(h.netns)
-        for dom in (vm.name, domxml.secondary_name(vm.name)):
-            pid = domains.qemu_pid(dom, among=pids)
-            if pid is None:
-                continue
-            status = colo = "?"
-            try:
-                mon = LibvirtMonitor(h.uri, dom)
-                status = mon.execute("query-status")["status"]
-                colo = mon.execute("query-colo-status")["mode"]
-            except (RuntimeError, libvirt.libvirtError):
-                pass
-            found.append(Copy(h.name, dom, pid, status, colo))
-    return found
-
-
-def is_up(c: Copy) -> bool:
-    """Running, or in COLO and inside a checkpoint (an unanswering monitor counts as up:
-    it cannot be shown harmless)."""
-    return c.status in ("running", "?") or (c.colo in ("primary", "secondary")
-                                            and c.status in CHECKPOINT_STOPS)
-
-
-def live_outside_colo(found: list[Copy]) -> list[Copy]:
-    """Copies whose output can reach clients: up, and not a COLO secondary."""
-    return [c for c in found if is_up(c) and c.colo != "secondary"]
-
-
 def assert_one_live_copy(fl: FaultLab, vm: FtVm, running: int | None = None) -> Copy:
-    found = copies(fl, vm)
+    found = copies(fl.lab.state, vm.name)
     fl.tl.say(f"{vm.name} QEMUs: " + "; ".join(
         f"{c.host}/{c.domain} pid {c.pid} {c.status} colo={c.colo}" for c in found))
     live = live_outside_colo(found)
@@ -397,7 +355,7 @@ def test_partition_between_primary_and_secondary_leaves_one_live_copy(fl, vms):
         def settled() -> list[Copy] | None:
             # Only the two cut-off hosts count: the winner may already be re-protecting
             # onto the third host, which it still reaches.
-            found = [c for c in copies(fl, vm) if c.host in (vm.primary, secondary)]
+            found = [c for c in copies(fl.lab.state, vm.name) if c.host in (vm.primary, secondary)]
             return found if len(found) == 1 else None
         only = wait_for("one QEMU of the pair left", settled, 20, interval=0.1)[0]
         fl.tl.say(f"partition: {only.host} kept its copy ({only.domain})")
@@ -449,8 +407,8 @@ def test_slow_link_loss_and_rate_keep_protection_and_data(fl, vms):
         for host in (vm.primary, secondary):
             s = fl.lab.vm_status(host, vm.id)
             assert s.state is VmState.PROTECTED and s.failovers == 0, (host, s)
-        crashed = {c.pid for c in copies(fl, vm) if c.host == vm.primary}
-        assert crashed, copies(fl, vm)
+        crashed = {c.pid for c in copies(fl.lab.state, vm.name) if c.host == vm.primary}
+        assert crashed, copies(fl.lab.state, vm.name)
         after = fail_over(fl, vm, secondary, lambda: fl.fault("qemu-crash", vm.name))
         assert after.failovers == 1
         survivor_holds(fl, secondary, vm, covered)
@@ -458,7 +416,7 @@ def test_slow_link_loss_and_rate_keep_protection_and_data(fl, vms):
         # The poller may already have re-protected, onto any healthy host, the crashed
         # primary's own included (only its QEMU died); that QEMU, though, must be gone,
         # and nothing there may run as primary.
-        now = copies(fl, vm)
+        now = copies(fl.lab.state, vm.name)
         assert not crashed & {c.pid for c in now}, now
         assert all(c.colo != "primary" for c in now if c.host == vm.primary), now
     finally:
@@ -531,7 +489,7 @@ def _nothing_half_protected(fl: FaultLab, vm: FtVm, peers: list[str]) -> None:
         seen |= _agent_states(fl, vm)
         time.sleep(0.1)
     assert VmState.PROTECTED not in seen, seen
-    assert [c.host for c in copies(fl, vm)] == [vm.primary]
+    assert [c.host for c in copies(fl.lab.state, vm.name)] == [vm.primary]
     assert fl.lab.monitor(vm.primary, vm.name).execute(
         "query-colo-status")["mode"] == "none"
     for peer in peers:                        # no overlays left behind on a peer
