@@ -66,6 +66,7 @@ BLOCK = 64 * 1024
 DISK_SIZE = 64 * MiB
 PROTECT_TIMEOUT_S = 300.0
 FAILOVER_TIMEOUT_S = 15.0
+CHECKPOINT_TIMEOUT_S = 60.0
 
 
 class ShapeFailed(Exception):
@@ -221,9 +222,9 @@ def failover_check(lab: AgentLab, host: str, vm: LabVm, name: str) -> float:
     return last.duration_ms
 
 
-def run_shape(lab: AgentLab, shape: VmShape) -> dict[str, Any]:
-    """Every measure of one shape; raises ShapeFailed with the step that failed."""
-    r: dict[str, Any] = {}
+def run_shape(lab: AgentLab, shape: VmShape, r: dict[str, Any]) -> None:
+    """Every measure of one shape, into `r` as they come; raises ShapeFailed with the
+    step that failed."""
     try:
         vm = lab.start_vm(A, shape=shape)
     except Exception as exc:
@@ -242,16 +243,19 @@ def run_shape(lab: AgentLab, shape: VmShape) -> dict[str, Any]:
             r["first_checkpoint_ms"] = (first.colo_at - first.active_at) * 1000
             r["first_checkpoint_mib"] = first.transferred / MiB
         r["first_pause_ms"] = lab.status(A, vm.vm_id).last_checkpoint_pause_ms
-        steady = []
+        r["steady_pause_ms"] = steady = []
         for _ in range(STEADY_CHECKPOINTS):
-            lab.wait_checkpoints(A, vm.vm_id, count=1)
+            try:
+                lab.wait_checkpoints(A, vm.vm_id, count=1, timeout=CHECKPOINT_TIMEOUT_S)
+            except Exception as exc:
+                raise ShapeFailed(f"steady checkpoints: {exc}; agent says "
+                                  f"{lab.status(A, vm.vm_id)}") from None
             steady.append(lab.status(A, vm.vm_id).last_checkpoint_pause_ms)
-        r["steady_pause_ms"] = steady
         r["rss_primary_mib"] = rss_mib(lab.qemu_pid(A, vm.name))
         r["rss_secondary_mib"] = rss_mib(lab.qemu_pid(B, vm.secondary_name))
 
         write_all(lab, A, vm, shape.disks, 0, 0x51)
-        lab.wait_checkpoints(A, vm.vm_id)
+        lab.wait_checkpoints(A, vm.vm_id, timeout=2 * CHECKPOINT_TIMEOUT_S)
         os.kill(lab.qemu_pid(A, vm.name) or 0, 9)
         r["primary_failover_ms"] = failover_check(lab, B, vm, "primary failover")
         lost = missing(lab, B, vm, shape.disks, 0, 0x51)
@@ -264,7 +268,7 @@ def run_shape(lab: AgentLab, shape: VmShape) -> dict[str, Any]:
         except Exception as exc:
             raise ShapeFailed(f"re-protect: {str(exc).splitlines()[0]}") from None
         write_all(lab, B, vm, shape.disks, 2 * MiB, 0x52)
-        lab.wait_checkpoints(B, vm.vm_id)
+        lab.wait_checkpoints(B, vm.vm_id, timeout=2 * CHECKPOINT_TIMEOUT_S)
         os.kill(lab.qemu_pid(C, vm.secondary_name) or 0, 9)
         r["secondary_failover_ms"] = failover_check(lab, B, vm, "secondary failover")
         write_all(lab, B, vm, shape.disks, 3 * MiB, 0x53)
@@ -272,7 +276,6 @@ def run_shape(lab: AgentLab, shape: VmShape) -> dict[str, Any]:
             lost = missing(lab, B, vm, shape.disks, offset, pattern)
             step("secondary failover", not lost,
                  f"pattern {pattern:#x} missing on disk(s) {lost}")
-        return r
     finally:
         lab.remove_vm(vm)
 
@@ -321,10 +324,11 @@ def main() -> None:
                 r["result"] = refusal
             else:
                 try:
-                    r.update(run_shape(lab, shape))
+                    run_shape(lab, shape, r)
                     r["result"] = "pass"
                 except ShapeFailed as exc:
                     r["result"] = f"FAIL at {exc}"
+                    print(lab.agent_logs(30), flush=True)
                 except Exception as exc:   # the matrix goes on; the reason is kept
                     r["result"] = f"FAIL: {exc!r}"
                     traceback.print_exc()
