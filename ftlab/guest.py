@@ -499,6 +499,16 @@ def _derived_alias(vm_id: str, device: str) -> str:
     return f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, f'{vm_id}/{device}')}"
 
 
+def _disk_dev(index: int) -> str:
+    """The engine's (and libvirt's) virtio disk name: vda..vdz, then vdaa, vdab, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return "vd" + letters
+
+
 def engine_domain_xml(vm: EngineVm) -> str:
     """The domain XML the engine's LibvirtVmXmlBuilder would send for `vm`: ovirt-vm
     metadata with custom properties, `ua-<uuid>` aliases, a virtio disk of type file,
@@ -530,7 +540,7 @@ def engine_domain_xml(vm: EngineVm) -> str:
     for i, d in enumerate(vm.all_disks()):
         disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk",
                                                "snapshot": "no"})
-        ET.SubElement(disk, "target", {"dev": "vd" + "abcdefghijklmnopqrstuvwxyz"[i],
+        ET.SubElement(disk, "target", {"dev": _disk_dev(i),
                                        "bus": "virtio"})
         source = ET.SubElement(disk, "source", {"file": d.path})
         ET.SubElement(source, "seclabel", {"model": "dac", "type": "none", "relabel": "no"})
@@ -575,7 +585,7 @@ def engine_domain_xml(vm: EngineVm) -> str:
         ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}custom")
     for i, d in enumerate(vm.all_disks()):
         dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device",
-                            {"devtype": "disk", "name": "vd" + "abcdefghijklmnopqrstuvwxyz"[i]})
+                            {"devtype": "disk", "name": _disk_dev(i)})
         volume = vm.volume_id if i == 0 else str(uuid.uuid5(uuid.NAMESPACE_URL, d.image_id))
         for key, value in (("imageID", d.image_id), ("volumeID", volume),
                            ("domainID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/sd"))),
