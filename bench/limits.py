@@ -13,7 +13,7 @@ a fresh VM on lab host a (real hooks, `AgentLab.start_vm`), and:
   lower bound: the last poll step is missing);
 - **pauses**: the primary agent's `last_checkpoint_pause_ms` as protection is reached
   (the first checkpoint's pause: the migration's final stop), after the next checkpoint
-  (the first COLO checkpoint, which took 400-550 ms where later ones took tens: kept
+  (the first COLO checkpoint, which took 370-660 ms where later ones took tens: kept
   apart), then after each of STEADY_CHECKPOINTS more (the steady pause; median, max);
 - **memory**: VmRSS of the primary's and the secondary's QEMU, then;
 - **primary failover**: a pattern written through every disk, two checkpoints, the
