@@ -20,7 +20,8 @@ Per case, p50 / p90 / p99 / max of:
 With `--soak-minutes M` it instead holds two protected VMs (a -> b, b -> c) on a
 3-host lab with those etcd timings for M minutes and counts what an idle lab should never
 show: etcd elections (the members' raft term, sampled every SOAK_SAMPLE_S) and failovers
-or VMs out of Protected (the agents' status).
+or VMs out of Protected (the agents' status), with the machine's load average over the
+soak, since a stalled member is what would start a false election.
 
     .venv/bin/python bench/host_loss_etcd.py [--runs 20] [--cases leader,follower,none]
         [--etcd-heartbeat-ms 25 --etcd-election-ms 250] [--soak-minutes M] [--json F]
@@ -28,11 +29,12 @@ or VMs out of Protected (the agents' status).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from agent_failover import A, agent_run, line
 from colo_lab import BenchError
-from colo_report import dump_json, machine, print_machine, subset, summary
+from colo_report import dump_json, fmt, machine, print_machine, subset, summary
 
 from ftlab.agentlab import AgentLab
 from ftlab.etcd import ELECTION_MS, HEARTBEAT_MS
@@ -67,11 +69,12 @@ def soak(minutes: float, timing: tuple[int, int]) -> dict:
             lab.protect(vm, primary, secondary, attempts=3)
             vms.append((vm, primary))
         first = lab.etcd_raft_term()
-        samples, bad = 0, []
+        samples, bad, loads = 0, [], []
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
             time.sleep(SOAK_SAMPLE_S)
             samples += 1
+            loads.append(os.getloadavg()[0])
             for vm, primary in vms:
                 st = lab.status(primary, vm.vm_id)
                 if st.state is not VmState.PROTECTED or st.failovers:
@@ -80,7 +83,8 @@ def soak(minutes: float, timing: tuple[int, int]) -> dict:
         last = lab.etcd_raft_term()
     elections = None if first is None or last is None else last - first
     return {"minutes": minutes, "samples": samples, "raft_term_first": first,
-            "raft_term_last": last, "elections": elections, "not_protected": bad}
+            "raft_term_last": last, "elections": elections, "not_protected": bad,
+            "load_1min": summary(loads)}
 
 
 def main() -> None:
@@ -105,6 +109,7 @@ def main() -> None:
         print(f"soak {r['minutes']:.0f} min, {r['samples']} samples: etcd elections "
               f"{r['elections']} (raft term {r['raft_term_first']} -> {r['raft_term_last']}); "
               f"{len(r['not_protected'])} samples with a VM not Protected or failed over")
+        print(f"  load average (1 min): {fmt(r['load_1min'], unit='')}")
         for entry in r["not_protected"][:10]:
             print(f"  {entry}")
         if args.json:

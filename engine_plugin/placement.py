@@ -150,10 +150,15 @@ def choose_peer(vm: VmInfo, primary_host_id: str | None, hosts: Sequence[HostInf
             reason = (f"needs {_gib(need)} schedulable memory (2x VM memory), "
                       f"has {_gib(max(free, 0))}")
         elif load.ft_vms + 1 > limits.max_vms_per_host:
-            reason = f"already has {load.ft_vms} FT VMs (cap {limits.max_vms_per_host})"
+            reason = (f"already has {load.ft_vms} FT VMs (cap {limits.max_vms_per_host}, "
+                      "[placement] max_vms_per_host)")
+        elif vm.vcpus > limits.max_vcpus_per_host:
+            reason = (f"the VM's {vm.vcpus} vCPUs exceed the per-host FT vCPU cap on "
+                      f"every host (cap {limits.max_vcpus_per_host}, [placement] "
+                      "max_vcpus_per_host): raise it or give the VM fewer vCPUs")
         elif load.ft_vcpus + vm.vcpus > limits.max_vcpus_per_host:
             reason = (f"FT vCPUs would be {load.ft_vcpus + vm.vcpus} "
-                      f"(cap {limits.max_vcpus_per_host})")
+                      f"(cap {limits.max_vcpus_per_host}, [placement] max_vcpus_per_host)")
         else:
             ok.append((load.ft_vms, -free, h.name, h))
             continue

@@ -83,11 +83,28 @@ def _etcd_raft_term(endpoints: list[str], context: ssl.SSLContext | None) -> int
     return max(terms) if terms else None
 
 
+@dataclass(frozen=True)
+class VmShape:
+    """What a lab VM is made of: the idle guest with this many vCPUs, MiB of RAM, disks
+    and NICs (bench/limits.py varies them)."""
+
+    vcpus: int = 1
+    memory_mib: int = 128
+    disks: int = 1
+    nics: int = 1
+
+    def __str__(self) -> str:
+        return (f"{self.vcpus} vCPU, {self.memory_mib} MiB, {self.disks} disk(s), "
+                f"{self.nics} NIC(s)")
+
+
 @dataclass
 class LabVm:
     vm_id: str
     name: str
     disk: str
+    # Every disk's image, the first being `disk`.
+    disks: tuple[str, ...] = ()
 
     @property
     def secondary_name(self) -> str:
@@ -372,18 +389,25 @@ class AgentLab:
 
     # -- VMs -------------------------------------------------------------------------
 
-    def start_vm(self, host_name: str, data_mib: int = 0) -> LabVm:
+    def start_vm(self, host_name: str, data_mib: int = 0,
+                 shape: VmShape = VmShape()) -> LabVm:
         """A VM start as VDSM does it on that host: the real hook scripts (run inside
-        the host), libvirt, after_vm_start. The idle guest, ft=true."""
+        the host), libvirt, after_vm_start. The idle guest, ft=true, of that shape
+        (`data_mib` goes on its first disk)."""
         host = self.host(host_name)
         vm_id = str(uuid.uuid4())
         name = f"{self.prefix}-{vm_id[:8]}"
         disk = self.new_disk(host_name, vm_id, data_mib)
-        xml = guest.idle_guest_xml(name, disk, mac=guest.guest_mac(2),
-                                   serial_log=host.path("images", f"{vm_id}.serial"),
-                                   vm_id=vm_id)
+        extra = tuple(self.new_disk(host_name, f"{vm_id}-d{i}")
+                      for i in range(1, shape.disks))
+        xml = guest.idle_guest_xml(
+            name, disk, mac=guest.guest_mac(2) if shape.nics else "",
+            serial_log=host.path("images", f"{vm_id}.serial"), vm_id=vm_id,
+            vcpus=shape.vcpus, memory_mib=shape.memory_mib,
+            extra_disks=tuple(guest.EngineDisk(path, str(uuid.uuid4())) for path in extra),
+            extra_macs=tuple(guest.guest_mac(2 + 256 * i) for i in range(1, shape.nics)))
         self.vdsm[host_name].start_vm(xml)
-        return LabVm(vm_id, name, disk)
+        return LabVm(vm_id, name, disk, (disk, *extra))
 
     def new_disk(self, host_name: str, vm_id: str, data_mib: int = 0) -> str:
         """The idle guest's disk in the host's images; with `data_mib`, that many MiB of
@@ -445,7 +469,7 @@ class AgentLab:
                     vdsm.run_hooks("after_vm_destroy", None, vm.vm_id, {"ft": "true"})
             except Exception:   # cleanup must go on; the next VM has a fresh id
                 self._destroy_domains(host, (vm.name, vm.secondary_name))
-        for path in (vm.disk, vm.disk.removesuffix(".qcow2") + ".serial"):
+        for path in (*(vm.disks or (vm.disk,)), vm.disk.removesuffix(".qcow2") + ".serial"):
             if os.path.exists(path):
                 os.unlink(path)
 

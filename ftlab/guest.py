@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DEFAULT_CACHE_DIR = "/var/cache/vdsm-ft-lab"
 QEMU_USER = "libvirt-qemu"
@@ -471,21 +471,42 @@ class EngineVm:
     nic_model: str = "virtio"       # one of NIC_MODELS
     bridge: str = ENGINE_BRIDGE
     memory_mib: int = 128
+    vcpus: int = 1
     domain_type: str = "kvm"        # "qemu" for TCG
     serial_log: str = ""            # file that receives the serial console
     custom: tuple[tuple[str, str], ...] = (("ft", "true"),)
     # All the VM's disks; when empty, `disk` (if set) is the one disk, id `image_id`.
     disks: tuple[EngineDisk, ...] = ()
+    # All the VM's MACs, one NIC each; when empty, `mac` (if set) is the one NIC, id
+    # `nic_id`.
+    macs: tuple[str, ...] = ()
 
     def all_disks(self) -> tuple[EngineDisk, ...]:
         if self.disks:
             return self.disks
         return (EngineDisk(self.disk, self.image_id, self.disk_format),) if self.disk else ()
 
+    def all_nics(self) -> tuple[tuple[str, str], ...]:
+        """(MAC, NIC id) of every NIC; ids past the first are derived from the VM's id."""
+        macs = self.macs or ((self.mac,) if self.mac else ())
+        return tuple((mac, self.nic_id if i == 0 else
+                      str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.vm_id}/nic/{i}")))
+                     for i, mac in enumerate(macs))
+
 
 def _derived_alias(vm_id: str, device: str) -> str:
     """A stable `ua-<uuid>` for devices the engine creates without asking the caller."""
     return f"ua-{uuid.uuid5(uuid.NAMESPACE_URL, f'{vm_id}/{device}')}"
+
+
+def _disk_dev(index: int) -> str:
+    """The engine's (and libvirt's) virtio disk name: vda..vdz, then vdaa, vdab, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return "vd" + letters
 
 
 def engine_domain_xml(vm: EngineVm) -> str:
@@ -497,7 +518,7 @@ def engine_domain_xml(vm: EngineVm) -> str:
     ET.SubElement(dom, "uuid").text = vm.vm_id
     ET.SubElement(dom, "memory").text = str(vm.memory_mib * 1024)
     ET.SubElement(dom, "currentMemory").text = str(vm.memory_mib * 1024)
-    ET.SubElement(dom, "vcpu", {"current": "1"}).text = "1"
+    ET.SubElement(dom, "vcpu", {"current": str(vm.vcpus)}).text = str(vm.vcpus)
     sysinfo = ET.SubElement(ET.SubElement(dom, "sysinfo", {"type": "smbios"}), "system")
     for key, value in (("manufacturer", "oVirt"), ("product", "RHEL"),
                        ("uuid", vm.vm_id), ("family", "oVirt")):
@@ -509,7 +530,7 @@ def engine_domain_xml(vm: EngineVm) -> str:
     # qemu64 asks for svm, which nested hosts here lack; fallback keeps it startable.
     cpu = ET.SubElement(dom, "cpu", {"mode": "custom", "match": "exact", "check": "none"})
     ET.SubElement(cpu, "model", {"fallback": "allow"}).text = "qemu64"
-    ET.SubElement(cpu, "topology", {"sockets": "1", "cores": "1", "threads": "1"})
+    ET.SubElement(cpu, "topology", {"sockets": str(vm.vcpus), "cores": "1", "threads": "1"})
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type", {"arch": "x86_64", "machine": ENGINE_MACHINE}).text = "hvm"
     ET.SubElement(os_, "smbios", {"mode": "sysinfo"})
@@ -519,7 +540,7 @@ def engine_domain_xml(vm: EngineVm) -> str:
     for i, d in enumerate(vm.all_disks()):
         disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk",
                                                "snapshot": "no"})
-        ET.SubElement(disk, "target", {"dev": "vd" + "abcdefghijklmnopqrstuvwxyz"[i],
+        ET.SubElement(disk, "target", {"dev": _disk_dev(i),
                                        "bus": "virtio"})
         source = ET.SubElement(disk, "source", {"file": d.path})
         ET.SubElement(source, "seclabel", {"model": "dac", "type": "none", "relabel": "no"})
@@ -529,18 +550,18 @@ def engine_domain_xml(vm: EngineVm) -> str:
         if i == 0:
             ET.SubElement(disk, "boot", {"order": "1"})
         ET.SubElement(disk, "serial").text = d.image_id
-    if vm.mac:
-        if vm.nic_model not in NIC_MODELS:
-            raise ValueError(f"NIC model {vm.nic_model!r}: the guest has drivers for "
-                             + ", ".join(NIC_MODELS))
+    if vm.all_nics() and vm.nic_model not in NIC_MODELS:
+        raise ValueError(f"NIC model {vm.nic_model!r}: the guest has drivers for "
+                         + ", ".join(NIC_MODELS))
+    for mac, nic_id in vm.all_nics():
         nic = ET.SubElement(devices, "interface", {"type": "bridge"})
         ET.SubElement(nic, "model", {"type": vm.nic_model})
         ET.SubElement(nic, "link", {"state": "up"})
         ET.SubElement(nic, "source", {"bridge": vm.bridge})
         if vm.nic_model == "virtio":     # the engine writes a driver for virtio only
             ET.SubElement(nic, "driver", {"name": "vhost", "queues": "1"})
-        ET.SubElement(nic, "alias", {"name": f"ua-{vm.nic_id}"})
-        ET.SubElement(nic, "mac", {"address": vm.mac})
+        ET.SubElement(nic, "alias", {"name": f"ua-{nic_id}"})
+        ET.SubElement(nic, "mac", {"address": mac})
         ET.SubElement(nic, "mtu", {"size": "1500"})
     if vm.serial_log:
         serial = ET.SubElement(devices, "serial", {"type": "file"})
@@ -559,12 +580,12 @@ def engine_domain_xml(vm: EngineVm) -> str:
     custom = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}custom")
     for key, value in vm.custom:
         ET.SubElement(custom, f"{{{OVIRT_VM_NS}}}{key}").text = value
-    if vm.mac:
-        dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device", {"mac_address": vm.mac})
+    for mac, _ in vm.all_nics():
+        dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device", {"mac_address": mac})
         ET.SubElement(dev, f"{{{OVIRT_VM_NS}}}custom")
     for i, d in enumerate(vm.all_disks()):
         dev = ET.SubElement(ovm, f"{{{OVIRT_VM_NS}}}device",
-                            {"devtype": "disk", "name": "vd" + "abcdefghijklmnopqrstuvwxyz"[i]})
+                            {"devtype": "disk", "name": _disk_dev(i)})
         volume = vm.volume_id if i == 0 else str(uuid.uuid5(uuid.NAMESPACE_URL, d.image_id))
         for key, value in (("imageID", d.image_id), ("volumeID", volume),
                            ("domainID", str(uuid.uuid5(uuid.NAMESPACE_URL, "ftlab/sd"))),
@@ -590,7 +611,15 @@ def linux_guest_xml(name: str, disk: str, mac: str, serial_log: str,
 
 
 def idle_guest_xml(name: str, disk: str, mac: str = "", memory_mib: int = 128,
-                   serial_log: str = "", **ids: str) -> str:
-    """Engine XML for the idle KVM guest (no NIC unless `mac` is given)."""
-    return engine_domain_xml(EngineVm(name=name, disk=disk, mac=mac, memory_mib=memory_mib,
-                                      domain_type="kvm", serial_log=serial_log, **ids))
+                   serial_log: str = "", vcpus: int = 1,
+                   extra_disks: tuple[EngineDisk, ...] = (),
+                   extra_macs: tuple[str, ...] = (), **ids: str) -> str:
+    """Engine XML for the idle KVM guest (no NIC unless `mac` is given); `extra_disks`
+    and `extra_macs` come after the first disk and NIC."""
+    vm = EngineVm(name=name, disk=disk, mac=mac, memory_mib=memory_mib, vcpus=vcpus,
+                  domain_type="kvm", serial_log=serial_log, **ids)
+    if extra_disks:
+        vm = replace(vm, disks=vm.all_disks() + extra_disks)
+    if extra_macs:
+        vm = replace(vm, macs=(mac, *extra_macs) if mac else extra_macs)
+    return engine_domain_xml(vm)

@@ -347,6 +347,21 @@ def _set_pci_address(el: etree._Element, addr: _PciAddr) -> None:
                      slot=f"0x{addr.slot:02x}", function=f"0x{addr.function:x}")
 
 
+def _out_of_slots(devices: etree._Element, disks: list[etree._Element]) -> Unsupported:
+    """The refusal of a VM whose devices do not fit on pci.0, with the counts."""
+    disk_set = {id(d) for d in disks}
+    virtio = sum(1 for d in disks if d.find("target").get("bus", "virtio") == "virtio")
+    other = sum(1 for el in devices if isinstance(el.tag, str) and id(el) not in disk_set
+                and _is_libvirt_pci_device(el))
+    other += devices.find("memballoon") is None       # the balloon libvirt would add
+    return Unsupported(
+        f"the VM has {virtio} VirtIO disks and {other} other PCI devices, more than the "
+        f"{len(_PCI_SLOTS)} free slots of pci.0 (vdsm-ft pins every device of a COLO "
+        "pair there, so that both sides have the same addresses, and puts none behind a "
+        "PCI bridge)", "attach the disks with the VirtIO-SCSI interface (one controller slot "
+        "for all of them), or give the VM fewer VirtIO disks or NICs")
+
+
 def _assign_addresses(root: etree._Element, disks: list[etree._Element]) -> dict[int, _PciAddr]:
     """Pin every PCI address on pci.0; return the virtio disks' addresses by disk index.
 
@@ -384,7 +399,7 @@ def _assign_addresses(root: etree._Element, disks: list[etree._Element]) -> dict
         if disk.find("target").get("bus", "virtio") == "virtio" and i not in result:
             slot = next((s for s in reversed(_PCI_SLOTS) if s not in used), None)
             if slot is None:
-                raise DomXmlError("no free PCI slot on pci.0 for the COLO disk devices")
+                raise _out_of_slots(devices, disks)
             result[i] = _PciAddr(slot)
             used.add(slot)
     if q35:
@@ -406,7 +421,7 @@ def _assign_addresses(root: etree._Element, disks: list[etree._Element]) -> dict
         else:
             slot = next((s for s in _PCI_SLOTS if s not in used), None)
             if slot is None:
-                raise DomXmlError("no free PCI slot on pci.0 for the VM's devices")
+                raise _out_of_slots(devices, disks)
         _set_pci_address(el, _PciAddr(slot))
         used.add(slot)
     return result

@@ -525,14 +525,20 @@ def test_full_secondary_disk_directory_is_refused_without_leftovers(lab):
         host_b.run(["umount", replicas])
 
 
-def test_agent_restart_during_syncing_starts_over_and_never_claims_protected(lab):
-    vm = lab.start_vm("ag-a", data_mib=512)
-    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
-    lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
+def syncing(lab: AgentLab, primary: str, secondary: str) -> LabVm:
+    """A VM whose protection is in its resync: 512 MiB of data, so that it lasts."""
+    vm = lab.start_vm(primary, data_mib=512)
+    lab.wait_status(primary, vm.vm_id, VmState.NEED_SECONDARY)
+    lab.call(primary, "protect", vm.vm_id, lab.peer(secondary))
     deadline = time.monotonic() + 10
-    while lab.status("ag-a", vm.vm_id).state is not VmState.SYNCING:
+    while lab.status(primary, vm.vm_id).state is not VmState.SYNCING:
         assert time.monotonic() < deadline, "never saw Syncing"
         time.sleep(0.02)
+    return vm
+
+
+def test_agent_restart_during_syncing_starts_over_and_never_claims_protected(lab):
+    vm = syncing(lab, "ag-a", "ag-b")
     lab.agent("ag-a").crash()
     primary = monitor(lab, "ag-a", vm, False)
     assert primary.execute("query-colo-status")["mode"] == "none"
@@ -557,13 +563,7 @@ def test_turning_ft_off_during_syncing_cancels_the_resync_at_once(lab):
     """The admin turns FT off while the resync still copies the disk: protect stops
     within a poll (colo.Cancelled) instead of finishing first, never reaches Protected,
     and leaves the primary alone with no NBD child and no secondary."""
-    vm = lab.start_vm("ag-a", data_mib=512)
-    lab.wait_status("ag-a", vm.vm_id, VmState.NEED_SECONDARY)
-    lab.call("ag-a", "protect", vm.vm_id, lab.peer("ag-b"))
-    deadline = time.monotonic() + 10
-    while lab.status("ag-a", vm.vm_id).state is not VmState.SYNCING:
-        assert time.monotonic() < deadline, "never saw Syncing"
-        time.sleep(0.02)
+    vm = syncing(lab, "ag-a", "ag-b")
     asked = time.monotonic()
     lab.call("ag-a", "unprotect", vm.vm_id)
     seen = [lab.status("ag-a", vm.vm_id)]

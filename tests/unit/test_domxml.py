@@ -540,3 +540,26 @@ def test_both_roles_run_on_the_given_emulator_and_machine_type():
         "<devices>", "<devices><emulator>/usr/libexec/qemu-kvm</emulator>", 1)
     root = tree(domxml.primary_xml(with_one, RUN, QEMU_72, emulator=emu, machine=machine))
     assert [e.text for e in root.iterfind("devices/emulator")] == [emu]
+
+
+def _many_disks(count: int) -> str:
+    from ftlab import guest
+    return guest.engine_domain_xml(guest.EngineVm(
+        name="wide", mac=guest.guest_mac(2),
+        disks=tuple(guest.EngineDisk(f"/i/{i}.qcow2", str(uuid.UUID(int=i + 1)))
+                    for i in range(count))))
+
+
+def test_disks_that_do_not_fit_on_pci_0_are_refused_with_the_counts_and_the_fix():
+    # 29 free slots: 26 VirtIO disks beside a NIC, the balloon and the RNG fit, 27 not.
+    domxml.primary_xml(_many_disks(26), RUN, QEMU_72)
+    for make in (lambda xml: domxml.primary_xml(xml, RUN, QEMU_72), secondary):
+        with pytest.raises(domxml.Unsupported) as e:
+            make(_many_disks(27))
+        assert str(e.value) == (
+            "fault tolerance is not possible: the VM has 27 VirtIO disks and 3 other PCI "
+            "devices, more than the 29 free slots of pci.0 (vdsm-ft pins every device of a "
+            "COLO pair there, so that both sides have the same addresses, and puts none "
+            "behind a PCI bridge). Fix: attach the disks with the VirtIO-SCSI interface "
+            "(one controller slot for all of them), or give the VM fewer VirtIO disks or "
+            "NICs")

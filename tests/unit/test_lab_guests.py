@@ -17,6 +17,25 @@ def test_idle_guest_is_the_default():
     assert _guest({"ft": "true"}) == ("idle", None)
 
 
+def test_idle_guest_takes_a_shape():
+    import xml.etree.ElementTree as ET
+    xml = guest.idle_guest_xml("vm", "/i/0.qcow2", mac=guest.guest_mac(2), vcpus=4,
+                               memory_mib=1024, vm_id="6d1c7a8e-1d3e-4c55-9b8f-0a1b2c3d4e5f",
+                               extra_disks=(guest.EngineDisk("/i/1.qcow2", "id1"),
+                                            guest.EngineDisk("/i/2.qcow2", "id2")),
+                               extra_macs=(guest.guest_mac(258),))
+    dom = ET.fromstring(xml)
+    assert dom.findtext("vcpu") == "4" and dom.find("vcpu").get("current") == "4"
+    assert dom.find("cpu/topology").get("sockets") == "4"
+    assert dom.findtext("memory") == str(1024 * 1024)
+    assert [d.find("source").get("file") for d in dom.iterfind("devices/disk")] == [
+        "/i/0.qcow2", "/i/1.qcow2", "/i/2.qcow2"]
+    nics = list(dom.iterfind("devices/interface"))
+    assert [n.find("mac").get("address") for n in nics] == [guest.guest_mac(2),
+                                                           guest.guest_mac(258)]
+    assert len({n.find("alias").get("name") for n in nics}) == 2
+
+
 def test_linux_guest_gets_its_address():
     kind, net = _guest({"ftlab_guest": "linux", "ftlab_guest_ip": "10.78.0.10"})
     assert kind == "linux" and net is not None and net.address == "10.78.0.10"

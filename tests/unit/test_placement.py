@@ -36,10 +36,10 @@ CASES = [
      Limits(), None, {"host-b": "has 6.0 GiB"}),
     ("cap on FT VMs",
      [host("a"), host("b")], {"b": HostLoad(ft_vms=4, ft_vcpus=4)}, {}, Limits(),
-     None, {"host-b": "already has 4 FT VMs (cap 4)"}),
+     None, {"host-b": "already has 4 FT VMs (cap 4, [placement] max_vms_per_host)"}),
     ("cap on FT vCPUs",
      [host("a"), host("b")], {"b": HostLoad(ft_vms=1, ft_vcpus=7)}, {}, Limits(),
-     None, {"host-b": "FT vCPUs would be 9 (cap 8)"}),
+     None, {"host-b": "FT vCPUs would be 9 (cap 8, [placement] max_vcpus_per_host)"}),
     ("caps are configurable",
      [host("a"), host("b")], {"b": HostLoad(ft_vms=4, ft_vcpus=7)}, {},
      Limits(max_vms_per_host=5, max_vcpus_per_host=9), "b", {}),
@@ -81,6 +81,16 @@ def test_choose_peer(name, hosts, loads, problems, limits, expected, reasons):
     else:
         assert choice.refusal == ""
         assert expected not in {h.id for h in hosts if h.name in choice.rejected}
+
+
+def test_a_vm_wider_than_the_vcpu_cap_is_refused_everywhere_naming_the_setting():
+    wide = VmInfo(id="vm2", name="wide", cluster_id="c1", status="up", host_id="a",
+                  memory=1 * GiB, vcpus=12)
+    choice = choose_peer(wide, "a", [host("a"), host("b")], {}, Limits(), {})
+    assert choice.host is None
+    assert choice.rejected["host-b"] == (
+        "the VM's 12 vCPUs exceed the per-host FT vCPU cap on every host (cap 8, "
+        "[placement] max_vcpus_per_host): raise it or give the VM fewer vCPUs")
 
 
 def test_empty_cluster_refusal_is_explicit():
