@@ -10,9 +10,10 @@ import socket
 from dataclasses import dataclass
 
 from ftlab import netns
+from vdsm_ft.layout import run_dir_refusal
 from ftlab.vdsmdriver import HOOKS_DIR
-from ftlab.labstate import (DEFAULT_LAB_DIR, HOST_PREFIX, MAX_HOSTS, LabPaths, is_lab_dir,
-                            pid_alive, read_pid)
+from ftlab.labstate import (DEFAULT_LAB_DIR, HOST_PREFIX, MAX_HOSTS, LabPaths, host_name,
+                            is_lab_dir, pid_alive, read_pid)
 
 MIN_FREE_MEMORY = 4 << 30
 
@@ -164,6 +165,12 @@ def check(root: str, engine_port: int, hosts: int) -> list[Problem]:
         problems.append(Problem(f"{blocked} is not searchable by other users, so QEMU "
                                 f"(user {QEMU_USER}) cannot reach the lab's disk images",
                                 f"chmod o+x {blocked}, or choose another --lab-dir"))
+    # Each lab agent's run dir is <lab dir>/hosts/<host>/ft/run (ftlab/hostagent.py).
+    too_long = run_dir_refusal(os.path.join(os.path.abspath(root), "hosts",
+                                            host_name(hosts), "ft", "run"))
+    if too_long:
+        problems.append(Problem(f"the lab directory is too long for its agents' run "
+                                f"directories: {too_long}", "choose a shorter --lab-dir"))
     if os.path.exists(root) and not is_lab_dir(root):
         problems.append(Problem(f"{root} exists and is not a lab directory",
                                 "choose a new path with --lab-dir (lab up makes it; lab down "

@@ -28,10 +28,22 @@ def destroy(conn: libvirt.virConnect, name: str) -> bool:
     try:
         dom.destroy()
     except libvirt.libvirtError as exc:
-        if dom.isActive():
+        # Its QEMU may exit meanwhile (killed just before, as kill_qemu does): a
+        # transient domain then goes, and "no domain" is what was wanted.
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN and _active(dom):
             raise DomainError(f"cannot destroy {name}: {exc.get_error_message()}") \
                 from None
     return True
+
+
+def _active(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise DomainError(f"libvirt cannot tell whether {dom.name()} runs: "
+                          f"{exc.get_error_message()}") from None
 
 
 def running_name(conn: libvirt.virConnect, uuid: str) -> str | None:

@@ -34,6 +34,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from vdsm_ft.agenterrors import ID_RULE, is_id
+from vdsm_ft.layout import run_dir_refusal
 
 DEFAULT_PATH = "/etc/vdsm-ft/agent.conf"
 PATH_ENV = "VDSM_FT_CONFIG"
@@ -334,6 +335,14 @@ def require_secure_etcd(config: HostConfig) -> None:
                              "[etcd] ca, cert and key", "[etcd] allow_plain_http")
     if why and not config.etcd_allow_plain_http:
         raise ConfigError(f"{config.path}: {why}")
+
+
+def require_socket_room(config: HostConfig) -> None:
+    """The agent's check before it serves VMs: their sockets fit under `run_dir` (checked
+    by the agent, not at load: the hooks and tests read configs with any run_dir)."""
+    too_long = run_dir_refusal(config.run_dir)
+    if too_long:
+        raise ConfigError(f"{config.path}: [agent] run_dir = {too_long}")
 
 
 def config_path(env: dict[str, str] | None = None) -> str:

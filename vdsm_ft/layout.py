@@ -16,8 +16,9 @@ QMP_CHARDEV = "ftqmp"
 # Its socket in the VM's run dir. A secondary's domain has its own file: after a failover
 # the survivor migrates into a new domain in the same run dir (vdsm_ft/identity.py), and
 # a QEMU that exits unlinks its listening socket, which must not be the new one's.
-# Names short: a unix socket path has at most 107 bytes, run dir included.
+# Names short: a unix socket path has at most SOCKET_PATH_MAX bytes, run dir included.
 QMP_SOCKET = "qmp.sock"
+SOCKET_PATH_MAX = 107              # sun_path holds 108 bytes with its NUL
 SECONDARY_QMP_SOCKET = "qmp-sec.sock"
 # Secondary domains are named <vm name> + this, with a UUID derived in this namespace
 # (docs/engine-view.md). Never change it: a running pair's secondary UUID is recomputed
@@ -192,3 +193,22 @@ def qmp_socket(run_dir: str, domain: str) -> str:
 
 def secondary_uuid(vm_uuid: str, generation: int) -> str:
     return str(uuid.uuid5(FT_NAMESPACE, f"{vm_uuid}/secondary/{generation}"))
+
+
+def longest_socket(run_dir: str) -> str:
+    """The longest socket path of a VM under an agent's `run_dir`: a 100th NIC's compare
+    socket (Nic), longer than either QMP socket or the identity migration's."""
+    vm_dir = os.path.join(run_dir, "vms", str(uuid.UUID(int=0)))   # HostConfig.vm_run_dir
+    return VmLayout("", "", vm_dir).unix_socket(Nic(99, "").compare_pri_chardevs[0])
+
+
+def run_dir_refusal(run_dir: str) -> str | None:
+    """Why `run_dir` cannot hold the VMs' sockets, or None. QEMU and the agent could
+    not bind or reach them, and the only sign would be a QMP socket that never answers."""
+    longest = len(os.fsencode(longest_socket(run_dir)))
+    if longest <= SOCKET_PATH_MAX:
+        return None
+    room = SOCKET_PATH_MAX - (longest - len(os.fsencode(run_dir)))
+    return (f"{run_dir} is too long: the VMs' sockets under it would have paths of up to "
+            f"{longest} bytes, and a unix socket path holds at most {SOCKET_PATH_MAX}; use "
+            f"a directory of at most {room} bytes")

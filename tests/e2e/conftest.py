@@ -38,7 +38,7 @@ class LabCli:
 @pytest.fixture
 def lab_cli(kvm):
     _no_lab_running()
-    parent = tempfile.mkdtemp(prefix="ftlab-e2e-", dir="/var/tmp")
+    parent = tempfile.mkdtemp(prefix="fte2e-", dir="/var/tmp")
     os.chmod(parent, 0o755)              # QEMU (libvirt-qemu) traverses into the lab dir
     cli = LabCli(os.path.join(parent, "lab"), _free_port())
     yield cli
@@ -108,7 +108,7 @@ def lab_up(kvm):
     and removed with `lab down` when the module ends. Module scope: pytest tears it down
     before the next module's tests start, so it never runs beside `lab_cli`'s lab."""
     _no_lab_running()
-    parent = tempfile.mkdtemp(prefix="ftlab-e2e-", dir="/var/tmp")
+    parent = tempfile.mkdtemp(prefix="fte2e-", dir="/var/tmp")
     os.chmod(parent, 0o755)
     cli = LabCli(os.path.join(parent, "lab"), _free_port())
     try:

@@ -19,7 +19,7 @@ import pytest
 
 from ftlab import guest
 from ftlab.agentlab import AgentLab, AgentLabError
-from vdsm_ft import domains, domxml, hostconfig, libvirtconn, vmstats
+from vdsm_ft import domains, hostconfig, libvirtconn, vmstats
 from vdsm_ft.api import VmState
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -150,13 +150,15 @@ def test_protect_cycle_through_agents_that_log_in(lab):
     assert is_ft and state in (vmstats.RUNNING, vmstats.PAUSED), (is_ft, state)
 
     lab.vdsm["sl-a"].destroy_vm(vm.vm_id)     # the agents tear the pair down
+    # The agent kills the secondary's QEMU and then destroys its domain: wait for both,
+    # as libvirt may still list the domain just after its QEMU has gone.
     deadline = time.monotonic() + 15
-    while lab.qemu_pid("sl-b", domxml.secondary_name(vm.name)) is not None:
-        assert time.monotonic() < deadline, "the secondary outlived the VM's stop"
-        time.sleep(0.1)
     conn = lab.host("sl-b").connect()
     try:
-        assert vm.secondary_name not in [d.name() for d in conn.listAllDomains()]
+        while lab.qemu_pid("sl-b", vm.secondary_name) is not None or \
+                vm.secondary_name in [d.name() for d in conn.listAllDomains()]:
+            assert time.monotonic() < deadline, "the secondary outlived the VM's stop"
+            time.sleep(0.1)
     finally:
         conn.close()
     for agent in lab.agents:

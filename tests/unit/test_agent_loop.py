@@ -632,3 +632,28 @@ def test_a_status_without_arbiter_alert_still_parses():
                         role=Role.PRIMARY).to_dict()
     del data["arbiter_alert"]
     assert api.VmStatus.from_dict(data).arbiter_alert == ""
+
+
+def test_a_vms_lock_excludes_while_held_and_is_dropped_with_its_last_user(config, agents):
+    """Services.vm_lock: a second user waits for the first; once nobody holds or waits
+    for a VM's lock, the agent keeps nothing for it (hosts see VMs come and go)."""
+    services = agents(config).services
+    waiting, order = threading.Event(), []
+
+    def second() -> None:
+        waiting.set()
+        with services.vm_lock(VM):
+            order.append("second")
+
+    with services.vm_lock(VM):
+        with services.vm_lock(VM):          # re-entrant: forget runs kill_qemu under it
+            assert services.locked_vms() == 1
+        t = threading.Thread(target=second)
+        t.start()
+        waiting.wait(5.0)
+        time.sleep(0.1)
+        order.append("first")
+        assert services.locked_vms() == 1
+    t.join(5.0)
+    assert order == ["first", "second"]
+    assert services.locked_vms() == 0

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 
 import pytest
 
 from vdsm_ft import hostconfig
+from vdsm_ft.agent import main as agent_main
 from vdsm_ft.hostconfig import ConfigError, HostConfig
+from vdsm_ft.layout import longest_socket
 
 MINIMAL = """\
 [host]
@@ -169,3 +174,30 @@ def test_config_is_frozen(tmp_path):
     with pytest.raises(AttributeError):
         cfg.host_id = "other"            # type: ignore[misc]
     assert isinstance(cfg, HostConfig)
+
+
+def test_a_run_dir_too_long_for_the_vms_sockets_is_refused_with_the_room_left(tmp_path):
+    """A VM's sockets live under run_dir; past 107 bytes QEMU cannot bind them and the
+    agent saw only a QMP socket that never answered (the nemesis soak's lab did)."""
+    base = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
+    try:
+        fits = os.path.join(base, "x" * (49 - len(base) - 1))    # 49 bytes exactly
+        cfg = hostconfig.load(_write(tmp_path, MINIMAL + f"\n[agent]\nrun_dir = {fits}\n"))
+        hostconfig.require_socket_room(cfg)
+        sock_path = longest_socket(fits)
+        os.makedirs(os.path.dirname(sock_path))
+        with socket.socket(socket.AF_UNIX) as s:             # the longest one binds
+            s.bind(sock_path)
+        cfg = hostconfig.load(_write(tmp_path, MINIMAL + f"\n[agent]\nrun_dir = {fits}y\n"))
+        with pytest.raises(ConfigError, match=r"\[agent\] run_dir = .* is too long: .* "
+                                              r"holds at most 107; use a directory of at "
+                                              r"most 49 bytes"):
+            hostconfig.require_socket_room(cfg)
+    finally:
+        shutil.rmtree(base)
+
+
+def test_the_agent_exits_2_naming_a_run_dir_too_long(tmp_path, caplog):
+    path = _write(tmp_path, MINIMAL + f"\n[agent]\nrun_dir = /{'r' * 60}\n")
+    assert agent_main.main(["--config", path]) == 2
+    assert "run_dir = /rrr" in caplog.text and "is too long" in caplog.text

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         config = hostconfig.load(args.config)
+        hostconfig.require_socket_room(config)
         agent = Agent(config)
     except (hostconfig.ConfigError, HeartbeatKeyError) as exc:
         log.error("%s", exc)

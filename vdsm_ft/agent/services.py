@@ -11,7 +11,8 @@ import logging
 import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, Protocol, TypeVar
 
 from vdsm_ft import colo, domains, domxml, emulator, hostconfig, libvirtconn, replica
@@ -61,7 +62,9 @@ class Services(Generic[C]):
         self._clients: dict[tuple[str, int], AgentClient] = {}
         # Ports are chosen against every controller's record: one choice at a time.
         self._lock = threading.RLock()
-        self._vm_locks: dict[str, threading.RLock] = {}
+        # vm_id -> (lock, holders and waiters): an entry goes with its last user, so the
+        # map holds only VMs being worked on, not every VM this host has ever seen.
+        self._vm_locks: dict[str, tuple[threading.RLock, int]] = {}
 
     # -- records -------------------------------------------------------------------
 
@@ -89,12 +92,29 @@ class Services(Generic[C]):
         except ArbiterError as exc:
             log.warning("%s: could not record the pair as Down: %s", rec.name, exc)
 
-    def vm_lock(self, vm_id: str) -> threading.RLock:
+    @contextmanager
+    def vm_lock(self, vm_id: str) -> Iterator[None]:
         """Held by `forget` until the VM's QEMU, domain and disks are gone, and by a
         prepare-secondary (secondary.py) from its look for an older controller until
         its new one is installed: a new secondary never meets the old one's domain."""
         with self._lock:
-            return self._vm_locks.setdefault(vm_id, threading.RLock())
+            lock, users = self._vm_locks.get(vm_id, (threading.RLock(), 0))
+            self._vm_locks[vm_id] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._vm_locks[vm_id]
+                if users == 1:
+                    del self._vm_locks[vm_id]
+                else:
+                    self._vm_locks[vm_id] = (lock, users - 1)
+
+    def locked_vms(self) -> int:
+        """How many VMs have their lock held or awaited now."""
+        with self._lock:
+            return len(self._vm_locks)
 
     def superseded(self, ctl: C) -> bool:
         """Another controller owns `ctl`'s VM now. Its QEMU and domain have the same
