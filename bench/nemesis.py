@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -436,6 +437,22 @@ def lab_cli(lab_dir: str, *args: str, timeout: float) -> subprocess.CompletedPro
                            *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def keep_logs(lab_dir: str, dest: str) -> int:
+    """Copy every log of the lab (supervisor, poller, agents, libvirtd, QEMU domains, etcd)
+    to dest, keeping their paths; `lab down` deletes them with the lab."""
+    kept = 0
+    for root, _, files in os.walk(lab_dir):
+        for name in files:
+            if not name.endswith(".log"):
+                continue
+            src = os.path.join(root, name)
+            to = os.path.join(dest, os.path.relpath(src, lab_dir))
+            os.makedirs(os.path.dirname(to), exist_ok=True)
+            shutil.copyfile(src, to)
+            kept += 1
+    return kept
+
+
 def start_vm(lab: Lab, tl: Timeline, index: int) -> SoakVm:
     vms = lab.conn.system_service().vms_service()
     name = f"nemesis{index}-{uuid.uuid4().hex[:4]}"
@@ -524,10 +541,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--vms", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--logs", help="keep the lab's logs here (by default only when an "
+                                       "invariant broke, under /var/tmp)")
     args = parser.parse_args()
     tl = Timeline()
     tl.say(f"nemesis: seed {args.seed}, {args.minutes} min, {args.vms} VMs")
-    parent = tempfile.mkdtemp(prefix="ftlab-nemesis-", dir="/var/tmp")
+    parent = tempfile.mkdtemp(prefix="ftn-", dir="/var/tmp")
     os.chmod(parent, 0o755)                # QEMU (libvirt-qemu) traverses into the lab dir
     lab_dir = os.path.join(parent, "lab")
     try:
@@ -538,10 +557,15 @@ def main() -> int:
             return 2
         tl.say("lab up, 4 hosts")
         lab = Lab(read_state(lab_dir))
+        soak = None
         try:
             soak = soak_on(lab, args, tl)
         finally:
             lab.close()
+            logs = args.logs or (None if soak is not None and not soak.broken else
+                                 f"/var/tmp/nemesis-seed{args.seed}-{int(time.time())}")
+            if logs:
+                tl.say(f"{keep_logs(lab_dir, logs)} lab logs kept in {logs}")
     finally:
         down = lab_cli(lab_dir, "down", timeout=180)
         tl.say(f"lab down: exit {down.returncode}")
