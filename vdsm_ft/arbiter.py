@@ -13,12 +13,15 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from vdsm_ft import etcd
 from vdsm_ft.etcd import (ArbiterAuthError, ArbiterError, ArbiterRejected, ArbiterTlsError,
                           ArbiterUnavailable, InvalidArgument, check_timeout)
 from vdsm_ft.qemu_probe import QemuCapability
+
+if TYPE_CHECKING:
+    from vdsm_ft.hostconfig import HostConfig
 
 # The transport's errors are part of this module's API: callers of Arbiter catch them here.
 __all__ = [
@@ -610,6 +613,13 @@ class Arbiter:
         kv, ckv, skv = etcd.ranges(result)
         mark = None if skv is None else StaleImage.decode(skv.value)
         return _live_other(vm_id, host, kv, ckv), mark
+
+
+def host_arbiter(config: "HostConfig") -> Arbiter:
+    """The arbiter as a host's agent and hooks reach it, from their agent.conf."""
+    return Arbiter(config.etcd_endpoints, ca_cert=config.etcd_ca, cert=config.etcd_cert,
+                   key=config.etcd_key, username=config.etcd_username,
+                   password=config.etcd_password)
 
 
 def _live_other(vm_id: str, host: str, kv: etcd.Kv | None, ckv: etcd.Kv | None) -> str | None:

@@ -95,10 +95,8 @@ class HookContext:
 
     @cached_property
     def arbiter(self) -> "LiveCheck":
-        from vdsm_ft.arbiter import Arbiter
-        c = self.config
-        return Arbiter(c.etcd_endpoints, ca_cert=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key,
-                       username=c.etcd_username, password=c.etcd_password)
+        from vdsm_ft.arbiter import host_arbiter
+        return host_arbiter(self.config)
 
 
 def _no_ft(env: Mapping[str, str]) -> bool:

@@ -25,7 +25,7 @@ from vdsm_ft.agent.secondary import Secondaries
 from vdsm_ft.agent.services import Services
 from vdsm_ft.agent.store import ImageNotes, Store, VmRecord
 from vdsm_ft.api import AgentServer, Role, TlsFiles, VmState, client_context
-from vdsm_ft.arbiter import ARBITER_BOUND_S, Arbiter, check_fencing_budget
+from vdsm_ft.arbiter import ARBITER_BOUND_S, check_fencing_budget, host_arbiter
 from vdsm_ft.hookapi import HookServer, serve_hooks
 
 log = logging.getLogger("vdsm_ft.agent")
@@ -40,9 +40,7 @@ class Agent:
         detection_ms = int((config.heartbeat_timeout + config.heartbeat_interval) * 1000)
         check_fencing_budget(detection_ms, colo.COMPARE_TIMEOUT_MS)
         self.store = Store(os.path.join(config.state_dir, "vms"))
-        self.arbiter = Arbiter(config.etcd_endpoints, ca_cert=config.etcd_ca,
-                               cert=config.etcd_cert, key=config.etcd_key,
-                               username=config.etcd_username, password=config.etcd_password)
+        self.arbiter = host_arbiter(config)
         self.arbiter_bound = ARBITER_BOUND_S
         self.emulators = emulator.CachedEmulators()
         self.tls = TlsFiles(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca)
