@@ -63,15 +63,14 @@ import ovirtsdk4.types as types
 
 from colo_report import dump_json, fmt, summary
 
-from engine_plugin import config
-from engine_plugin.poller import make_arbiter
 from ftlab.demo import (BLOCK, COVER_CHECKPOINTS, FailoverWatch, Lab, Timeline, pattern,
                         probe_layout, remove_ft_vm, wait_up)
 from ftlab.diskprobe import pattern_matches, write_pattern
-from ftlab.labstate import LabPaths, read_state
+from ftlab.labstate import read_state
 from ftlab.livecopies import copies, live_outside_colo
 from ftlab.vdsmdriver import IDLE_TEMPLATE, REPO
-from vdsm_ft import colo
+from vdsm_ft import colo, hostconfig
+from vdsm_ft.arbiter import host_arbiter
 from vdsm_ft.api import Role, VmState, VmStatus
 
 MiB = 1 << 20
@@ -122,6 +121,7 @@ class Soak:
         self.crashed_hosts: set[str] = set()
         self.broken: list[str] = []
         self.failovers_ms: list[float] = []
+        self.failovers_seen = 0
         self.reprotect_s: list[float] = []
         self.faults_drawn: dict[str, int] = {k: 0 for k in FAULT_KINDS}
         self.writes = self.covered = 0
@@ -201,7 +201,9 @@ class Soak:
                 lost = [seq for block, seq in blocks if not pattern_matches(
                     mon, layout, disk, block * BLOCK, BLOCK, pattern(seq))]
             except Exception as e:
-                self.tl.say(f"{vm.name}: blocks not checked on {host}: {e}")
+                # After a failover the primary may be gone again; the final check must read.
+                (self.tl.say if sample is not None else self.break_)(
+                    f"{vm.name}: blocks not checked on {host}: {e}")
                 return
         if lost:
             self.break_(f"{vm.name}: covered blocks {lost[:10]} lost on {host} "
@@ -237,6 +239,7 @@ class Soak:
                 self.tl.say(f"REACTION {vm.name}: primary {vm.primary} -> {host} "
                             f"({st.state.value}, generation {st.generation})")
                 vm.primary, vm.failed_over_at = host, now
+                self.failovers_seen += 1
                 self.check_blocks(vm, host, SAMPLE_AFTER_FAILOVER)
             elif vm.primary is None:
                 vm.primary = host
@@ -331,7 +334,7 @@ class Soak:
         ctl = self.lab.control
         if kind == "qemu-crash":
             host = self.role_host(vm, roles[0] if roles[0] != "spare" else "primary")
-            self._timed_failover(vm, host == self.role_host(vm, "primary"),
+            self._timed_failover([vm], host,
                                  lambda: ctl("qemu-crash", vm=vm.name, host=host))
             self.tl.say(f"FAULT qemu-crash {vm.name} on {host} ({roles[0]})")
             return None
@@ -343,8 +346,7 @@ class Soak:
         if kind == "host-crash":
             with self.state_lock:
                 self.crashed_hosts.add(host)
-            self._timed_failover(vm, host == self.role_host(vm, "primary"),
-                                 lambda: ctl("host-crash", host=host))
+            self._timed_failover(self.vms, host, lambda: ctl("host-crash", host=host))
         elif kind == "agent-crash":
             with self.state_lock:
                 self.crashed_agents.add(host)
@@ -362,26 +364,30 @@ class Soak:
                     f"{heal_at - time.monotonic():.0f}s")
         return Fault(kind, (host,), heal_at)
 
-    def _timed_failover(self, vm: SoakVm, kills_primary: bool, inject) -> None:
-        """Inject; when it kills a Protected VM's primary, time the failover on the
-        secondary's agent (FailoverWatch, as the fault suite does)."""
-        found = self.protected(vm) if kills_primary else None
-        if found is None:
-            inject()
-            return
-        watch = FailoverWatch(self.lab, found[1].secondary_host, vm.id)
-        watch.start()
+    def _timed_failover(self, victims: list[SoakVm], host: str | None, inject) -> None:
+        """Inject; for every Protected VM among `victims` whose primary is on `host`,
+        time the failover on its secondary's agent (FailoverWatch, as the fault suite
+        does)."""
+        watches = []
+        for vm in victims:
+            found = self.protected(vm)
+            if found is not None and found[0] == host:
+                to = found[1].secondary_host
+                watch = FailoverWatch(self.lab, to, vm.id)
+                watch.start()
+                watches.append((vm, to, watch))
         t0 = time.monotonic()
         inject()
 
-        def timed() -> None:
+        def timed(vm: SoakVm, to: str, watch: FailoverWatch) -> None:
             watch.join(30)
             watch.stop.set()
             if watch.seen_at is not None:
                 self.failovers_ms.append((watch.seen_at - t0) * 1000)
-                self.tl.say(f"REACTION {vm.name}: failover to {found[1].secondary_host} "
+                self.tl.say(f"REACTION {vm.name}: failover to {to} "
                             f"{(watch.seen_at - t0) * 1000:.0f} ms after the fault")
-        threading.Thread(target=timed, daemon=True).start()
+        for args in watches:
+            threading.Thread(target=timed, args=args, daemon=True).start()
 
     def heal(self, fault: Fault) -> None:
         ctl = self.lab.control
@@ -480,8 +486,8 @@ def wait_all_protected(soak: Soak, timeout: float) -> bool:
 
 
 def soak_on(lab: Lab, args: argparse.Namespace, tl: Timeline) -> Soak:
-    paths = LabPaths(lab.state.lab_dir)
-    arbiter = make_arbiter(config.load(paths.poller_conf, env={}))
+    # Pair records are the agents' keys: read them as an agent does (vdsm_ft/etcdroles.py).
+    arbiter = host_arbiter(hostconfig.load(lab.state.hosts[0].agent_config))
     vms = [start_vm(lab, tl, i) for i in range(args.vms)]
     soak = Soak(lab, vms, random.Random(args.seed), tl, arbiter)
     if not wait_all_protected(soak, START_TIMEOUT_S):
@@ -516,11 +522,13 @@ def soak_on(lab: Lab, args: argparse.Namespace, tl: Timeline) -> Soak:
 def report(soak: Soak, args: argparse.Namespace) -> dict:
     result = {"seed": args.seed, "minutes": args.minutes, "vms": args.vms,
               "faults": soak.faults_drawn, "writes": soak.writes, "covered": soak.covered,
-              "broken": soak.broken, "failover_ms": soak.failovers_ms,
+              "broken": soak.broken, "failovers": soak.failovers_seen,
+              "failover_ms": soak.failovers_ms,
               "reprotect_s": soak.reprotect_s}
     print(f"\nnemesis seed {args.seed}, {args.minutes} min, {args.vms} VMs on {HOSTS} hosts")
     print("faults fired: " + ", ".join(f"{k} {n}" for k, n in soak.faults_drawn.items()))
-    print(f"writes {soak.writes}, covered {soak.covered}")
+    print(f"writes {soak.writes}, covered {soak.covered}, failovers seen "
+          f"{soak.failovers_seen} ({len(soak.failovers_ms)} timed)")
     if soak.failovers_ms:
         print(f"failover (fault -> survivor primary): {fmt(summary(soak.failovers_ms))}")
     if soak.reprotect_s:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from engine_plugin import config, reconcile
 from engine_plugin.agents import Agents, AgentView
@@ -23,9 +23,6 @@ from engine_plugin.engine import (Engine, EngineAuthFailed, EngineConflict, Engi
                                   EngineNotFound, EngineRejected, EngineUnavailable)
 from engine_plugin.events import Event, EventLog
 from vdsm_ft.api import AgentError, Role, VmState
-
-if TYPE_CHECKING:
-    from vdsm_ft.arbiter import Arbiter
 
 log = logging.getLogger("ovirt-ft-poller")
 
@@ -249,18 +246,12 @@ def make_lease(settings: config.Settings) -> Lease | None:
     endpoints = settings.poller.etcd_endpoints
     if not endpoints:
         return None
-    from vdsm_ft.arbiter import LeaderLease
-    p = settings.poller
-    return LeaderLease(make_arbiter(settings), p.lease_name, p.holder, p.lease_ttl)
-
-
-def make_arbiter(settings: config.Settings) -> "Arbiter":
-    """The arbiter client with the poller's etcd endpoints, TLS files and etcd user."""
     config.require_secure_etcd(settings)
-    from vdsm_ft.arbiter import Arbiter
+    from vdsm_ft.arbiter import Arbiter, LeaderLease
     p = settings.poller
-    return Arbiter(list(p.etcd_endpoints), ca_cert=p.etcd_ca, cert=p.etcd_cert,
-                   key=p.etcd_key, username=p.etcd_username, password=p.etcd_password)
+    arbiter = Arbiter(list(endpoints), ca_cert=p.etcd_ca, cert=p.etcd_cert, key=p.etcd_key,
+                      username=p.etcd_username, password=p.etcd_password)
+    return LeaderLease(arbiter, p.lease_name, p.holder, p.lease_ttl)
 
 
 def main(argv: list[str] | None = None) -> int:
