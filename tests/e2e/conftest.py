@@ -102,6 +102,12 @@ def _no_lab_running() -> None:
                     "ftlab-host* namespaces exist); run `vdsm-ft lab down` first")
 
 
+@pytest.fixture
+def no_lab(kvm):
+    """For a test that brings up a lab of its own (bench/nemesis.py does)."""
+    _no_lab_running()
+
+
 @pytest.fixture(scope="module")
 def lab_up(kvm):
     """One lab for a whole test module, brought up with `vdsm-ft lab up` as a user does
