@@ -9,16 +9,19 @@ protected them, then for `--minutes` draws faults from the lab's list and heals 
 - host-crash (every process of a host, its etcd member included) and revive;
 - qemu-crash of a VM's primary or secondary (the agents and the poller heal it);
 - agent-crash and restart;
+- etcd-crash of a host's member alone (its host and agent go on) and restart;
 - partition between two hosts and heal;
 - slow-link (3% loss, 200 mbit: this kernel has no sch_netem for delays) and clear;
 - engine-down and up;
 - disk-full on a host's replica directory and undo.
 At most MAX_ACTIVE faults are active at once, a host carries one fault at a time, and
-at most one host is crashed at a time: each host is an etcd member, and 4 members keep
-quorum with one down.
+at most one etcd member is down at a time, alone or with its crashed host: each host
+runs a member, and 4 members keep quorum with one down. A host or QEMU crash that would
+kill the only copy of a VM that is not Protected does not fire: FT promises to survive
+one failure of a Protected VM, and the VM would be lost by design.
 
-The lab cannot yet do: an etcd member loss on its own (only with its host), a slow
-link with a delay (no sch_netem), a fault on the engine's own network.
+The lab cannot yet do: a slow link with a delay (no sch_netem), a fault on the engine's
+own network.
 
 Load: a writer per VM writes numbered 64 KiB blocks (pattern = sequence number) through
 the current primary's quorum node while the VM is Protected. A block counts as covered
@@ -87,8 +90,8 @@ WRITER_BLOCKS = 1024               # 64 MiB disk / 64 KiB
 COVER_TIMEOUT_S = 30.0
 SAMPLE_AFTER_FAILOVER = 32
 AGENT_DOWN_TICKS = 5               # an agent must answer within this many checks
-FAULT_KINDS = ("host-crash", "qemu-crash", "agent-crash", "partition", "slow-link",
-               "engine-down", "disk-full")
+FAULT_KINDS = ("host-crash", "qemu-crash", "agent-crash", "etcd-crash", "partition",
+               "slow-link", "engine-down", "disk-full")
 ROLES = ("primary", "secondary", "spare")
 
 
@@ -119,6 +122,7 @@ class Soak:
         self.active: list[Fault] = []
         self.crashed_agents: set[str] = set()
         self.crashed_hosts: set[str] = set()
+        self.crashed_etcd: set[str] = set()
         self.broken: list[str] = []
         self.failovers_ms: list[float] = []
         self.failovers_seen = 0
@@ -302,6 +306,15 @@ class Soak:
         spares = [h for h in self.hosts if h not in (primary, secondary)]
         return spares[self.rng.randrange(len(spares))] if spares else None
 
+    def lone_copies(self, host: str, among: list[SoakVm]) -> list[str]:
+        """The VMs among `among` whose primary runs on `host` and are not Protected."""
+        lone = []
+        for vm in among:
+            found = self.primary_status(vm)
+            if found is not None and found[0] == host and self.protected(vm) is None:
+                lone.append(vm.name)
+        return lone
+
     def busy(self) -> set[str]:
         return {h for f in self.active for h in f.hosts}
 
@@ -315,15 +328,25 @@ class Soak:
         heal_at = time.monotonic() + hold
         busy = self.busy()
         targets = []
-        for role in roles:
+        if kind == "qemu-crash":
+            h = self.role_host(vm, roles[0] if roles[0] != "spare" else "primary")
+            targets = [h] if h is not None else []
+        for role in roles if kind != "qemu-crash" else ():
             h = self.role_host(vm, role)
             if h is not None and h not in busy and h not in targets:
                 targets.append(h)
         engine_out = any(f.kind == "engine-down" for f in self.active)
-        if kind == "engine-down" and engine_out or kind == "host-crash" and \
-                self.crashed_hosts or kind == "partition" and len(targets) < 2 or \
-                kind not in ("engine-down", "qemu-crash") and not targets:
-            self.tl.say(f"nemesis: drew {kind} on {vm.name} {roles}: cannot fire now")
+        # One etcd member down at most, whether alone or with its host (4 keep quorum).
+        member_down = self.crashed_hosts or self.crashed_etcd
+        # FT survives one failure of a Protected VM: killing the only copy of a VM that
+        # is not Protected (yet, or any more) loses it by design, so that never fires.
+        lone = kind in ("host-crash", "qemu-crash") and targets and \
+            self.lone_copies(targets[0], [vm] if kind == "qemu-crash" else self.vms)
+        if kind == "engine-down" and engine_out or kind in ("host-crash", "etcd-crash") \
+                and member_down or kind == "partition" and len(targets) < 2 or \
+                kind != "engine-down" and not targets or lone:
+            why = f" (would kill the only copy of {', '.join(lone)})" if lone else ""
+            self.tl.say(f"nemesis: drew {kind} on {vm.name} {roles}: cannot fire now{why}")
             return
         self.faults_drawn[kind] += 1
         try:
@@ -338,7 +361,7 @@ class Soak:
               heal_at: float) -> Fault | None:
         ctl = self.lab.control
         if kind == "qemu-crash":
-            host = self.role_host(vm, roles[0] if roles[0] != "spare" else "primary")
+            host = targets[0]
             self._timed_failover([vm], host,
                                  lambda: ctl("qemu-crash", vm=vm.name, host=host))
             self.tl.say(f"FAULT qemu-crash {vm.name} on {host} ({roles[0]})")
@@ -356,6 +379,9 @@ class Soak:
             with self.state_lock:
                 self.crashed_agents.add(host)
             ctl("agent-crash", host=host)
+        elif kind == "etcd-crash":
+            self.crashed_etcd.add(host)
+            ctl("etcd-crash", host=host)
         elif kind == "partition":
             ctl("partition", a=targets[0], b=targets[1])
             self.tl.say(f"FAULT partition {targets[0]} <-> {targets[1]} "
@@ -407,6 +433,9 @@ class Soak:
                 ctl("agent-crash", host=fault.hosts[0], restart=True)
                 with self.state_lock:
                     self.crashed_agents.discard(fault.hosts[0])
+            elif fault.kind == "etcd-crash":
+                ctl("etcd-crash", host=fault.hosts[0], restart=True)
+                self.crashed_etcd.discard(fault.hosts[0])
             elif fault.kind == "partition":
                 ctl("partition", a=fault.hosts[0], b=fault.hosts[1], heal=True)
             elif fault.kind == "slow-link":

@@ -147,6 +147,8 @@ def cmd_fault(args: argparse.Namespace) -> int:
         result = _control(args, "qemu-crash", vm=args.vm, host=args.host)
     elif kind == "agent-crash":
         result = _control(args, "agent-crash", host=args.host, restart=args.restart)
+    elif kind == "etcd-crash":
+        result = _control(args, "etcd-crash", host=args.host, restart=args.restart)
     elif kind == "vdsm-restart":
         result = _control(args, "vdsm-restart", host=args.host)
     elif kind == "partition":
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = faults.add_parser("agent-crash", help="SIGKILL a host's agent")
     f.add_argument("host")
     f.add_argument("--restart", action="store_true", help="start the agent again instead")
+    f = faults.add_parser("etcd-crash", help="SIGKILL a host's etcd member alone (one "
+                          "member at most: a second would risk the cluster's quorum)")
+    f.add_argument("host")
+    f.add_argument("--restart", action="store_true", help="start the member again instead")
     f = faults.add_parser("vdsm-restart", help="restart a host's VDSM stand-in: it recovers "
                           "the host's domains and kills those with metadata it cannot recover")
     f.add_argument("host")

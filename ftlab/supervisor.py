@@ -276,6 +276,24 @@ class Supervisor:
             agent.crash()
         return f"agent on {host} killed (SIGKILL); its QEMUs go on"
 
+    def op_etcd_crash(self, host: str, restart: bool = False) -> str:
+        """SIGKILL the etcd member on `host` alone (its host, agent and QEMUs go on), or
+        start it again on its data dir."""
+        assert self.etcd is not None
+        i = self.hosts.index(self.host(host))
+        with self.lock:
+            if restart:
+                if not self.etcd.is_running(i):
+                    self.etcd.start_member(i)
+                return f"etcd member on {host} restarted"
+            down = [self.hosts[j].name for j in range(len(self.hosts))
+                    if j != i and not self.etcd.is_running(j)]
+            if down:
+                raise ValueError(f"the etcd member on {' '.join(down)} is down already: "
+                                 "with a second one down the cluster may lose quorum")
+            self.etcd.stop_member(i, kill=True)
+        return f"etcd member on {host} killed (SIGKILL)"
+
     def op_qemu_crash(self, vm: str, host: str | None = None) -> str:
         """SIGKILL the QEMU of `vm` (name or id): on `host`, else where it runs as the
         primary of the newest generation."""
@@ -389,6 +407,7 @@ class Supervisor:
     def handlers(self) -> dict[str, Any]:
         return {"status": self.op_status, "host-crash": self.op_host_crash,
                 "host-revive": self.op_host_revive, "agent-crash": self.op_agent_crash,
+                "etcd-crash": self.op_etcd_crash,
                 "vdsm-restart": self.op_vdsm_restart,
                 "qemu-crash": self.op_qemu_crash, "partition": self.op_partition,
                 "slow-link": self.op_slow_link, "engine-down": self.op_engine_down,

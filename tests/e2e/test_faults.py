@@ -344,6 +344,36 @@ def test_agent_crash_changes_nothing_and_protection_goes_on(fl, vms):
     final_state(fl, vm)
 
 
+def test_etcd_member_lost_alone_then_its_host_crash_still_fails_over(fl, vms, revive_after):
+    """The primary's etcd member dies alone: protection goes on, and a second member is
+    refused (quorum). Then that host crashes too: the survivor wins its claim on the
+    members left and keeps every covered block."""
+    vm = start_ft_vm(fl)
+    vms.append(vm)
+    st, covered = protect_and_cover(fl, vm)
+    secondary = st.secondary_host
+
+    revive_after.append(vm.primary)         # its revival restarts the member too
+    fl.fault("etcd-crash", vm.primary)
+    try:
+        refused = fl.cli.run("fault", "etcd-crash", secondary, timeout=60)
+        assert refused.returncode != 0 and "quorum" in refused.stdout + refused.stderr, \
+            refused
+        start = checkpoints(fl, vm.primary, vm)
+        wait_for("checkpoints with one etcd member down",
+                 lambda: checkpoints(fl, vm.primary, vm) >= start + 2, 30)
+        assert fl.lab.vm_status(vm.primary, vm.id).state is VmState.PROTECTED
+    except BaseException:
+        fl.fault("etcd-crash", vm.primary, "--restart")    # the next tests need it
+        raise
+
+    after = fail_over(fl, vm, secondary, lambda: fl.fault("host-crash", vm.primary))
+    assert after.role is Role.PRIMARY and after.failovers == 1
+    assert assert_one_live_copy(fl, vm, running=1).host == secondary
+    survivor_holds(fl, secondary, vm, covered)
+    final_state(fl, vm)
+
+
 def test_partition_between_primary_and_secondary_leaves_one_live_copy(fl, vms):
     vm = start_ft_vm(fl)
     vms.append(vm)
