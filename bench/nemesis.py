@@ -181,7 +181,12 @@ class Soak:
                 written.append((seq, self.lab.checkpoints(host, vm.id)))
             deadline = time.monotonic() + COVER_TIMEOUT_S
             while self.lab.checkpoints(host, vm.id) < written[-1][1] + COVER_CHECKPOINTS:
-                if time.monotonic() > deadline or self.stop.is_set():
+                # Give up as soon as this host is no longer the Protected primary: the
+                # checker waits for this round (vm.lock) to read the blocks after a
+                # failover, and must read them before the next fault.
+                found = self.protected(vm)
+                if time.monotonic() > deadline or self.stop.is_set() or \
+                        found is None or found[0] != host:
                     return
                 time.sleep(0.2)
         except Exception:  # the primary went away mid-round: these blocks are unknown
