@@ -657,3 +657,34 @@ def test_a_vms_lock_excludes_while_held_and_is_dropped_with_its_last_user(config
     t.join(5.0)
     assert order == ["first", "second"]
     assert services.locked_vms() == 0
+
+
+def test_one_qmp_connection_per_vm_when_two_threads_connect_at_once(config, agents,
+                                                                    monkeypatch):
+    """ensure_qmp connects outside the controller's lock; a connection another thread
+    installed meanwhile is kept, and the late one is closed, not leaked over it."""
+    agent = _protected_secondary(config, agents, monkeypatch)
+    ctl = _ctl(agent)
+    ctl._close_qmp()
+    closed: list[object] = []
+
+    class FakeQmp:
+        def __init__(self, path: str, name: str):
+            self.name = name
+
+        def connect(self, timeout: float) -> None:
+            if ctl.qmp is None:
+                ctl._use_qmp(FakeQmp("", "installed meanwhile"))
+
+        def subscribe(self, callback) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(self)
+
+    monkeypatch.setattr("vdsm_ft.agent.controller.Qmp", FakeQmp)
+    got = ctl.ensure_qmp()
+    assert got is ctl.qmp and got.name == "installed meanwhile"
+    assert [q.name for q in closed] == ["vm1-ft-secondary"]
+    ctl._close_qmp()
+    assert ctl.qmp is None and closed[-1] is got

@@ -118,8 +118,7 @@ class VmController:
         self.retire()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
-        if self.qmp is not None:
-            self.qmp.close()
+        self._close_qmp()
 
     # -- observation -----------------------------------------------------------------
 
@@ -172,8 +171,15 @@ class VmController:
             qmp.close()
             return None
         qmp.subscribe(self._on_event)
-        self.qmp = qmp
-        return qmp
+        with self._lock:
+            # Another thread (a kill under the VM's lock) may have connected or closed
+            # meanwhile: one connection at a time, swapped under the lock.
+            if self.qmp is None:
+                self.qmp = qmp
+                return qmp
+            kept = self.qmp
+        qmp.close()
+        return kept
 
     def _on_event(self, event: Event) -> None:
         self.stats.on_event(event)
@@ -655,9 +661,7 @@ class VmController:
                  "%.0f ms", rec.name, (t_commit - t0) * 1000, (t_start - t_commit) * 1000,
                  (t_end - t_start) * 1000)
         self.update(reason=rec.reason)
-        self._close_qmp()
-        self.qmp = dst
-        dst.subscribe(self._on_event)
+        self._use_qmp(dst)
         return moved
 
     def _adopt_moved(self, src: Qmp, new_domain: str) -> identity.Moved:
@@ -673,9 +677,7 @@ class VmController:
             dst.close()
             raise identity.IdentityError(f"the survivor waits in postmigrate but domain "
                                          f"{new_domain} is {state!r}; check both domains")
-        self._close_qmp()
-        self.qmp = dst
-        dst.subscribe(self._on_event)
+        self._use_qmp(dst)
         return identity.Moved(pause_ms=None, downtime_ms=float(info.get("downtime", 0)),
                               total_ms=float(info.get("total-time", 0)))
 
@@ -869,10 +871,19 @@ class VmController:
             if not self.services.superseded(self):
                 self.services.destroy_domain(self.record.domain)
 
+    def _use_qmp(self, qmp: Qmp) -> None:
+        """Make `qmp` (the moved domain's) this VM's connection; the old one closes."""
+        qmp.subscribe(self._on_event)
+        with self._lock:
+            old, self.qmp = self.qmp, qmp
+        if old is not None:
+            old.close()
+
     def _close_qmp(self) -> None:
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
+        with self._lock:
+            qmp, self.qmp = self.qmp, None
+        if qmp is not None:
+            qmp.close()
 
     def _leave_colo(self) -> None:
         qmp = self.ensure_qmp()
