@@ -324,3 +324,55 @@ def test_the_host_record_is_rewritten_within_the_etcd_token_ttl_not_at_every_che
     watch.publish()
     assert arbiter.puts == 2
     assert hostqemu.HOST_RECORD_REFRESH_S < 300 / 2     # etcd's default --auth-token-ttl
+
+
+class _SilentPeer:
+    """Heartbeat's view of a peer whose last heartbeat came at `last_seen`."""
+
+    def __init__(self, last_seen: float):
+        self.last_seen = last_seen
+
+    def peer_vm(self, host_id: str, vm_id: str) -> None:
+        return None
+
+    def silent_for(self, host_id: str) -> float:
+        return time.monotonic() - self.last_seen
+
+
+def _suspicion_monitor(monkeypatch, answers):
+    """A Monitor whose probes of the peer's host answer as `answers()` says."""
+    from vdsm_ft.agent import monitor as monitor_mod
+    from vdsm_ft.hostconfig import HostConfig
+    config = HostConfig(path="agent.conf", host_id="host-a",
+                        replication_address="127.0.0.1",
+                        etcd_endpoints=["http://127.0.0.1:2379"])
+    monkeypatch.setattr(monitor_mod, "probe", lambda address, port, timeout: answers())
+    heartbeat = _SilentPeer(time.monotonic())
+    mon = monitor_mod.Monitor(config, None, None, heartbeat, None)
+    peer = PeerSpec(host_id="host-b", agent_address="127.0.0.1", agent_port=1,
+                    replication_address="127.0.0.1")
+    rec = VmRecord(vm_id=VM, name="vm1", role=Role.PRIMARY, engine_xml="", peer=peer)
+    return mon, rec, config
+
+
+def test_an_agent_restart_on_a_lossy_link_is_not_a_lost_host(monkeypatch):
+    """The secondary's agent restarts (no heartbeats) while its link drops a packet now
+    and then: one unanswered probe must not fail over a pair whose COLO runs on (the
+    nemesis soak saw a healthy secondary dropped that way). Every third probe is lost."""
+    calls = iter(range(10 ** 6))
+    mon, rec, config = _suspicion_monitor(monkeypatch, lambda: next(calls) % 3 != 2)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert mon._peer_suspicion(rec) == ""
+        time.sleep(config.heartbeat_interval / 2)
+
+
+def test_a_dead_host_is_still_found_once_silent_for_the_timeout(monkeypatch):
+    mon, rec, config = _suspicion_monitor(monkeypatch, lambda: False)
+    t0 = time.monotonic()
+    while not mon._peer_suspicion(rec):
+        assert time.monotonic() - t0 < config.heartbeat_timeout + 2 * \
+            config.heartbeat_interval, "a dead host was not suspected in time"
+        time.sleep(config.heartbeat_interval / 5)
+    assert time.monotonic() - t0 > config.heartbeat_timeout
+    assert "host-b" in mon._peer_suspicion(rec)

@@ -41,7 +41,8 @@ class Monitor:
         self.heartbeat = heartbeat
         self.adopt = adopt
         self._stopped = threading.Event()
-        self._probed: dict[str, tuple[float, bool]] = {}
+        self._probed_at: dict[str, float] = {}
+        self._answered_at: dict[str, float] = {}
         self._overlay_warned = False
         self._thread = threading.Thread(target=self._loop, name="monitor", daemon=True)
 
@@ -151,15 +152,18 @@ class Monitor:
         if silent <= self.config.heartbeat_timeout:
             return ""
         # Silence alone may be an agent restart; a host whose kernel answers is alive.
+        # Its host is lost only once it has not been heard from (heartbeat or probe
+        # answer) for heartbeat_timeout: one probe lost on a lossy link while the agent
+        # restarts is not a dead host. A host that died is silent since its last
+        # heartbeat, so this finds it as soon as before.
         now = time.monotonic()
-        last = self._probed.get(peer.host_id)
-        if last is None or now - last[0] > self.config.heartbeat_interval:
-            answered = probe(peer.agent_address, peer.agent_port,
-                             self.config.heartbeat_interval)
-            self._probed[peer.host_id] = (now, answered)
-        else:
-            answered = last[1]
-        if answered:
+        if now - self._probed_at.get(peer.host_id, float("-inf")) > \
+                self.config.heartbeat_interval:
+            self._probed_at[peer.host_id] = now
+            if probe(peer.agent_address, peer.agent_port, self.config.heartbeat_interval):
+                self._answered_at[peer.host_id] = time.monotonic()
+        heard = max(now - silent, self._answered_at.get(peer.host_id, float("-inf")))
+        if time.monotonic() - heard <= self.config.heartbeat_timeout:
             return ""
         return (f"no heartbeat from {peer.host_id} for {silent * 1000:.0f} ms and its "
                 "host does not answer")
