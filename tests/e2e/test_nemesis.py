@@ -1,5 +1,7 @@
 """The nemesis soak (bench/nemesis.py) for 3 minutes with a fixed seed, as CI runs it:
-random overlapping faults on a 4-host lab, with every invariant held throughout."""
+random overlapping faults on a 4-host lab, with every invariant held throughout. Seed 1
+fires 16 to 21 faults of 6 or 7 kinds in 3 minutes here, one of them a primary's crash
+(docs/benchmarks.md, "Nemesis soak")."""
 from __future__ import annotations
 
 import json
@@ -26,7 +28,7 @@ def test_three_minutes_of_seeded_faults_keep_every_invariant(no_lab, tmp_path):
     assert run.returncode == 0, report
     result = json.loads(out.read_text())
     assert result["broken"] == [], report
-    fired = sum(result["faults"].values())
-    assert fired >= 10 and result["faults"]["host-crash"] >= 1, report
+    fired = result["faults"]
+    assert sum(fired.values()) >= 10 and sum(1 for n in fired.values() if n) >= 4, report
     # The soak has teeth only if writes got covered and a primary was lost under them.
     assert result["covered"] > 100 and result["failovers"] >= 1, report
