@@ -327,21 +327,23 @@ class Soak:
         hold = self.rng.uniform(*HOLD_S)
         heal_at = time.monotonic() + hold
         busy = self.busy()
-        targets = []
+        targets: list[str] = []
         if kind == "qemu-crash":
             h = self.role_host(vm, roles[0] if roles[0] != "spare" else "primary")
             targets = [h] if h is not None else []
-        for role in roles if kind != "qemu-crash" else ():
-            h = self.role_host(vm, role)
-            if h is not None and h not in busy and h not in targets:
-                targets.append(h)
+        else:
+            for role in roles:
+                h = self.role_host(vm, role)
+                if h is not None and h not in busy and h not in targets:
+                    targets.append(h)
         engine_out = any(f.kind == "engine-down" for f in self.active)
         # One etcd member down at most, whether alone or with its host (4 keep quorum).
         member_down = self.crashed_hosts or self.crashed_etcd
         # FT survives one failure of a Protected VM: killing the only copy of a VM that
         # is not Protected (yet, or any more) loses it by design, so that never fires.
-        lone = kind in ("host-crash", "qemu-crash") and targets and \
-            self.lone_copies(targets[0], [vm] if kind == "qemu-crash" else self.vms)
+        lone: list[str] = []
+        if kind in ("host-crash", "qemu-crash") and targets:
+            lone = self.lone_copies(targets[0], [vm] if kind == "qemu-crash" else self.vms)
         if kind == "engine-down" and engine_out or kind in ("host-crash", "etcd-crash") \
                 and member_down or kind == "partition" and len(targets) < 2 or \
                 kind != "engine-down" and not targets or lone:

@@ -10,10 +10,10 @@ import socket
 from dataclasses import dataclass
 
 from ftlab import netns
-from vdsm_ft.layout import run_dir_refusal
 from ftlab.vdsmdriver import HOOKS_DIR
 from ftlab.labstate import (DEFAULT_LAB_DIR, HOST_PREFIX, MAX_HOSTS, LabPaths, host_name,
                             is_lab_dir, pid_alive, read_pid)
+from vdsm_ft.layout import run_dir_refusal
 
 MIN_FREE_MEMORY = 4 << 30
 

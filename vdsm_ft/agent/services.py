@@ -8,7 +8,6 @@ arbiter. None of it reaches back into the agent's APIs.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -173,7 +172,7 @@ class Services(Generic[C]):
     # -- this host: paths, QEMU, libvirt, COLO TLS -------------------------------------
 
     def vm_run_dir(self, vm_id: str) -> str:
-        return os.path.join(self.config.run_dir, "vms", vm_id)
+        return self.config.vm_run_dir(vm_id)
 
     def replica_disk(self, vm_id: str, disk: Disk) -> Disk:
         return replica.secondary_disk(vm_id, disk, self.config.replica_dir,
